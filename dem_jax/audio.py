@@ -1,0 +1,85 @@
+"""Reading audio files: decode, average to mono, resample, optionally trim silence.
+
+Errors that concern one file raise `AudioError` with the path and a reason a person can act on; callers that process
+many files record it and go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import librosa
+import numpy as np
+import soundfile
+import soxr
+
+# Extensions the folder reader and the embed command look for; libsndfile decodes all of them.
+AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg', '.oga', '.opus', '.mp3', '.aif', '.aiff', '.au', '.w64')
+
+
+class AudioError(Exception):
+  """A file that cannot be turned into audio samples; `path` and `reason` say which and why."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f'{path}: {reason}')
+    self.path = path
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioInfo:
+  sample_rate: int
+  num_samples: int
+  channels: int
+
+  @property
+  def duration(self) -> float:
+    return self.num_samples / self.sample_rate if self.sample_rate else 0.0
+
+
+def is_audio_file(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in AUDIO_EXTENSIONS
+
+
+def audio_info(path: str) -> AudioInfo:
+  """Header facts of an audio file (no decoding). Raises AudioError if the header cannot be read."""
+  if not os.path.exists(path):
+    raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
+  try:
+    info = soundfile.info(path)
+  except Exception as e:  # libsndfile raises several types; all mean "not readable audio".
+    raise AudioError(path, f'not a readable audio file ({e})') from None
+  return AudioInfo(sample_rate=int(info.samplerate), num_samples=int(info.frames), channels=int(info.channels))
+
+
+def max_resampled_length(num_samples: int, orig_rate: int, target_rate: int) -> int:
+  """An upper bound on the length of `num_samples` samples resampled from orig_rate to target_rate."""
+  if orig_rate == target_rate:
+    return num_samples
+  return -(-num_samples * target_rate // orig_rate) + 1
+
+
+def load_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None) -> np.ndarray:
+  """Mono float32 samples of `path` at `sample_rate`.
+
+  Multi-channel audio is averaged to mono (DCASE's 4 microphones, stereo music). Other sample rates are resampled
+  with soxr (high quality). With `trim_top_db`, leading and trailing parts quieter than the peak by that many dB
+  are cut (librosa.effects.trim), as the original did for music.
+  """
+  if not os.path.exists(path):
+    raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
+  try:
+    data, file_rate = soundfile.read(path, dtype='float32', always_2d=True)
+  except Exception as e:
+    raise AudioError(path, f'cannot decode audio ({e}); is it a complete, supported audio file?') from None
+  if data.shape[0] == 0:
+    raise AudioError(path, 'the file holds no audio samples (empty or truncated)')
+  samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+  if not np.all(np.isfinite(samples)):
+    raise AudioError(path, 'the audio holds NaN or infinite samples')
+  if file_rate != sample_rate:
+    samples = soxr.resample(samples, file_rate, sample_rate, quality='HQ').astype(np.float32, copy=False)
+  if trim_top_db is not None and np.any(samples):
+    samples, _ = librosa.effects.trim(samples, top_db=trim_top_db, frame_length=2048, hop_length=512)
+  return np.ascontiguousarray(samples, dtype=np.float32)

@@ -1,0 +1,250 @@
+"""The feature store that preprocessing writes and everything else reads.
+
+On disk, in one output folder:
+- `features.zarr/`: one zarr v3 array [frames, n_mels] (float16 by default), sharded, holding every clip's frames,
+  written with tensorstore. Clips lie in the manifest's order; the frame axis may have unused gaps between blocks
+  (they are never read and take no disk space).
+- `manifest.csv`: one row per written clip: clip_id, path, label, group, recording, position, split,
+  frame_offset, num_frames, duration, plus any extra columns of a split file.
+- `features.json`: settings (front end, dataset, storage), labels, and per-band sums per split from which
+  normalisation statistics are derived. It is written last: a folder without it is not a finished output.
+- `summary.json`: what the run did (clips written, failures with reasons, audio seconds, wall seconds, settings).
+
+    features = open_features('/data/dcase_features')
+    frames = features.read('DevNode1_ex1_1')            # float32 [998, 128]
+    tile = features.read('DevNode1_ex1_1', 100, 598)     # frames 100..597
+    mean, std = features.norm_stats()                    # over the training part
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from dem_jax.frontend import FrontEnd
+
+ARRAY_NAME = 'features.zarr'
+MANIFEST_NAME = 'manifest.csv'
+INFO_NAME = 'features.json'
+SUMMARY_NAME = 'summary.json'
+MANIFEST_COLUMNS = ('clip_id', 'path', 'label', 'group', 'recording', 'position', 'split', 'frame_offset',
+                    'num_frames', 'duration')
+
+
+class FeaturesError(Exception):
+  """A features folder that is missing, unfinished or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """One clip of a feature store: where its frames are and what is known about it."""
+  clip_id: str
+  path: str
+  label: str
+  group: str
+  recording: str
+  position: int
+  split: str
+  frame_offset: int
+  num_frames: int
+  duration: float
+  extra: tuple[tuple[str, str], ...] = ()
+
+
+def array_spec(path: str, *, num_frames: int, n_mels: int, dtype: str, chunk_frames: int, shard_frames: int,
+               compression: str) -> dict:
+  """tensorstore spec of the features array: sharded zarr v3, shards of `shard_frames` rows.
+
+  Shards are the unit a writer owns: preprocessing blocks start on shard boundaries, so no two writers ever touch
+  the same shard file.
+  """
+  inner = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
+  if compression == 'zstd':
+    inner.append({'name': 'zstd', 'configuration': {'level': 3}})
+  elif compression == 'blosc':
+    inner.append({'name': 'blosc', 'configuration': {'cname': 'lz4', 'clevel': 5, 'shuffle': 'shuffle',
+                                                     'typesize': np.dtype(dtype).itemsize}})
+  elif compression != 'none':
+    raise ValueError(f'storage.compression={compression!r}; choose zstd, blosc or none.')
+  return {
+      'driver': 'zarr3',
+      'kvstore': {'driver': 'file', 'path': path},
+      'metadata': {
+          'shape': [num_frames, n_mels],
+          'data_type': dtype,
+          'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [shard_frames, n_mels]}},
+          'chunk_key_encoding': {'name': 'default'},
+          'fill_value': 0,
+          'codecs': [{'name': 'sharding_indexed', 'configuration': {
+              'chunk_shape': [chunk_frames, n_mels],
+              'codecs': inner,
+              'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}],
+              'index_location': 'end',
+          }}],
+          'dimension_names': ['frame', 'mel'],
+      },
+  }
+
+
+def read_manifest(path: str) -> list[Clip]:
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  clips = []
+  for row in rows:
+    extra = tuple(sorted((k, v) for k, v in row.items() if k not in MANIFEST_COLUMNS))
+    clips.append(Clip(clip_id=row['clip_id'], path=row['path'], label=row['label'], group=row['group'],
+                      recording=row['recording'], position=int(row['position']), split=row['split'],
+                      frame_offset=int(row['frame_offset']), num_frames=int(row['num_frames']),
+                      duration=float(row['duration']), extra=extra))
+  return clips
+
+
+def write_manifest(path: str, clips: Sequence[Clip]) -> None:
+  extra_columns = sorted({k for c in clips for k, _ in c.extra})
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    writer = csv.writer(f)
+    writer.writerow(list(MANIFEST_COLUMNS) + extra_columns)
+    for c in clips:
+      extra = dict(c.extra)
+      writer.writerow([c.clip_id, c.path, c.label, c.group, c.recording, c.position, c.split, c.frame_offset,
+                       c.num_frames, f'{c.duration:.6f}'] + [extra.get(k, '') for k in extra_columns])
+  os.replace(tmp, path)
+
+
+def stats_from_sums(count: float, total: np.ndarray, total_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  if count <= 0:
+    raise FeaturesError('No frames to compute normalisation statistics from (the selected splits are empty).')
+  mean = total / count
+  var = np.maximum(total_sq / count - mean ** 2, 0.0)
+  return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def training_splits(splits: Iterable[str], fold: int | None = None) -> list[str]:
+  """The splits that form the training part: 'train' for folder data; for the DCASE development set every fold
+  except `fold` (all four when fold is None: the label-free embedding's usual training set); else all of them."""
+  present = sorted(set(splits))
+  if any(s.startswith('fold') for s in present):
+    return [s for s in present if s.startswith('fold') and s != f'fold{fold}']
+  if 'train' in present:
+    return ['train']
+  return present
+
+
+class Features:
+  """A finished preprocessing output, opened for reading. Cheap to open; reads go through tensorstore."""
+
+  def __init__(self, root: str, *, cache_bytes: int = 256 << 20):
+    self.root = os.path.abspath(root)
+    info_path = os.path.join(self.root, INFO_NAME)
+    if not os.path.isdir(self.root):
+      raise FeaturesError(f'Features folder {self.root} does not exist; run `./launch.sh preprocess` first and '
+                          'point at its --output_dir.')
+    if not os.path.exists(info_path):
+      raise FeaturesError(f'{self.root} is not a finished preprocessing output ({INFO_NAME} is missing). If the job '
+                          'ran as several tasks, run it once more with --finalize; if it was interrupted, run the '
+                          'same command again to finish it.')
+    with open(info_path, encoding='utf-8') as f:
+      self.info = json.load(f)
+    self.frontend = FrontEnd(**self.info['frontend'])
+    self.labels: list[str] = list(self.info['labels'])
+    self.dataset: str = self.info['dataset']
+    self.clips: list[Clip] = read_manifest(os.path.join(self.root, MANIFEST_NAME))
+    self._index = {c.clip_id: i for i, c in enumerate(self.clips)}
+    self._array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(self.root, ARRAY_NAME)},
+                           'context': {'cache_pool': {'total_bytes_limit': cache_bytes}},
+                           'recheck_cached_data': False}, read=True).result()
+
+  def __len__(self) -> int:
+    return len(self.clips)
+
+  def __repr__(self) -> str:
+    return f'Features({self.root!r}, {len(self.clips)} clips, {self.n_mels} mel bands, dataset={self.dataset})'
+
+  @property
+  def n_mels(self) -> int:
+    return self.frontend.n_mels
+
+  @property
+  def frame_rate(self) -> float:
+    return self.frontend.frame_rate
+
+  def clip(self, clip_id: str) -> Clip:
+    try:
+      return self.clips[self._index[clip_id]]
+    except KeyError:
+      raise KeyError(f'No clip {clip_id!r} in {self.root}.') from None
+
+  def clip_index(self, clip_id: str) -> int:
+    return self._index[clip_id]
+
+  def label_index(self, label: str) -> int:
+    """Position of `label` in `self.labels` (-1 for unlabelled clips)."""
+    return self.labels.index(label) if label else -1
+
+  def read(self, clip_id: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Frames [start, stop) of one clip as float32 [frames, n_mels]."""
+    return self.read_many([(clip_id, start, stop)])[0]
+
+  def read_many(self, requests: Iterable[tuple[str, int, int | None]]) -> list[np.ndarray]:
+    """Many slices at once; tensorstore runs the reads concurrently."""
+    futures = []
+    for clip_id, start, stop in requests:
+      c = self.clip(clip_id)
+      stop = c.num_frames if stop is None else stop
+      if not 0 <= start <= stop <= c.num_frames:
+        raise IndexError(f'Frames [{start}, {stop}) are outside clip {clip_id!r}, which has {c.num_frames} frames.')
+      futures.append(self._array[c.frame_offset + start:c.frame_offset + stop].read())
+    return [np.asarray(f.result(), dtype=np.float32) for f in futures]
+
+  def read_rows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+    """[len(offsets), length, n_mels] float32 from absolute frame offsets (the sampler's fast path)."""
+    futures = [self._array[int(o):int(o) + length].read() for o in offsets]
+    out = np.empty((len(futures), length, self.n_mels), dtype=np.float32)
+    for i, f in enumerate(futures):
+      out[i] = f.result()
+    return out
+
+  def select(self, splits: Iterable[str] | None = None, *, exclude: Iterable[str] = ()) -> list[Clip]:
+    """Clips whose split is in `splits` (all when None) and not in `exclude`."""
+    splits = None if splits is None else set(splits)
+    exclude = set(exclude)
+    return [c for c in self.clips if (splits is None or c.split in splits) and c.split not in exclude]
+
+  def train_splits(self, fold: int | None = None) -> list[str]:
+    """The splits that form the training part (see `training_splits`)."""
+    return training_splits({c.split for c in self.clips}, fold)
+
+  def test_splits(self, fold: int | None = None) -> list[str]:
+    """The splits that form the test part: fold<k> of the DCASE development set, else 'test' or 'eval'."""
+    present = sorted({c.split for c in self.clips})
+    if any(s.startswith('fold') for s in present):
+      if fold is None:
+        raise ValueError('This is a DCASE development set: name the fold (1-4) whose evaluate list is the test part.')
+      return [f'fold{fold}']
+    return [s for s in present if s in ('test', 'eval')]
+
+  def folds(self) -> list[int]:
+    return sorted({int(c.split[4:]) for c in self.clips if c.split.startswith('fold')})
+
+  def norm_stats(self, splits: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (float32 [n_mels] each) over the frames of the given splits (default: training part)."""
+    splits = self.train_splits() if splits is None else list(splits)
+    sums = self.info['band_sums']
+    count, total, total_sq = 0.0, np.zeros(self.n_mels), np.zeros(self.n_mels)
+    for s in splits:
+      if s in sums:
+        count += sums[s]['count']
+        total += np.asarray(sums[s]['sum'])
+        total_sq += np.asarray(sums[s]['sum_sq'])
+    return stats_from_sums(count, total, total_sq)
+
+
+def open_features(root: str, **kwargs) -> Features:
+  return Features(root, **kwargs)

@@ -1,0 +1,66 @@
+r"""Preprocess an audio dataset into log-Mel features (zarr shards written with tensorstore).
+
+One machine, N worker processes (finalizes by itself):
+  ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=/data/dcase_dev --output_dir=/data/feats/dcase_dev \
+      --num_workers=8
+A cluster array job of n tasks (each writes disjoint shards), then one finalize:
+  ./launch.sh preprocess ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=64
+  ./launch.sh preprocess ... --finalize
+Folder data (<root>/<label>/<file>), with a published split:
+  ./launch.sh preprocess --dataset=folder --data_dir=/data/gtzan --output_dir=/data/feats/gtzan \
+      --split_file=gtzan_split.csv
+A killed job, run again with the same command, finishes what is left and gives the same output.
+"""
+
+import json
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+import configs
+from dem_jax import datasets
+from preprocess import job
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(configs.__file__), 'features.py'), 'Feature settings (a Python config).')
+_DATASET = flags.DEFINE_enum('dataset', None, list(datasets.DATASETS), 'Layout of --data_dir.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Root folder of the dataset.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the features, manifest and summary go.', required=True)
+_SPLIT_FILE = flags.DEFINE_string('split_file', None, 'Folder data: CSV with columns file,split[,extra] to use as given.')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 1, 'Worker processes on this machine.')
+_TASK_INDEX = flags.DEFINE_integer('task_index', 0, 'This task of --num_tasks (array jobs).')
+_NUM_TASKS = flags.DEFINE_integer('num_tasks', 1, 'Independent tasks the job is split into.')
+_FINALIZE = flags.DEFINE_bool('finalize', False, 'Only assemble manifest, statistics and summary (after all tasks).')
+_STRICT = flags.DEFINE_bool('strict', False, 'Exit non-zero when any file failed.')
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  if not _FINALIZE.value and (not _DATASET.value or not _DATA_DIR.value):
+    raise app.UsageError('--dataset and --data_dir are required (except with --finalize).')
+  try:
+    summary = job.run(_CONFIG.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+                      output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=_NUM_WORKERS.value,
+                      task_index=_TASK_INDEX.value, num_tasks=_NUM_TASKS.value, finalize_only=_FINALIZE.value)
+  except (job.PreprocessError, datasets.DatasetError) as e:
+    sys.exit(f'preprocess: {e}')
+  if summary is None:
+    return
+  for failure in summary['failures']:
+    logging.warning('failed: %s: %s', failure['path'], failure['reason'])
+  print(json.dumps({k: summary[k] for k in ('clips_written', 'clips_planned', 'audio_seconds', 'wall_seconds')}
+                   | {'failures': len(summary['failures']),
+                      'summary': os.path.join(os.path.abspath(_OUTPUT_DIR.value), 'summary.json')}))
+  if summary['clips_written'] == 0:
+    sys.exit('preprocess: no clip could be written; see summary.json for each file\'s reason.')
+  if _STRICT.value and summary['failures']:
+    sys.exit(f'preprocess: {len(summary["failures"])} file(s) failed and --strict is set; see summary.json.')
+
+
+if __name__ == '__main__':
+  app.run(main)

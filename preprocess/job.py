@@ -1,0 +1,363 @@
+"""The preprocessing job: a dataset on disk -> log-Mel frames in a sharded zarr array, a manifest and statistics.
+
+How it stays correct when split up, killed and restarted:
+1. Plan. The sorted clip list and each clip's place in the array follow from the dataset and the settings alone
+   (audio headers give each clip's largest possible frame count). Clips are packed into blocks, each starting on a
+   shard boundary, so every block owns its shards. Every task computes the same plan; the first writes it.
+2. Run. Task i of n takes a contiguous range of blocks; its workers process whole blocks. A block's frames are
+   written with one tensorstore write, and only then its done marker (atomically renamed into place). A killed
+   task, run again, redoes exactly the blocks without a marker.
+3. Finalize. Once every block has its marker, the manifest, statistics and summary are assembled from the markers,
+   and `features.json` is written last: until then the folder does not open as a finished output.
+The output depends on the plan only, never on how many tasks or workers ran it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+import tqdm
+
+from dem_jax import audio
+from dem_jax import datasets
+from dem_jax import features as features_lib
+from dem_jax.frontend import FrontEnd, log_mel
+
+WORK_DIR = '.work'
+PLAN_NAME = 'plan.json'
+PLAN_VERSION = 1
+
+
+class PreprocessError(Exception):
+  """The job as a whole cannot go on; the message says how to fix it."""
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def settings_from_config(config, dataset: str, data_dir: str, split_file: str | None) -> dict:
+  frontend = FrontEnd.from_config(config.frontend)
+  trim = {'auto': dataset == 'folder', 'yes': True, 'no': False}.get(config.trim_silence)
+  if trim is None:
+    raise PreprocessError(f"--config.trim_silence={config.trim_silence!r}; choose 'auto', 'yes' or 'no'.")
+  storage = dict(config.storage)
+  if storage['shard_frames'] % storage['chunk_frames']:
+    raise PreprocessError('--config.storage.shard_frames must be a multiple of --config.storage.chunk_frames.')
+  if storage['dtype'] not in ('float16', 'float32'):
+    raise PreprocessError(f"--config.storage.dtype={storage['dtype']!r}; choose float16 or float32.")
+  return {
+      'dataset': dataset,
+      'data_dir': os.path.abspath(data_dir),
+      'split_file': os.path.abspath(split_file) if split_file else None,
+      'split': dict(config.split),
+      'frontend': dict(vars(frontend)),
+      'trim_top_db': float(config.trim_top_db) if trim else None,
+      'storage': storage,
+  }
+
+
+def _clip_capacity(path: str, frontend: FrontEnd) -> tuple[int, str | None]:
+  """Largest frame count the clip can yield, from its header; (0, reason) when the header is unreadable."""
+  try:
+    info = audio.audio_info(path)
+  except audio.AudioError as e:
+    return 0, e.reason
+  return frontend.num_frames(audio.max_resampled_length(info.num_samples, info.sample_rate,
+                                                        frontend.sample_rate)), None
+
+
+def make_plan(settings: dict, num_threads: int = 8) -> dict:
+  dataset = datasets.read_dataset(settings['dataset'], settings['data_dir'], split_file=settings['split_file'],
+                                  test_fraction=settings['split']['test_fraction'],
+                                  split_seed=settings['split']['seed'])
+  frontend = FrontEnd(**settings['frontend'])
+  paths = [os.path.join(dataset.root, c.path) for c in dataset.clips]
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # Header reads wait on the disk, not the CPU.
+    capacities = list(pool.map(lambda p: _clip_capacity(p, frontend), paths))
+  shard = settings['storage']['shard_frames']
+  clips, blocks = [], []
+  offset = 0  # Next free frame; a new block starts at the next shard boundary.
+  block_start = block_frames = 0
+  for i, (clip, (capacity, _)) in enumerate(zip(dataset.clips, capacities)):
+    if block_frames and block_frames + capacity > shard:
+      blocks.append({'clips': [block_start, i], 'frame_start': offset, 'frames': block_frames})
+      offset += -(-block_frames // shard) * shard
+      block_start, block_frames = i, 0
+    clips.append({**{k: v for k, v in vars(clip).items() if k != 'extra'}, 'extra': list(clip.extra),
+                  'capacity': capacity, 'frame_offset': offset + block_frames})
+    block_frames += capacity
+  blocks.append({'clips': [block_start, len(clips)], 'frame_start': offset, 'frames': block_frames})
+  offset += max(1, -(-block_frames // shard)) * shard
+  return {'version': PLAN_VERSION, 'settings': settings, 'labels': dataset.labels, 'clips': clips, 'blocks': blocks,
+          'total_frames': offset, 'problems': dataset.problems}
+
+
+def _open_array(output_dir: str, settings: dict, total_frames: int, *, create: bool):
+  storage = settings['storage']
+  spec = features_lib.array_spec(os.path.join(output_dir, features_lib.ARRAY_NAME), num_frames=total_frames,
+                                 n_mels=settings['frontend']['n_mels'], dtype=storage['dtype'],
+                                 chunk_frames=storage['chunk_frames'], shard_frames=storage['shard_frames'],
+                                 compression=storage['compression'])
+  return ts.open(spec, create=create, open=True).result()
+
+
+def load_or_make_plan(output_dir: str, settings: dict) -> dict:
+  """The plan of this output folder; made (and the array created) if this is the first task to get here."""
+  work = os.path.join(output_dir, WORK_DIR)
+  plan_path = os.path.join(work, PLAN_NAME)
+  if os.path.exists(plan_path):
+    plan = _read_json(plan_path)
+    if plan.get('version') != PLAN_VERSION or plan['settings'] != settings:
+      old = plan.get('settings', {})
+      changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+      raise PreprocessError(
+          f'{output_dir} already holds a run with other settings (differing: {", ".join(changed) or "version"}). '
+          'Use a new --output_dir, delete the old one, or run with the same settings to finish it.')
+    return plan
+  os.makedirs(os.path.join(work, 'blocks'), exist_ok=True)
+  os.makedirs(os.path.join(work, 'tasks'), exist_ok=True)
+  plan = make_plan(settings)
+  _open_array(output_dir, settings, plan['total_frames'], create=True)
+  _atomic_write_json(plan_path, plan)
+  return plan
+
+
+def _block_marker(output_dir: str, index: int) -> str:
+  return os.path.join(output_dir, WORK_DIR, 'blocks', f'block-{index:06d}.json')
+
+
+def task_blocks(num_blocks: int, task_index: int, num_tasks: int) -> range:
+  """Task i of n takes the contiguous range of blocks [i * nb // n, (i + 1) * nb // n)."""
+  if not 0 <= task_index < num_tasks:
+    raise PreprocessError(f'--task_index={task_index} must lie in [0, --num_tasks={num_tasks}).')
+  return range(task_index * num_blocks // num_tasks, (task_index + 1) * num_blocks // num_tasks)
+
+
+# Per worker process: the open array, so that each block does not reopen it.
+_WORKER: dict = {}
+
+
+def _process_block(output_dir: str, plan_path: str, index: int) -> dict:
+  """Decode, log-Mel, write one block; then write its done marker. Runs in a worker process."""
+  if _WORKER.get('plan_path') != plan_path:
+    plan = _read_json(plan_path)
+    _WORKER.update(plan_path=plan_path, plan=plan,
+                   array=_open_array(output_dir, plan['settings'], plan['total_frames'], create=False))
+  plan, array = _WORKER['plan'], _WORKER['array']
+  settings = plan['settings']
+  frontend = FrontEnd(**settings['frontend'])
+  dtype = np.dtype(settings['storage']['dtype'])
+  block = plan['blocks'][index]
+  first, last = block['clips']
+  buffer = np.zeros((block['frames'], frontend.n_mels), dtype=dtype)
+  results, sums = [], {}
+  for clip in plan['clips'][first:last]:
+    path = os.path.join(settings['data_dir'], clip['path'])
+    result = {'clip_id': clip['clip_id'], 'num_frames': 0, 'duration': 0.0}
+    try:
+      samples = audio.load_audio(path, frontend.sample_rate, trim_top_db=settings['trim_top_db'])
+      frames = log_mel(samples, frontend)
+      if frames.shape[0] == 0:
+        raise audio.AudioError(path, f'too short: {samples.shape[0]} samples after decoding, fewer than one '
+                                     f'{frontend.win_length}-sample window')
+      if frames.shape[0] > clip['capacity']:
+        result['warning'] = (f'decoded to {frames.shape[0]} frames, more than its header promised '
+                             f'({clip["capacity"]}); kept the first {clip["capacity"]}')
+        frames = frames[:clip['capacity']]
+      if not np.any(samples):
+        result['warning'] = 'digital silence (every sample is 0); kept'
+    except audio.AudioError as e:
+      result['failure'] = e.reason
+      results.append(result)
+      continue
+    start = clip['frame_offset'] - block['frame_start']
+    stored = frames.astype(dtype)
+    buffer[start:start + stored.shape[0]] = stored
+    result.update(num_frames=int(stored.shape[0]), duration=float(samples.shape[0] / frontend.sample_rate))
+    results.append(result)
+    # Statistics of the values as stored, so the normaliser matches what training reads.
+    as_float = stored.astype(np.float64)
+    s = sums.setdefault(clip['split'], {'count': 0, 'sum': np.zeros(frontend.n_mels),
+                                        'sum_sq': np.zeros(frontend.n_mels)})
+    s['count'] += as_float.shape[0]
+    s['sum'] += as_float.sum(axis=0)
+    s['sum_sq'] += np.square(as_float).sum(axis=0)
+  used = max((clip['frame_offset'] - block['frame_start'] + r['num_frames']
+              for clip, r in zip(plan['clips'][first:last], results)), default=0)
+  if used:
+    array[block['frame_start']:block['frame_start'] + used].write(buffer[:used]).result()
+  marker = {'block': index, 'clips': results,
+            'sums': {k: {'count': v['count'], 'sum': v['sum'].tolist(), 'sum_sq': v['sum_sq'].tolist()}
+                     for k, v in sums.items()}}
+  _atomic_write_json(_block_marker(output_dir, index), marker)
+  return marker
+
+
+class _Progress:
+  """tqdm on a terminal (clips/s, audio hours, ETA); a log line every 30 s otherwise."""
+
+  def __init__(self, total_clips: int, done_clips: int):
+    self.interactive = sys.stderr.isatty()
+    self.total, self.done, self.initial = total_clips, done_clips, done_clips
+    self.hours, self.start, self.last_log = 0.0, time.time(), 0.0
+    self.bar = tqdm.tqdm(total=total_clips, initial=done_clips, unit='clip', dynamic_ncols=True,
+                         disable=not self.interactive)
+
+  def update(self, clips: int, seconds: float) -> None:
+    self.done += clips
+    self.hours += seconds / 3600
+    self.bar.update(clips)
+    self.bar.set_postfix_str(f'{self.hours:.2f} h of audio', refresh=False)
+    now = time.time()
+    if not self.interactive and (now - self.last_log > 30 or self.done == self.total):
+      self.last_log = now
+      rate = (self.done - self.initial) / max(now - self.start, 1e-9)
+      eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+      logging.info('preprocess: %d/%d clips, %.2f h of audio, %.1f clips/s, ETA %.0f s', self.done, self.total,
+                   self.hours, rate, eta)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks: int = 1, num_workers: int = 1
+             ) -> dict:
+  """Process this task's blocks that are not done yet; returns {'blocks_done', 'blocks_total', 'wall_seconds'}."""
+  start = time.time()
+  output_dir = os.path.abspath(output_dir)
+  plan = load_or_make_plan(output_dir, settings)
+  plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
+  mine = task_blocks(len(plan['blocks']), task_index, num_tasks)
+  todo = [b for b in mine if not os.path.exists(_block_marker(output_dir, b))]
+  clip_count = lambda b: plan['blocks'][b]['clips'][1] - plan['blocks'][b]['clips'][0]
+  total_clips = sum(clip_count(b) for b in mine)
+  logging.info('preprocess: task %d/%d, %d of its %d blocks to do (%d clips in all), %d worker(s)', task_index,
+               num_tasks, len(todo), len(mine), total_clips, num_workers)
+  progress = _Progress(total_clips, total_clips - sum(clip_count(b) for b in todo))
+  try:
+    if num_workers <= 1 or len(todo) <= 1:
+      for b in todo:
+        marker = _process_block(output_dir, plan_path, b)
+        progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
+    else:
+      # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state.
+      ctx = multiprocessing.get_context('spawn')
+      with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_process_block, output_dir, plan_path, b) for b in todo]
+        for future in concurrent.futures.as_completed(futures):
+          marker = future.result()
+          progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
+  finally:
+    progress.close()
+  wall = time.time() - start
+  _atomic_write_json(os.path.join(output_dir, WORK_DIR, 'tasks', f'task-{task_index:05d}-of-{num_tasks:05d}.json'),
+                     {'blocks': [mine.start, mine.stop], 'wall_seconds': wall})
+  return {'blocks_done': len(todo), 'blocks_total': len(mine), 'wall_seconds': wall}
+
+
+def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
+  """Assemble manifest, statistics, summary and features.json from the done markers; returns the summary."""
+  output_dir = os.path.abspath(output_dir)
+  plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
+  if not os.path.exists(plan_path):
+    raise PreprocessError(f'{output_dir} holds no preprocessing run to finalize; run the job (without --finalize) '
+                          'first.')
+  plan = _read_json(plan_path)
+  missing = [b for b in range(len(plan['blocks'])) if not os.path.exists(_block_marker(output_dir, b))]
+  if missing:
+    raise PreprocessError(f'{len(missing)} of {len(plan["blocks"])} blocks are not done yet (first: block '
+                          f'{missing[0]}). Run the tasks that have not finished (the same command finishes what '
+                          'is left), then --finalize again.')
+  settings = plan['settings']
+  n_mels = settings['frontend']['n_mels']
+  clips, failures, warnings, sums = [], list(plan['problems']), [], {}
+  for b, block in enumerate(plan['blocks']):
+    marker = _read_json(_block_marker(output_dir, b))
+    first, last = block['clips']
+    for clip, result in zip(plan['clips'][first:last], marker['clips']):
+      if 'warning' in result:
+        warnings.append({'path': clip['path'], 'reason': result['warning']})
+      if 'failure' in result:
+        failures.append({'path': clip['path'], 'reason': result['failure']})
+        continue
+      clips.append(features_lib.Clip(
+          clip_id=clip['clip_id'], path=clip['path'], label=clip['label'], group=clip['group'],
+          recording=clip['recording'], position=clip['position'], split=clip['split'],
+          frame_offset=clip['frame_offset'], num_frames=result['num_frames'], duration=result['duration'],
+          extra=tuple(tuple(kv) for kv in clip['extra'])))
+    for split, s in marker['sums'].items():
+      acc = sums.setdefault(split, {'count': 0, 'sum': np.zeros(n_mels), 'sum_sq': np.zeros(n_mels)})
+      acc['count'] += s['count']
+      acc['sum'] += np.asarray(s['sum'])
+      acc['sum_sq'] += np.asarray(s['sum_sq'])
+  task_walls = [_read_json(os.path.join(output_dir, WORK_DIR, 'tasks', f))['wall_seconds']
+                for f in sorted(os.listdir(os.path.join(output_dir, WORK_DIR, 'tasks')))]
+  summary = {
+      'clips_written': len(clips),
+      'clips_planned': len(plan['clips']),
+      'failures': failures,
+      'warnings': warnings,
+      'audio_seconds': float(sum(c.duration for c in clips)),
+      'wall_seconds': float(wall_seconds if wall_seconds is not None else sum(task_walls)),
+      'task_wall_seconds': task_walls,
+      'settings': settings,
+  }
+  _atomic_write_json(os.path.join(output_dir, features_lib.SUMMARY_NAME), summary)
+  if not clips:
+    return summary
+  features_lib.write_manifest(os.path.join(output_dir, features_lib.MANIFEST_NAME), clips)
+  band_sums = {k: {'count': v['count'], 'sum': v['sum'].tolist(), 'sum_sq': v['sum_sq'].tolist()}
+               for k, v in sorted(sums.items())}
+  info = {
+      'dataset': settings['dataset'],
+      'frontend': settings['frontend'],
+      'storage': settings['storage'],
+      'trim_top_db': settings['trim_top_db'],
+      'labels': plan['labels'],
+      'total_frames': plan['total_frames'],
+      'band_sums': band_sums,
+      'num_clips': len(clips),
+  }
+  # The training part's statistics ready-made, so that other tools need not know how splits combine.
+  train = features_lib.training_splits(band_sums)
+  if train:
+    mean, std = features_lib.stats_from_sums(sum(sums[s]['count'] for s in train),
+                                             sum(sums[s]['sum'] for s in train),
+                                             sum(sums[s]['sum_sq'] for s in train))
+    info['norm_stats'] = {'splits': train, 'mean': mean.tolist(), 'std': std.tolist()}
+  _atomic_write_json(os.path.join(output_dir, features_lib.INFO_NAME), info)
+  return summary
+
+
+def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str | None = None, num_workers: int = 1,
+        task_index: int = 0, num_tasks: int = 1, finalize_only: bool = False) -> dict | None:
+  """The whole job as the command line runs it; returns the summary when it finalized, else None."""
+  start = time.time()
+  if finalize_only:
+    return finalize(output_dir)
+  settings = settings_from_config(config, dataset, data_dir, split_file)
+  run_task(output_dir, settings, task_index=task_index, num_tasks=num_tasks, num_workers=num_workers)
+  if num_tasks == 1:
+    return finalize(output_dir, wall_seconds=time.time() - start)
+  logging.info('preprocess: task %d of %d done; when all tasks are, run with --finalize.', task_index, num_tasks)
+  return None

@@ -1,0 +1,60 @@
+import librosa
+import numpy as np
+import pytest
+
+from dem_jax.frontend import FrontEnd, log_mel, mel_matrix
+
+
+def librosa_log_mel(y, fe: FrontEnd):
+  """The same front end written directly with librosa: librosa frames n_fft samples with the window centred in
+  them, so padding (n_fft - win_length) / 2 zeros on both sides puts its frames where ours start."""
+  pad = (fe.n_fft - fe.win_length) // 2
+  spec = np.abs(librosa.stft(np.pad(y, (pad, pad)), n_fft=fe.n_fft, hop_length=fe.hop_length,
+                             win_length=fe.win_length, window='hann', center=False))
+  mel = librosa.filters.mel(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.fmin, fmax=fe.fmax,
+                            htk=fe.htk, norm=None)
+  return np.log(mel @ spec + fe.log_offset).T
+
+
+@pytest.mark.parametrize('seconds', [0.5, 5.0, 10.0])
+def test_log_mel_matches_librosa(seconds):
+  fe = FrontEnd()
+  rng = np.random.default_rng(0)
+  t = np.arange(int(seconds * fe.sample_rate)) / fe.sample_rate
+  y = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+  ours, ref = log_mel(y, fe), librosa_log_mel(y, fe)
+  assert ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
+
+
+def test_five_second_tile_is_498_frames():
+  fe = FrontEnd()
+  assert fe.frames_for_seconds(5.0) == 498
+  assert log_mel(np.zeros(5 * 16000, np.float32), fe).shape == (498, 128)
+  assert log_mel(np.zeros(479, np.float32), fe).shape == (0, 128)
+
+
+def test_log_mel_blocks_do_not_change_the_result():
+  fe = FrontEnd()
+  y = np.random.default_rng(1).standard_normal(3 * 16000).astype(np.float32)
+  np.testing.assert_allclose(log_mel(y, fe, block_frames=7), log_mel(y, fe), atol=1e-5)
+
+
+def test_silence_gives_log_offset():
+  fe = FrontEnd()
+  assert np.allclose(log_mel(np.zeros(16000, np.float32), fe), np.log(fe.log_offset))
+
+
+def test_mel_matrix_is_htk_without_area_norm():
+  fe = FrontEnd()
+  m = mel_matrix(fe)
+  assert m.shape == (513, 128)
+  assert m.max() == pytest.approx(1.0, abs=0.05)  # Triangles peak near 1 when not area-normalised.
+  assert np.all(m[:int(50 / 8000 * 512)] == 0)  # Nothing below fmin.
+
+
+def test_bad_settings_name_the_field():
+  with pytest.raises(ValueError, match='fmax'):
+    FrontEnd(sample_rate=8000, fmax=8000.0)
+  with pytest.raises(ValueError, match='win_length'):
+    FrontEnd(win_length=2048)
