@@ -75,7 +75,8 @@ def load_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None)
     raise AudioError(path, f'cannot decode audio ({e}); is it a complete, supported audio file?') from None
   if data.shape[0] == 0:
     raise AudioError(path, 'the file holds no audio samples (empty or truncated)')
-  samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+  # Channel average as a matrix-vector product: several times faster than mean(axis=1) on interleaved frames.
+  samples = data @ np.full(data.shape[1], 1 / data.shape[1], np.float32) if data.shape[1] > 1 else data[:, 0]
   if not np.all(np.isfinite(samples)):
     raise AudioError(path, 'the audio holds NaN or infinite samples')
   if file_rate != sample_rate:

@@ -18,6 +18,7 @@ import functools
 import librosa
 import numpy as np
 import scipy.fft
+import scipy.sparse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,13 @@ def mel_matrix(frontend: FrontEnd) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
+def _sparse_mel_t(frontend: FrontEnd) -> scipy.sparse.csr_matrix:
+  # Each band spans a few FFT bins: about 1,000 of the 65,664 weights are non-zero, so a sparse product is ~10x
+  # less work than the dense matmul.
+  return scipy.sparse.csr_matrix(mel_matrix(frontend).T)
+
+
+@functools.lru_cache(maxsize=8)
 def _window(win_length: int) -> np.ndarray:
   return librosa.filters.get_window('hann', win_length, fftbins=True).astype(np.float32)
 
@@ -94,9 +102,14 @@ def log_mel(samples: np.ndarray, frontend: FrontEnd, *, block_frames: int = 4096
   if total == 0:
     return out
   frames = np.lib.stride_tricks.sliding_window_view(samples, frontend.win_length)[::frontend.hop_length]
-  window, mel = _window(frontend.win_length), mel_matrix(frontend)
+  window, mel_t = _window(frontend.win_length), _sparse_mel_t(frontend)
+  # Windowed frames go straight into a zero-padded FFT buffer, which the FFT may overwrite: no padding copy.
+  padded = np.zeros((min(block_frames, total), frontend.n_fft), dtype=np.float32)
   for start in range(0, total, block_frames):
-    block = frames[start:start + block_frames] * window
-    magnitude = np.abs(scipy.fft.rfft(block, n=frontend.n_fft, axis=-1))
-    np.log(magnitude @ mel + frontend.log_offset, out=out[start:start + block.shape[0]])
+    block = frames[start:start + block_frames]
+    n = block.shape[0]
+    np.multiply(block, window, out=padded[:n, :frontend.win_length])
+    padded[:n, frontend.win_length:] = 0
+    magnitude = np.abs(scipy.fft.rfft(padded[:n], axis=-1, overwrite_x=True))
+    np.log((mel_t @ magnitude.T).T + frontend.log_offset, out=out[start:start + n])
   return out

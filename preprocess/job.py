@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+import threadpoolctl
 import tqdm
 
 from dem_jax import audio
@@ -240,35 +241,47 @@ class _Progress:
     self.bar.close()
 
 
+def _start_worker() -> None:
+  # One BLAS/FFT thread per worker: the workers already fill the cores, more threads only contend.
+  threadpoolctl.threadpool_limits(1)
+
+
 def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks: int = 1, num_workers: int = 1
              ) -> dict:
   """Process this task's blocks that are not done yet; returns {'blocks_done', 'blocks_total', 'wall_seconds'}."""
   start = time.time()
   output_dir = os.path.abspath(output_dir)
-  plan = load_or_make_plan(output_dir, settings)
-  plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
-  mine = task_blocks(len(plan['blocks']), task_index, num_tasks)
-  todo = [b for b in mine if not os.path.exists(_block_marker(output_dir, b))]
-  clip_count = lambda b: plan['blocks'][b]['clips'][1] - plan['blocks'][b]['clips'][0]
-  total_clips = sum(clip_count(b) for b in mine)
-  logging.info('preprocess: task %d/%d, %d of its %d blocks to do (%d clips in all), %d worker(s)', task_index,
-               num_tasks, len(todo), len(mine), total_clips, num_workers)
-  progress = _Progress(total_clips, total_clips - sum(clip_count(b) for b in todo))
+  pool = None
+  if num_workers > 1:
+    # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state. Workers start
+    # now, so that their imports overlap with planning.
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'),
+                                                  initializer=_start_worker)
+    for _ in range(num_workers):
+      pool.submit(int)
   try:
-    if num_workers <= 1 or len(todo) <= 1:
-      for b in todo:
-        marker = _process_block(output_dir, plan_path, b)
-        progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
-    else:
-      # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state.
-      ctx = multiprocessing.get_context('spawn')
-      with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+    plan = load_or_make_plan(output_dir, settings)
+    plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
+    mine = task_blocks(len(plan['blocks']), task_index, num_tasks)
+    todo = [b for b in mine if not os.path.exists(_block_marker(output_dir, b))]
+    clip_count = lambda b: plan['blocks'][b]['clips'][1] - plan['blocks'][b]['clips'][0]
+    total_clips = sum(clip_count(b) for b in mine)
+    logging.info('preprocess: task %d/%d, %d of its %d blocks to do (%d clips in all), %d worker(s)', task_index,
+                 num_tasks, len(todo), len(mine), total_clips, num_workers)
+    progress = _Progress(total_clips, total_clips - sum(clip_count(b) for b in todo))
+    try:
+      if pool is None:
+        markers = (_process_block(output_dir, plan_path, b) for b in todo)
+      else:
         futures = [pool.submit(_process_block, output_dir, plan_path, b) for b in todo]
-        for future in concurrent.futures.as_completed(futures):
-          marker = future.result()
-          progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
+        markers = (f.result() for f in concurrent.futures.as_completed(futures))
+      for marker in markers:
+        progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
+    finally:
+      progress.close()
   finally:
-    progress.close()
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
   wall = time.time() - start
   _atomic_write_json(os.path.join(output_dir, WORK_DIR, 'tasks', f'task-{task_index:05d}-of-{num_tasks:05d}.json'),
                      {'blocks': [mine.start, mine.stop], 'wall_seconds': wall})

@@ -1,0 +1,23 @@
+"""Benchmarks that print figures (never timed tests): `python -m dem_jax.bench <name> [FLAGS]`.
+
+  preprocess   the preprocessing job vs a plain librosa loop vs the bare numpy arithmetic, on the same audio
+  train_step   the compiled triplet step on random inputs (with a PyTorch eager reference when available)
+  embed        the forward pass alone
+
+Each prints its figures as JSON on the last line of its output.
+"""
+
+import importlib
+import sys
+
+BENCHMARKS = ('preprocess', 'train_step', 'embed')
+
+
+def main(argv: list[str]) -> None:
+  if not argv or argv[0] not in BENCHMARKS:
+    sys.exit(f'usage: python -m dem_jax.bench {{{"|".join(BENCHMARKS)}}} [FLAGS]')
+  importlib.import_module(f'dem_jax.benchmarks.{argv[0]}').main(argv[1:])
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
