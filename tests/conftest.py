@@ -27,3 +27,13 @@ def music_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('music')
   sample_data.write_folder(str(root), songs_per_genre=3, seconds=6.0, seed=2)
   return str(root)
+
+
+@pytest.fixture(scope='session')
+def dcase_features(dcase_dir, tmp_path_factory):
+  """The small DCASE set preprocessed with the default front end (128 bands, 998 frames per clip)."""
+  from configs import features as features_config
+  from preprocess import job
+  out = tmp_path_factory.mktemp('features') / 'dcase'
+  job.run(features_config.get_config(), dataset='dcase2018_task5', data_dir=dcase_dir, output_dir=str(out))
+  return str(out)
