@@ -1,0 +1,67 @@
+"""Plots are written as PNGs of the figure's size (figsize x dpi), whatever the labels."""
+
+import struct
+
+import numpy as np
+import pytest
+import threadpoolctl
+
+from dem_jax import plots
+
+NAMES = ['absence', 'cooking', 'dishwashing', 'vacuum_cleaner']
+
+
+def png_size(path):
+  with open(path, 'rb') as f:
+    header = f.read(24)
+  assert header[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  return struct.unpack('>II', header[16:24])  # IHDR: width, height
+
+
+def blobs(n_per_class=15, dim=12, seed=0):
+  rng = np.random.default_rng(seed)
+  y = np.repeat(np.arange(len(NAMES)), n_per_class)
+  return 5.0 * rng.standard_normal((len(NAMES), dim))[y] + rng.standard_normal((len(y), dim)), y
+
+
+@pytest.mark.parametrize('method', ['pca', 'tsne'])
+def test_embedding_map_is_a_png_of_the_figure_size(tmp_path, method):
+  x, y = blobs()
+  # One thread: on a busy 2-core box, t-SNE's OpenMP barriers beside BLAS threads can cost seconds.
+  with threadpoolctl.threadpool_limits(1):
+    path = plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'maps' / f'{method}.png'), method=method,
+                                    title='fold 1', max_points=40)
+  assert path == str(tmp_path / 'maps' / f'{method}.png')  # parent folder created
+  assert png_size(path) == (9 * plots.DPI, int(6.5 * plots.DPI))
+
+
+def test_embedding_map_rejects_an_unknown_method(tmp_path):
+  x, y = blobs()
+  with pytest.raises(ValueError, match='method'):
+    plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'm.png'), method='umap')
+
+
+def test_confusion_matrix_png_grows_with_the_number_of_classes(tmp_path):
+  small = plots.plot_confusion_matrix(np.eye(4) * 3, NAMES, str(tmp_path / 'cm4.png'))
+  names = [f'class_{i}' for i in range(12)]
+  cm = np.random.default_rng(0).integers(0, 9, (12, 12))
+  cm[5] = 0  # a class with no test clips must not break the row normalisation
+  large = plots.plot_confusion_matrix(cm, names, str(tmp_path / 'cm12.png'), normalize=True)
+  assert png_size(small) == (900, 720)
+  assert png_size(large) == (int(13.5 * plots.DPI), 12 * plots.DPI)
+
+
+def test_cluster_composition_png_and_shape_check(tmp_path):
+  composition = [[10, 0, 0, 2], [0, 8, 1, 0], [0, 0, 9, 9]]
+  path = plots.plot_cluster_composition(composition, NAMES, str(tmp_path / 'comp.png'), title='k-Means, fold 1')
+  assert png_size(path) == (960, 720)
+  with pytest.raises(ValueError, match='composition'):
+    plots.plot_cluster_composition(composition, NAMES[:3], str(tmp_path / 'bad.png'))
+
+
+def test_plotting_leaves_no_pyplot_figure_open(tmp_path):
+  from matplotlib import pyplot
+  x, y = blobs()
+  plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'm.png'), method='pca')
+  plots.plot_confusion_matrix(np.eye(4), NAMES, str(tmp_path / 'cm.png'))
+  assert pyplot.get_fignums() == []  # a notebook looping over folds would otherwise pile them up
