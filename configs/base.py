@@ -1,0 +1,75 @@
+"""Shared training settings: the original system's defaults (design notes), dataset configs override a few.
+
+Not used on its own: see configs/dcase.py and configs/music.py.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.features_dir = ''  # A preprocessing --output_dir; required.
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # DCASE development set: train on fold k's train part and hold its evaluate clips out for monitoring (0: train
+  # on all four folds, nothing held out). Folder data trains on 'train' and holds out 'test'.
+  config.data.fold = 1
+  config.data.tile_seconds = 5.0  # 498 frames at 100 frames/s.
+  config.data.neighbour_seconds = 5.0  # A neighbour starts within +-5 s of its anchor.
+  config.data.cross_clip_neighbours = True  # Neighbours may cross into the next clip of the same recording.
+  config.data.distant_other_group = True  # Distant tiles from another session/song, not just another file.
+  config.data.prefetch = 4  # Batches read ahead of the step.
+  config.data.num_threads = 4
+  config.data.eval_batches = 4  # Held-out triplet batches per evaluation.
+  config.data.eval_max_clips = 400  # Labelled held-out clips embedded for the silhouette score.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet18'
+  config.model.width = 1.0  # Channel multiplier: 1.0 is 64-128-256-512.
+  config.model.embedding_dim = 128
+  config.model.dropout_rate = 0.5
+  config.model.conv_impl = 'auto'  # im2col matmuls on CPU, XLA's convolution on GPU/TPU.
+  config.model.dtype = 'float32'
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = 'triplet'  # 'triplet' (squared distances, mean over active) or 'tile2vec'.
+  config.loss.margin = 1.0
+  config.loss.l2 = 0.01  # tile2vec only: weight of the embedding-norm penalty.
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.decay_rate = 0.95  # Staircase: x0.95 every decay_steps.
+  config.optimizer.decay_steps = 7500
+  config.optimizer.weight_decay = 1e-4  # On every conv and dense kernel.
+  config.optimizer.grad_clip_norm = 0.0  # 0: off.
+
+  config.batch_size = 64  # Global, across all devices and hosts.
+  config.num_epochs = 20
+  config.num_steps = 0  # > 0 overrides num_epochs.
+  config.parallel = 'pmap'  # 'pmap' over local devices, or 'jit' over a device mesh.
+
+  config.log_every = 50
+  config.eval_every = 0  # 0: once per epoch.
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  return config
+
+
+def shrink_for_cpu(config):
+  """`:tiny`/`:cpu`: the same pipeline, small enough to train in about a minute on a laptop CPU."""
+  config.data.tile_seconds = 1.0
+  config.data.neighbour_seconds = 1.0
+  config.data.eval_batches = 2
+  config.data.eval_max_clips = 200
+  config.model.width = 0.125
+  config.model.embedding_dim = 32
+  config.model.dropout_rate = 0.1
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.decay_steps = 100
+  config.batch_size = 32
+  config.num_steps = 300
+  config.log_every = 25
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  return config

@@ -1,0 +1,20 @@
+r"""Triplet training on music sorted by genre (folder data, one song per file).
+
+  ./launch.sh train --config=configs/music.py --workdir=/scratch/music_run \
+      --config.features_dir=/data/features/music
+  ./launch.sh train --config=configs/music.py:tiny --workdir=/tmp/music_tiny --config.features_dir=...
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config()
+  config.data.cross_clip_neighbours = False  # Each song is its own file.
+  config.data.distant_other_group = True  # Another song (or, with a group column, another album/artist).
+  config.model.embedding_dim = 256
+  if arg in ('tiny', 'cpu'):
+    base.shrink_for_cpu(config)
+  elif arg:
+    raise ValueError(f'Unknown config argument {arg!r}; use configs/music.py or configs/music.py:tiny.')
+  return config
