@@ -9,6 +9,7 @@ that looks whole but is not.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -18,6 +19,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
+MODEL_INFO = 'model.json'  # What inference needs besides the weights: model config, normaliser, tile, front end.
+
+
+def write_model_info(workdir: str, info: dict) -> None:
+  tmp = os.path.join(workdir, MODEL_INFO + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(info, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, MODEL_INFO))
+
+
+def read_model_info(workdir: str) -> dict:
+  path = os.path.join(workdir, MODEL_INFO)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir (train with ./launch.sh train '
+                            '--workdir=... first).')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 class Checkpointer:
@@ -50,6 +68,15 @@ class Checkpointer:
     template = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(target)))
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(template))
     return flax.serialization.from_state_dict(target, restored)
+
+  def restore_raw(self, step: int | None = None) -> dict:
+    """The saved state as nested dicts of numpy arrays, without a template (for inference: params, batch_stats)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}; train first, or check --workdir.')
+    if step not in self.all_steps():
+      raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; saved steps: {self.all_steps()}.')
+    return self.manager.restore(step, args=ocp.args.StandardRestore())
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
