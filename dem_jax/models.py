@@ -1,0 +1,145 @@
+"""ResNet encoders that map a log-Mel tile to an L2-normalised embedding.
+
+The network is the original system's ResNet18 (7x7/2 stem, 3x3/2 max-pool, basic blocks [2, 2, 2, 2] with
+64-128-256-512 channels, global average pooling, dropout, dense projection, L2 normalisation), read as a one-channel
+image: time is the height, mel bands the width. Parameter names and shapes do not depend on `conv_impl`, so a
+checkpoint trained with XLA's convolution on GPU loads unchanged into the im2col path on CPU.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dem_jax import cpu_ops
+
+STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
+BASE_CHANNELS = (64, 128, 256, 512)
+
+# He initialisation (fan-out, as torchvision's ResNet) suits ReLU networks trained from scratch.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class Conv(nn.Module):
+  """Bias-free 2-D convolution on NHWC input whose algorithm is chosen per layer (see `cpu_ops`).
+
+  Its one parameter, 'kernel' [KH, KW, C, features], is shaped as in `flax.linen.Conv`.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', conv_kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    # Torch-style symmetric padding k // 2: with stride 2 it keeps the same output grid as the original network
+    # (XLA's 'SAME' would pad asymmetrically on even inputs).
+    padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    return cpu_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
+                           conv_impl=self.conv_impl)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with a residual connection (1x1 projection when the shape changes)."""
+  features: int
+  strides: tuple[int, int]
+  conv: Any
+  norm: Any
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.features, (3, 3), name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    if x.shape != y.shape:
+      x = self.conv(self.features, (1, 1), self.strides, name='proj_conv')(x)
+      x = self.norm(name='proj_bn')(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet encoder: [B, T, M] (or [B, T, M, 1]) raw log-Mel -> [B, embedding_dim] unit-norm float32.
+
+  Attributes:
+    stage_sizes: basic blocks per stage, e.g. (2, 2, 2, 2) for ResNet18.
+    width: channel multiplier on 64-128-256-512 (0.125 gives a tiny test network).
+    embedding_dim: output size.
+    dropout_rate: dropout before the projection, while training.
+    band_mean, band_std: per-mel-band statistics (M floats each) to standardise the input with, or None.
+    conv_impl: 'auto' | 'xla' | 'im2col' (see `cpu_ops.resolve_conv_impl`).
+    dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
+    axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None otherwise.
+  """
+  stage_sizes: Sequence[int]
+  width: float = 1.0
+  embedding_dim: int = 128
+  dropout_rate: float = 0.5
+  band_mean: Sequence[float] | None = None
+  band_std: Sequence[float] | None = None
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if x.ndim == 4:
+      x = x[..., 0]
+    if x.ndim != 3:
+      raise ValueError(f'expected log-Mel tiles [B, T, M] or [B, T, M, 1], got shape {x.shape}')
+    x = x.astype(jnp.float32)
+    if (self.band_mean is None) != (self.band_std is None):
+      raise ValueError('band_mean and band_std must be given together')
+    if self.band_mean is not None:
+      if len(self.band_mean) != x.shape[-1] or len(self.band_std) != x.shape[-1]:
+        raise ValueError(f'band statistics have {len(self.band_mean)}/{len(self.band_std)} bands, '
+                         f'input has {x.shape[-1]} mel bands')
+      x = (x - jnp.asarray(self.band_mean, jnp.float32)) / jnp.asarray(self.band_std, jnp.float32)
+    x = x[..., None].astype(self.dtype)
+
+    channels = [max(1, round(c * self.width)) for c in BASE_CHANNELS]
+    conv = functools.partial(Conv, conv_impl=self.conv_impl, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, axis_name=self.axis_name)
+
+    x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
+    x = nn.relu(norm(name='stem_bn')(x))
+    x = cpu_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = BasicBlock(channels[i], strides, conv=conv, norm=norm, name=f'stage{i + 1}_block{j + 1}')(x)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    z = nn.Dense(self.embedding_dim, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet18'])
+ResNet34 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet34'])
+
+
+def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[float] | None = None,
+                 band_std: Sequence[float] | None = None, axis_name: str | None = None) -> nn.Module:
+  """Builds the encoder named by `model_config.name` ('resnet18' | 'resnet34').
+
+  Reads name, width, embedding_dim, dropout_rate, conv_impl and dtype ('float32' | 'bfloat16').
+  """
+  if model_config.name not in STAGE_SIZES:
+    raise ValueError(f'model name must be one of {sorted(STAGE_SIZES)}, got {model_config.name!r}')
+  return ResNet(
+      stage_sizes=STAGE_SIZES[model_config.name],
+      width=float(model_config.get('width', 1.0)),
+      embedding_dim=int(model_config.get('embedding_dim', 128)),
+      dropout_rate=float(model_config.get('dropout_rate', 0.5)),
+      band_mean=None if band_mean is None else tuple(float(v) for v in band_mean),
+      band_std=None if band_std is None else tuple(float(v) for v in band_std),
+      conv_impl=model_config.get('conv_impl', 'auto'),
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
+      axis_name=axis_name)
