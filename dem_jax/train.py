@@ -171,24 +171,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           'enable config.optimizer.grad_clip_norm, then run again.')
     return values
 
+  def log(done: int, values: dict) -> None:
+    nonlocal last_metrics
+    last_metrics = values
+    elapsed = time.time() - t_start
+    rate = steps_timed / elapsed if elapsed > 0 else 0.0
+    lr = float(step_lib.learning_rate_at(config.optimizer, done - 1))
+    writer.write(done, last_metrics | {'learning_rate': lr, 'steps_per_s': rate}, prefix='train/')
+    eta = (num_steps - done) / rate if rate > 0 else float('nan')
+    logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', done, num_steps,
+                 last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
+
   try:
     for step in range(start_step, num_steps):
       batch = parallel.put_batch(loader.batch(step))
       device_state, metrics = train_step(device_state, batch, step_rng)
-      if pending is not None:  # The previous step's metrics, read while this step runs.
-        prev_step, prev_metrics = pending
-        if (prev_step + 1) % config.log_every == 0 or prev_step + 1 == num_steps:
-          last_metrics = fetch(prev_step + 1, prev_metrics)
-          elapsed = time.time() - t_start
-          rate = steps_timed / elapsed if elapsed > 0 else 0.0
-          lr = float(step_lib.learning_rate_at(config.optimizer, prev_step))
-          writer.write(prev_step + 1, last_metrics | {'learning_rate': lr, 'steps_per_s': rate}, prefix='train/')
-          eta = (num_steps - prev_step - 1) / rate if rate > 0 else float('nan')
-          logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', prev_step + 1, num_steps,
-                       last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
-      pending = (step, metrics)
+      if pending is not None:
+        # The previous step's metrics, read while this step runs: a non-finite loss stops the run at its own step.
+        prev_done, prev_metrics = pending
+        values = fetch(prev_done, prev_metrics)
+        if prev_done % config.log_every == 0:
+          log(prev_done, values)
       steps_timed += 1
       done = step + 1
+      pending = (done, metrics)
       if done % eval_every == 0 or done == num_steps:
         fetch(done, metrics)
         writer.write(done, evaluate(done, device_state), prefix='eval/')
@@ -196,7 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         fetch(done, metrics)  # Never save a state whose step went non-finite.
         checkpointer.save(done, parallel.get_state(device_state), force=True)
     if pending is not None:
-      last_metrics = fetch(pending[0] + 1, pending[1])
+      log(pending[0], fetch(*pending))
   finally:
     loader.close()
     checkpointer.close()

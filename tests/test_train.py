@@ -1,0 +1,131 @@
+"""The trainer end to end on the sample data: CLI, resume after a real kill, and its failure messages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import dcase as dcase_config
+from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import train as train_lib
+from dem_jax.metric_writer import read_metrics
+from dem_jax.sampler import SamplerError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny config made tinier still: half-second tiles, XLA's convolution (it compiles faster than im2col).
+TINY = ['--config.data.tile_seconds=0.5', '--config.data.neighbour_seconds=0.5', '--config.batch_size=8',
+        '--config.model.conv_impl=xla', '--config.data.eval_batches=1', '--config.data.eval_max_clips=16']
+
+
+def tiny_config(features_dir, **overrides):
+  config = dcase_config.get_config('tiny')
+  config.features_dir = features_dir
+  config.data.tile_seconds = config.data.neighbour_seconds = 0.5
+  config.batch_size = 8
+  config.model.conv_impl = 'xla'
+  config.data.eval_batches = 1
+  config.data.eval_max_clips = 16
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split('.')
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def train_cli(workdir, features_dir, *flags, devices=1):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+  return [sys.executable, '-m', 'dem_jax.train', '--config=configs/dcase.py:tiny', f'--workdir={workdir}',
+          f'--config.features_dir={features_dir}', *TINY, *flags], env
+
+
+def losses_by_step(workdir):
+  return {r['step']: r['train/loss'] for r in read_metrics(str(workdir)) if 'train/loss' in r}
+
+
+def test_two_step_run_through_the_launcher(dcase_features, tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run([os.path.join(ROOT, 'launch.sh'), 'train', '--config=configs/dcase.py:tiny',
+                           f'--workdir={workdir}', f'--config.features_dir={dcase_features}', *TINY,
+                           '--config.num_steps=2', '--config.log_every=1'],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES='2'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [2]
+  records = read_metrics(str(workdir))
+  train = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train] == [1, 2] and all(np.isfinite(r['train/loss']) for r in train)
+  assert {'train/active_fraction', 'train/embedding_norm', 'train/learning_rate', 'train/steps_per_s'} <= set(train[0])
+  evals = [r for r in records if 'eval/loss' in r]
+  assert evals and evals[-1]['step'] == 2 and -1 <= evals[-1]['eval/silhouette'] <= 1
+  saved = json.load(open(workdir / 'config.json'))
+  assert saved['features_dir'] == dcase_features and saved['batch_size'] == 8
+  info = checkpoint_lib.read_model_info(str(workdir))
+  assert info['tile_frames'] == 48 and len(info['band_mean']) == 128
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir / 'tensorboard'))
+
+
+def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(dcase_features, tmp_path):
+  flags = ['--config.num_steps=40', '--config.checkpoint_every=4', '--config.log_every=1', '--config.eval_every=40']
+  reference = tmp_path / 'reference'
+  cmd, env = train_cli(reference, dcase_features, *flags)
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+
+  workdir = tmp_path / 'killed'
+  cmd, env = train_cli(workdir, dcase_features, *flags)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = workdir / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if checkpoints.is_dir() and any(d.isdigit() and int(d) >= 8 for d in os.listdir(checkpoints)):
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(losses_by_step(workdir))
+  assert killed_at < 40, 'the run must be killed before it finishes'
+
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+  resumed, uninterrupted = losses_by_step(workdir), losses_by_step(reference)
+  assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 41))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 41)], [uninterrupted[s] for s in range(1, 41)],
+                             rtol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dcase_features, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'nan')
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, checkpoint_every=2), workdir)
+  real = train_lib.losses.get_loss_fn
+
+  def poisoned(name, **kw):
+    loss_fn = real(name, **kw)
+
+    def nan_loss(*args, **kwargs):
+      loss, metrics = loss_fn(*args, **kwargs)
+      return loss * np.nan, metrics | {'loss': metrics['loss'] * np.nan}
+    return nan_loss
+
+  monkeypatch.setattr(train_lib.losses, 'get_loss_fn', poisoned)
+  with pytest.raises(train_lib.TrainingError, match=r'step 3\b.*step 2'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, checkpoint_every=2), workdir)
+  assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2]
+
+
+def test_failures_name_the_setting_and_the_fix(dcase_features, tmp_path):
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(train_lib.TrainingError, match='features_dir'):
+    train_lib.train_and_evaluate(tiny_config(''), workdir)
+  with pytest.raises(train_lib.TrainingError, match='preprocess'):
+    train_lib.train_and_evaluate(tiny_config(str(tmp_path / 'missing')), workdir)
+  with pytest.raises(train_lib.TrainingError, match=r'batch_size=6 .* 4 devices'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, batch_size=6), workdir)
+  with pytest.raises(SamplerError, match='tile_seconds'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, **{'data.tile_seconds': 30.0}), workdir)
+  with pytest.raises(train_lib.TrainingError, match='fold'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, **{'data.fold': 7}), workdir)
