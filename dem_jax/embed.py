@@ -5,7 +5,7 @@ r"""Embeddings from a trained workdir: of feature-store clips, of audio files of
     out = embedder.embed_file('kitchen.wav')              # {'embeddings': [n, E], 'timestamps': [n], 'clip_embedding': [E]}
     table = embedder.embed_features(open_features('/data/features/dcase_dev'))
 
-Tiles are cut every `hop_seconds` (default: the tile length, i.e. the original's non-overlapping grid); a tile's
+Tiles are cut every `hop_seconds` (default: the tile length in seconds, the original's non-overlapping grid); a tile's
 timestamp is its start in seconds. Audio shorter than one tile is padded with silence to one tile. The pooled clip
 embedding is the mean of the tile embeddings, L2-normalised again.
 
@@ -96,8 +96,11 @@ class Embedder:
     saved = checkpointer.restore_raw(self.step)
     self.frontend = FrontEnd(**self.info['frontend'])
     self.tile_frames = int(self.info['tile_frames'])
-    self.hop_frames = self.tile_frames if hop_seconds is None else max(1, int(round(hop_seconds *
-                                                                                    self.frontend.frame_rate)))
+    # Default hop: the tile's length in seconds, the original's non-overlapping grid (5-s tiles of 498 frames
+    # every 500 frames, so a 10-s clip holds exactly two).
+    hop_seconds = self.info.get('tile_seconds', self.tile_frames / self.frontend.frame_rate) \
+        if hop_seconds is None else hop_seconds
+    self.hop_frames = max(1, int(round(hop_seconds * self.frontend.frame_rate)))
     model_config = ml_collections.ConfigDict(self.info['model'])
     self.model = models.create_model(model_config, band_mean=tuple(self.info['band_mean']),
                                      band_std=tuple(self.info['band_std']))

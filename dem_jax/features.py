@@ -181,6 +181,10 @@ class Features:
     except KeyError:
       raise KeyError(f'No clip {clip_id!r} in {self.root}.') from None
 
+  def audio_path(self, clip: Clip) -> str:
+    """Where the clip's audio file was read from (to listen to it)."""
+    return os.path.join(self.info.get('data_dir', ''), clip.path)
+
   def clip_index(self, clip_id: str) -> int:
     return self._index[clip_id]
 

@@ -170,7 +170,9 @@ def render_report_markdown(
     for class_name in class_names:
       row = [class_name]
       for _, fig in figs:
-        per_class = ((fig or {}).get('linear_probe') or {}).get('per_class_f1') or {}
+        probe = (fig or {}).get('linear_probe') or {}
+        per_class = dict(probe.get('per_class_f1') or {})
+        per_class.update({f'{k}_std': v for k, v in (probe.get('per_class_f1_std') or {}).items()})
         row.append(_metric({'per_class_f1': per_class}, 'per_class_f1', class_name))
       rows.append(row)
     lines += _table(['Class'] + [name for name, _ in figs], rows) + ['']

@@ -117,7 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=1))
     checkpoint_lib.write_model_info(workdir, {
         'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
-        'tile_frames': tile_frames, 'frontend': dict(vars(features.frontend)), 'features_dir': features.root,
+        'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)), 'features_dir': features.root,
         'labels': features.labels, 'fold': config.data.fold, 'dataset': features.dataset})
 
   train_step = parallel.compile_train_step(step_lib.make_train_step(model, optimizer, loss_fn,

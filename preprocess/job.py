@@ -343,6 +343,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
                for k, v in sorted(sums.items())}
   info = {
       'dataset': settings['dataset'],
+      'data_dir': settings['data_dir'],
       'frontend': settings['frontend'],
       'storage': settings['storage'],
       'trim_top_db': settings['trim_top_db'],

@@ -37,3 +37,19 @@ def dcase_features(dcase_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp('features') / 'dcase'
   job.run(features_config.get_config(), dataset='dcase2018_task5', data_dir=dcase_dir, output_dir=str(out))
   return str(out)
+
+
+@pytest.fixture(scope='session')
+def tiny_workdir(dcase_features, tmp_path_factory):
+  """A model trained for a few steps on the small DCASE set (half-second tiles, tiny ResNet18)."""
+  from configs import dcase as dcase_config
+  from dem_jax import train
+  config = dcase_config.get_config('tiny')
+  config.features_dir = dcase_features
+  config.data.tile_seconds = config.data.neighbour_seconds = 0.5
+  config.batch_size = 8
+  config.num_steps = 20
+  config.model.conv_impl = 'xla'
+  workdir = tmp_path_factory.mktemp('train') / 'tiny'
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
