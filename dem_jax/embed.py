@@ -229,6 +229,8 @@ def main(argv):
   import json
   from absl import flags
   FLAGS = flags.FLAGS
+  from dem_jax import log_util
+  log_util.quiet_library_logs()
   embedder = Embedder(FLAGS.workdir, step=FLAGS.step, hop_seconds=FLAGS.hop_seconds)
   summary = embed_paths(embedder, FLAGS.input, FLAGS.output_dir, show_progress=sys.stderr.isatty())
   os.makedirs(FLAGS.output_dir, exist_ok=True)

@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from dem_jax import models
+from dem_jax import log_util
 from dem_jax import plots
 from dem_jax import probes
 from dem_jax import report_markdown
@@ -156,6 +156,7 @@ def main(argv):
   del argv
   from absl import flags
   FLAGS = flags.FLAGS
+  log_util.quiet_library_logs()
   try:
     report = evaluate(FLAGS.workdir, features_dir=FLAGS.features_dir, output_dir=FLAGS.output_dir, step=FLAGS.step,
                       retrieval_k=FLAGS.retrieval_k, seed=FLAGS.seed)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import log_util
 from dem_jax import losses
 from dem_jax import models
 from dem_jax import probes
@@ -221,6 +222,7 @@ def main(argv):
                     process_id=FLAGS.process_id)
     jax.distributed.initialize(**kwargs)
   logging.getLogger().setLevel(logging.INFO)
+  log_util.quiet_library_logs()
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
