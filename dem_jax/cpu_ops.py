@@ -1,14 +1,25 @@
-"""2-D convolution as im2col + one matrix multiply, for XLA:CPU.
+"""Convolution and max-pooling forms that run fast on XLA:CPU, chosen per layer by `conv_impl`.
 
-Why this exists: XLA:CPU's native convolution is slow on ResNet's late layers (small spatial maps, many channels;
-about 1 GFLOP/s for a 3x3 512->512 conv on a 2x4 map), while its matrix multiply is fast. Rewriting the conv as
-"gather the KH*KW shifted windows side by side, then one dot" costs a copy of the input per kernel tap but turns
-every layer into a large GEMM. Built from pad, strided slices, concatenate and dot_general only, so it is
-differentiable by JAX and its gradient is again a pair of GEMMs. On GPU/TPU the native convolution is better, so
-`conv_impl='auto'` picks this only on the CPU backend (see `resolve_conv_impl`).
+Why this exists: the straightforward Flax ResNet ran its triplet step on CPU ~15x slower than PyTorch eager. Three
+XLA:CPU behaviours account for it (measured with jaxlib 0.12 on a 2-core AVX-512 x86 VM):
+  1. Its native convolution collapses to ~2-5 GFLOP/s (against 100-200 elsewhere) when the map it slides over has
+     at most SMALL_MAP_POSITIONS positions: ResNet's last stage on short tiles (2x4), and in the backward pass the
+     input gradient of the stride-2 layer that produces such a map. There `conv2d_im2col` (windows side by side,
+     one matrix multiply) runs at 100+ GFLOP/s. On larger maps the native conv wins: im2col's window copy costs
+     more than it saves.
+  2. The kernel gradient of a native conv wants its inputs transposed to channel-major order. XLA fuses the
+     transpose into the producer (BatchNorm's backward pass, the activation), and such transposing fusions run
+     ~4x slower than a plain transpose; materialising the inputs first (`lax.optimization_barrier`) makes them
+     plain copies and the whole step ~15% faster.
+  3. reduce_window's gradient (select_and_scatter) goes through iota/argmax tuples and a scatter, ~5x slower than
+     the gradient of a maximum over strided slices (`max_pool_slices`).
+Off CPU, `conv_impl='auto'` leaves XLA's own convolution and pooling in place (cuDNN on GPU), so the GPU path is
+the plain one. Everything is built from jnp/lax ops (pad, slice, concatenate, dot_general, conv_general_dilated)
+and is differentiable; parameters do not depend on the choice.
 """
 
 import ctypes
+import functools
 import math
 from typing import Sequence
 
@@ -17,65 +28,101 @@ from jax import lax
 import jax.numpy as jnp
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
+SMALL_MAP_POSITIONS = 8
 
 Padding = Sequence[tuple[int, int]]
 
 
 def conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
-                  padding: Padding = ((0, 0), (0, 0)), precision=None) -> jax.Array:
-  """Same result as `lax.conv_general_dilated` with NHWC input, HWIO kernel and explicit padding.
+                  padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+  """Same result as `lax.conv_general_dilated` with NHWC input, HWIO kernel and explicit padding, as matmuls.
+
+  Output rows are grouped by the kernel rows that fall inside the (unpadded) input: top edge, interior, bottom edge.
+  Each group gathers only its valid windows side by side and multiplies them with those kernel rows, so zero
+  padding rows are never multiplied; on a 2-row map (ResNet's last stage on short tiles) that is a third of the work.
 
   Args:
     x: [N, H, W, C] input.
     kernel: [KH, KW, C, O] kernel.
     strides: (SH, SW).
     padding: ((top, bottom), (left, right)) zero padding.
-    precision: passed to the dot.
 
   Returns:
     [N, OH, OW, O] output, OH = (H + top + bottom - KH) // SH + 1 (likewise OW).
   """
   kh, kw, c, o = kernel.shape
-  if x.shape[-1] != c:
-    raise ValueError(f'input has {x.shape[-1]} channels, kernel expects {c}')
+  n, h, _, c_in = x.shape
+  if c_in != c:
+    raise ValueError(f'input has {c_in} channels, kernel expects {c}')
   sh, sw = strides
   (pt, pb), (pl, pr) = padding
-  if pt or pb or pl or pr:
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  n, h, w, _ = x.shape
-  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-  if kh == kw == 1:
-    patches = x[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, :]
-  else:
-    # Tap order (i, j, c) matches the HWIO kernel flattened row-major, so one reshape of the kernel fits.
-    taps = [lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(taps, axis=-1)
-  y = lax.dot_general(patches, kernel.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())), precision=precision)
-  return y
+  oh = (h + pt + pb - kh) // sh + 1
+  if pl or pr:
+    x = jnp.pad(x, ((0, 0), (0, 0), (pl, pr), (0, 0)))
+  ow = (x.shape[2] - kw) // sw + 1
+  groups = []  # [first output row, end row, first valid kernel row, end kernel row]
+  for r in range(oh):
+    valid = [i for i in range(kh) if 0 <= r * sh + i - pt < h]
+    rows = (valid[0], valid[-1] + 1) if valid else (0, 0)
+    if groups and groups[-1][1] == r and tuple(groups[-1][2:]) == rows:
+      groups[-1][1] = r + 1
+    else:
+      groups.append([r, r + 1, *rows])
+  outputs = []
+  for r0, r1, i0, i1 in groups:
+    if i0 == i1:  # every kernel row falls in the padding
+      outputs.append(jnp.zeros((n, r1 - r0, ow, o), jnp.result_type(x, kernel)))
+      continue
+    # Window order (kernel row, kernel column, channel) matches the kernel's rows i0:i1 flattened row-major.
+    taps = []
+    for i in range(i0, i1):
+      top = r0 * sh + i - pt
+      for j in range(kw):
+        taps.append(lax.slice(x, (0, top, j, 0), (n, top + (r1 - r0 - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+                              (1, sh, sw, 1)))
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    outputs.append(lax.dot_general(patches, kernel[i0:i1].reshape(-1, o), (((3,), (0,)), ((), ()))))
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
 def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
-               padding: Padding = ((0, 0), (0, 0)), precision=None) -> jax.Array:
+               padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
   """XLA's native convolution with the same arguments as `conv2d_im2col`."""
   return lax.conv_general_dilated(x, kernel, tuple(strides), tuple(tuple(p) for p in padding),
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-# XLA:CPU's native convolution collapses to ~5 GFLOP/s (against ~100-200 elsewhere) when its input feature map has
-# at most this many positions, e.g. ResNet's last stage on short tiles (2x4) and, in the backward pass, the
-# stride-2 layer that produces such a map. Measured with jaxlib 0.12 on AVX-512 x86; im2col runs those at 100+.
-SMALL_MAP_POSITIONS = 8
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_xla_cpu(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                   padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+  """`conv2d_xla` whose kernel gradient reads materialised inputs (point 2 of the module docstring)."""
+  return conv2d_xla(x, kernel, strides, padding)
+
+
+def _conv2d_xla_cpu_fwd(x, kernel, strides, padding):
+  return conv2d_xla(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_xla_cpu_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: conv2d_xla(x, kernel, strides, padding), x)[1](dy)[0]
+  # Materialise the kernel gradient's inputs, so that XLA's transposes to channel-major order are plain copies
+  # rather than fused into (and slowing down) their producers.
+  x, dy = lax.optimization_barrier((x, dy))
+  dk = jax.vjp(lambda k: conv2d_xla(x, k, strides, padding), kernel)[1](dy)[0]
+  return dx, dk
+
+
+conv2d_xla_cpu.defvjp(_conv2d_xla_cpu_fwd, _conv2d_xla_cpu_bwd)
 
 
 def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequence[int],
                       backend: str | None = None) -> str:
-  """Picks 'xla' or 'im2col' for one layer.
+  """The implementation one layer runs: 'xla', 'xla_cpu' or 'im2col'.
 
-  'auto' is XLA's native convolution on GPU/TPU, and on CPU too except where XLA:CPU's convolution is pathological:
-  layers whose input or output map (the latter is the input of the backward convolution) has at most
-  SMALL_MAP_POSITIONS positions. Elsewhere XLA:CPU's own convolution beats im2col, whose window copy costs more
-  than it saves on large maps.
+  'xla' and 'im2col' are taken as asked (everywhere, for comparisons). 'auto' is 'xla' off CPU; on CPU it is
+  'im2col' where the input or the output map (the latter is what the backward convolution slides over) has at most
+  SMALL_MAP_POSITIONS positions, and 'xla_cpu' elsewhere.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
@@ -84,25 +131,26 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
   if (backend or jax.default_backend()) != 'cpu':
     return 'xla'
   positions = min(math.prod(input_hw), math.prod(output_hw))
-  return 'im2col' if positions <= SMALL_MAP_POSITIONS else 'xla'
+  return 'im2col' if positions <= SMALL_MAP_POSITIONS else 'xla_cpu'
+
+
+_CONV_FNS = {'xla': conv2d_xla, 'xla_cpu': conv2d_xla_cpu, 'im2col': conv2d_im2col}
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
-           padding: Padding = ((0, 0), (0, 0)), conv_impl: str = 'auto', precision=None) -> jax.Array:
-  """2-D convolution (NHWC input, HWIO kernel) through the implementation chosen for this layer."""
-  kh, kw = kernel.shape[:2]
-  out_hw = [(x.shape[1 + d] + sum(padding[d]) - k) // strides[d] + 1 for d, k in enumerate((kh, kw))]
+           padding: Padding = ((0, 0), (0, 0)), conv_impl: str = 'auto') -> jax.Array:
+  """2-D convolution (NHWC input, HWIO kernel, explicit padding) by the implementation this layer resolves to."""
+  strides = tuple(strides)
+  padding = tuple(tuple(p) for p in padding)
+  out_hw = [(x.shape[1 + d] + sum(padding[d]) - kernel.shape[d]) // strides[d] + 1 for d in range(2)]
   impl = resolve_conv_impl(conv_impl, x.shape[1:3], out_hw)
-  fn = conv2d_im2col if impl == 'im2col' else conv2d_xla
-  return fn(x, kernel, strides, padding, precision=precision)
+  return _CONV_FNS[impl](x, kernel, strides, padding)
 
 
 def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-  """Max-pooling over NHWC as an elementwise maximum of strided slices (same values as `nn.max_pool`).
+  """Max-pooling over NHWC as an elementwise maximum of strided slices (the values of reduce_window's).
 
-  Why: XLA:CPU lowers reduce_window's gradient (select_and_scatter) through iota/argmax tuples and a scatter, about
-  5x slower than this form's gradient (masks and pads, all fused) on the ResNet stem's output. Where several window
-  elements tie for the maximum, the gradient is shared between them instead of going to one.
+  Where several window elements tie for the maximum, the gradient is shared between them instead of going to one.
   """
   n, h, w, c = x.shape
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
@@ -117,7 +165,7 @@ def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1
 
 
 def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-  """Max-pooling through XLA's reduce_window ('xla', and 'auto' off CPU) or `max_pool_slices` (otherwise)."""
+  """Max-pooling through reduce_window ('xla', and 'auto' off CPU) or `max_pool_slices` (otherwise)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   if conv_impl == 'xla' or (conv_impl == 'auto' and jax.default_backend() != 'cpu'):
@@ -129,14 +177,13 @@ def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int
 def retain_freed_memory() -> bool:
   """Lets glibc's malloc keep freed memory for reuse instead of unmapping it; returns whether that applied.
 
-  Why: XLA:CPU allocates every execution's temporary buffer (about 0.5 GB for a full-width ResNet18 triplet step)
-  with malloc. Blocks that large are mmap'ed and unmapped per call, so each step touches fresh pages and pays one
-  page fault per 4 KiB, on a VM a sizeable part of the step. Process-wide and harmless off CPU (device memory is
-  not malloc'ed); it only means the process keeps its peak host memory. No-op where glibc is absent.
+  Why: XLA:CPU allocates every execution's temporary buffer (about 0.5 GB for a full-width ResNet18 triplet step
+  of 32 triplets) with malloc. Blocks that large are mmap'ed and unmapped per call, so each step touches fresh pages
+  and pays a page fault per 4 KiB. Process-wide; harmless off CPU (device memory is not malloc'ed); the process
+  keeps its peak host memory. A no-op where glibc is absent.
   """
   try:
-    libc = ctypes.CDLL('libc.so.6')
-    mallopt = libc.mallopt
+    mallopt = ctypes.CDLL('libc.so.6').mallopt
   except (OSError, AttributeError):
     return False
   m_trim_threshold, m_mmap_max = -1, -4

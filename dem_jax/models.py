@@ -3,7 +3,7 @@
 The network is the original system's ResNet18 (7x7/2 stem, 3x3/2 max-pool, basic blocks [2, 2, 2, 2] with
 64-128-256-512 channels, global average pooling, dropout, dense projection, L2 normalisation), read as a one-channel
 image: time is the height, mel bands the width. Parameter names and shapes do not depend on `conv_impl`, so a
-checkpoint trained with XLA's convolution on GPU loads unchanged into the im2col path on CPU.
+checkpoint trained with XLA's convolution on GPU loads unchanged into the CPU path (`cpu_ops`), and back.
 """
 
 import functools
@@ -38,8 +38,8 @@ class Conv(nn.Module):
   def __call__(self, x):
     kh, kw = self.kernel_size
     kernel = self.param('kernel', conv_kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
-    # Torch-style symmetric padding k // 2: with stride 2 it keeps the same output grid as the original network
-    # (XLA's 'SAME' would pad asymmetrically on even inputs).
+    # Symmetric padding k // 2, as torchvision's ResNet (and the PyTorch reference benchmark): with stride 2 on an
+    # even size, 'SAME' would pad (0, 1) instead and sample a shifted grid.
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
     return cpu_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
                            conv_impl=self.conv_impl)
@@ -89,7 +89,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if x.ndim == 4:
+    if x.ndim == 4 and x.shape[-1] == 1:
       x = x[..., 0]
     if x.ndim != 3:
       raise ValueError(f'expected log-Mel tiles [B, T, M] or [B, T, M, 1], got shape {x.shape}')
@@ -132,7 +132,7 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
   Reads name, width, embedding_dim, dropout_rate, conv_impl and dtype ('float32' | 'bfloat16').
   """
   if model_config.name not in STAGE_SIZES:
-    raise ValueError(f'model name must be one of {sorted(STAGE_SIZES)}, got {model_config.name!r}')
+    raise ValueError(f'config.model.name={model_config.name!r}; choose one of {sorted(STAGE_SIZES)}.')
   return ResNet(
       stage_sizes=STAGE_SIZES[model_config.name],
       width=float(model_config.get('width', 1.0)),

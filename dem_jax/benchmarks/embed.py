@@ -1,0 +1,99 @@
+"""Segments per second of the forward pass (inference mode) on random tiles, beside PyTorch eager.
+
+    python -m dem_jax.bench embed --batch=32 --frames=64 --mels=128 --conv_impl=auto,im2col,xla
+
+Prints progress, then one JSON line (last) with `segments_per_s` (median window of the first conv_impl), every
+candidate's windows, compile seconds, and the PyTorch reference with the ratio.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from dem_jax import cpu_ops
+from dem_jax import models
+from dem_jax import train_step as step_lib
+from dem_jax.benchmarks import harness
+
+
+def _jax_candidate(flags, conv_impl: str):
+  """(run(steps) -> seconds per batch, compile seconds) for one conv_impl."""
+  model_config = ml_collections.ConfigDict(dict(name=flags.model, width=flags.width, embedding_dim=128,
+                                                dropout_rate=0.5, conv_impl=conv_impl, dtype=flags.dtype))
+  model = models.create_model(model_config)
+  state = step_lib.create_train_state(jax.random.key(0), model, optax.identity(), (flags.frames, flags.mels))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  embed = step_lib.make_embed_fn(model)
+  tiles = jax.device_put(np.random.default_rng(0).standard_normal((flags.batch, flags.frames, flags.mels),
+                                                                  np.float32))
+  one_step = lambda: embed(variables, tiles)
+  t0 = time.perf_counter()
+  jax.block_until_ready(one_step())
+  compile_s = time.perf_counter() - t0
+
+  def run(steps: int) -> float:
+    jax.block_until_ready(one_step())  # untimed: see harness.interleaved_windows
+    t = time.perf_counter()
+    for _ in range(steps):
+      z = one_step()
+    jax.block_until_ready(z)
+    return (time.perf_counter() - t) / steps
+
+  return run, compile_s
+
+
+def main(argv: list[str]) -> None:
+  flags = harness.parse_flags(argv, 'embed', default_steps=10)
+  if flags.retain_memory:
+    cpu_ops.retain_freed_memory()
+  candidates, compile_s = {}, {}
+  for conv_impl in flags.conv_impls:
+    print(f'compiling the forward pass with conv_impl={conv_impl} ...', flush=True)
+    candidates[f'jax_{conv_impl}'], compile_s[conv_impl] = _jax_candidate(flags, conv_impl)
+
+  result = {'benchmark': 'embed', 'backend': jax.default_backend(), 'devices': 1, 'model': flags.model,
+            'width': flags.width, 'batch_segments': flags.batch, 'tile': [flags.frames, flags.mels],
+            'dtype': flags.dtype, 'conv_impl': flags.conv_impls[0], 'steps_per_window': flags.steps,
+            'rounds': flags.rounds, 'retain_memory': bool(flags.retain_memory),
+            'compile_and_first_call_s': {k: round(v, 2) for k, v in compile_s.items()}}
+  reference = None
+  if flags.reference == 'torch':
+    python, why = harness.find_torch_python(flags.torch_python)
+    if python is None:
+      print(why, flush=True)
+      result['reference'] = why
+    else:
+      print(f'starting the PyTorch reference ({why}: {python}) ...', flush=True)
+      reference = harness.TorchReference(python, 'embed', flags)
+      result['torch'] = dict(reference.info)
+      candidates['torch_eager'] = reference.seconds_per_step
+  try:
+    windows = harness.interleaved_windows(candidates, flags.steps, flags.rounds)
+  finally:
+    if reference is not None:
+      reference.close()
+
+  for name, w in windows.items():
+    summary = harness.summarise(w, flags.batch)
+    print(f'{name:14s} segments/s median {summary["median"]:8.1f}  best {summary["best"]:8.1f}  '
+          f'(s/batch {summary["seconds_per_step"]})', flush=True)
+    entry = {'segments_per_s': summary['median'], 'segments_per_s_best': summary['best'],
+             'seconds_per_batch': summary['seconds_per_step']}
+    if name == 'torch_eager':
+      result['torch'].update(entry)
+    else:
+      result[name] = entry
+  result['segments_per_s'] = result[f'jax_{flags.conv_impls[0]}']['segments_per_s']
+  if 'torch_eager' in windows:
+    result['ratio_vs_torch'] = {c: result[f'jax_{c}']['segments_per_s'] / result['torch']['segments_per_s']
+                                for c in flags.conv_impls}
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,109 @@
+"""Triplets per second of the compiled train step on random tiles, beside the same step in PyTorch eager.
+
+    python -m dem_jax.bench train_step --batch=32 --frames=64 --mels=128 --conv_impl=auto,im2col,xla
+
+Prints progress, then one JSON line (last) with `triplets_per_s` (median window of the first conv_impl), every
+candidate's windows, compile seconds, and the PyTorch reference with the ratio.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dem_jax import cpu_ops
+from dem_jax import losses
+from dem_jax import models
+from dem_jax import train_step as step_lib
+from dem_jax.benchmarks import harness
+
+
+def _jax_candidate(flags, conv_impl: str, parallel: step_lib.DataParallel):
+  """(run(steps) -> seconds per step, compile seconds) for one conv_impl."""
+  model_config = ml_collections.ConfigDict(dict(name=flags.model, width=flags.width, embedding_dim=128,
+                                                dropout_rate=0.5, conv_impl=conv_impl, dtype=flags.dtype))
+  model = models.create_model(model_config, axis_name=parallel.axis_name)
+  optimizer = step_lib.make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, decay_rate=0.95, decay_steps=7500, weight_decay=1e-4, grad_clip_norm=0.0)))
+  state = step_lib.create_train_state(jax.random.key(0), model, optimizer, (flags.frames, flags.mels))
+  step_fn = parallel.compile_train_step(step_lib.make_train_step(model, optimizer, losses.get_loss_fn('triplet'),
+                                                                 axis_name=parallel.axis_name))
+  rng = np.random.default_rng(0)
+  batch = parallel.put_batch({r: rng.standard_normal((flags.batch, flags.frames, flags.mels), np.float32)
+                              for r in step_lib.ROLES})
+  key = jax.random.key(1)
+  holder = {'state': parallel.put_state(state)}
+
+  def one_step():
+    holder['state'], metrics = step_fn(holder['state'], batch, key)
+    return metrics
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(one_step())
+  compile_s = time.perf_counter() - t0  # the first call: compilation plus one step
+
+  def run(steps: int) -> float:
+    jax.block_until_ready(one_step())  # untimed: see harness.interleaved_windows
+    t = time.perf_counter()
+    for _ in range(steps):
+      metrics = one_step()
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t) / steps
+
+  return run, compile_s
+
+
+def main(argv: list[str]) -> None:
+  flags = harness.parse_flags(argv, 'train_step', default_steps=5)
+  if flags.retain_memory:
+    cpu_ops.retain_freed_memory()
+  parallel = step_lib.DataParallel(flags.parallel)
+  candidates, compile_s = {}, {}
+  for conv_impl in flags.conv_impls:
+    print(f'compiling the step with conv_impl={conv_impl} ...', flush=True)
+    candidates[f'jax_{conv_impl}'], compile_s[conv_impl] = _jax_candidate(flags, conv_impl, parallel)
+
+  result = {'benchmark': 'train_step', 'backend': jax.default_backend(), 'devices': len(jax.devices()),
+            'parallel': flags.parallel, 'model': flags.model, 'width': flags.width, 'batch_triplets': flags.batch,
+            'tile': [flags.frames, flags.mels], 'dtype': flags.dtype, 'conv_impl': flags.conv_impls[0],
+            'steps_per_window': flags.steps, 'rounds': flags.rounds, 'retain_memory': bool(flags.retain_memory),
+            'compile_and_first_step_s': {k: round(v, 2) for k, v in compile_s.items()}}
+  reference = None
+  if flags.reference == 'torch':
+    python, why = harness.find_torch_python(flags.torch_python)
+    if python is None:
+      print(why, flush=True)
+      result['reference'] = why
+    else:
+      print(f'starting the PyTorch reference ({why}: {python}) ...', flush=True)
+      reference = harness.TorchReference(python, 'train_step', flags)
+      result['torch'] = dict(reference.info)
+      candidates['torch_eager'] = reference.seconds_per_step
+  try:
+    windows = harness.interleaved_windows(candidates, flags.steps, flags.rounds)
+  finally:
+    if reference is not None:
+      reference.close()
+
+  for name, w in windows.items():
+    summary = harness.summarise(w, flags.batch)
+    print(f'{name:14s} triplets/s median {summary["median"]:7.2f}  best {summary["best"]:7.2f}  '
+          f'(s/step {summary["seconds_per_step"]})', flush=True)
+    if name == 'torch_eager':
+      result['torch'].update(triplets_per_s=summary['median'], triplets_per_s_best=summary['best'],
+                             seconds_per_step=summary['seconds_per_step'])
+    else:
+      result[name] = {'triplets_per_s': summary['median'], 'triplets_per_s_best': summary['best'],
+                      'seconds_per_step': summary['seconds_per_step']}
+  result['triplets_per_s'] = result[f'jax_{flags.conv_impls[0]}']['triplets_per_s']
+  if 'torch_eager' in windows:
+    result['ratio_vs_torch'] = {c: result[f'jax_{c}']['triplets_per_s'] / result['torch']['triplets_per_s']
+                                for c in flags.conv_impls}
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

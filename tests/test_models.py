@@ -1,0 +1,192 @@
+"""The ResNet encoder and its CPU convolution: shapes, normalisation, and equal results for every conv_impl."""
+
+import functools
+import os
+
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
+
+import jax  # noqa: E402
+from jax import lax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dem_jax import cpu_ops  # noqa: E402
+from dem_jax import models  # noqa: E402
+
+# [B, T, M] = 64 x 32: the stem sees 64 x 32 positions, the last stage 2 x 1, so 'auto' mixes both convolutions.
+TILES = np.random.default_rng(0).standard_normal((4, 64, 32)).astype(np.float32)
+
+
+def tiny(conv_impl='auto', **kw):
+  # One block per stage: still every kind of layer (stem, stride 1 and 2, projection), half the compilation.
+  kw = dict(stage_sizes=(1, 1, 1, 1), width=0.125, embedding_dim=8, dropout_rate=0.0, conv_impl=conv_impl) | kw
+  return models.ResNet(**kw)
+
+
+@pytest.fixture(scope='module')
+def variables():
+  # 'rbg': XLA:CPU compiles threefry slowly, once per parameter (see train_step.create_train_state).
+  return jax.jit(lambda rng: tiny('xla').init(rng, TILES[:1]))(jax.random.key(0, impl='rbg'))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, variables, x):
+  return model.apply(variables, x, train=False)
+
+
+def apply_fn(model):
+  # One compilation per distinct model, shared by the tests (flax modules compare by their fields).
+  return functools.partial(_apply, model)
+
+
+def test_embeddings_have_unit_norm_and_accept_a_channel_axis(variables):
+  f = apply_fn(tiny())
+  z = np.asarray(f(variables, TILES))
+  assert z.shape == (4, 8) and z.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+  with_channel = jax.eval_shape(lambda v, x: tiny().apply(v, x), variables, TILES[..., None])
+  assert with_channel.shape == (4, 8)
+
+
+@pytest.mark.parametrize('name,blocks', [('resnet18', (2, 2, 2, 2)), ('resnet34', (3, 4, 6, 3))])
+def test_architecture_follows_name_and_width(name, blocks):
+  config = ml_collections.ConfigDict(dict(name=name, width=0.125, embedding_dim=16, dropout_rate=0.5,
+                                          conv_impl='auto', dtype='float32'))
+  model = models.create_model(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 32)))['params']
+  assert params['stem_conv']['kernel'].shape == (7, 7, 1, 8)  # 64 * 0.125 channels
+  for stage, channels in enumerate((8, 16, 32, 64)):
+    names = [k for k in params if k.startswith(f'stage{stage + 1}_')]
+    assert len(names) == blocks[stage]
+    assert params[f'stage{stage + 1}_block1']['conv2']['kernel'].shape == (3, 3, channels, channels)
+  # A 1x1 projection wherever the shape changes: the first block of stages 2-4.
+  assert [k for k in params if 'proj_conv' in params[k]] == ['stage2_block1', 'stage3_block1', 'stage4_block1']
+  assert params['head']['kernel'].shape == (64, 16)
+
+
+def test_unknown_model_name_is_rejected():
+  with pytest.raises(ValueError, match='resnet18'):
+    models.create_model(ml_collections.ConfigDict(dict(name='resnet50')))
+
+
+def test_band_statistics_standardise_each_mel_band(variables):
+  mean = np.linspace(-3, 3, 32).astype(np.float32)
+  std = np.linspace(0.5, 2, 32).astype(np.float32)
+  with_stats = apply_fn(tiny(band_mean=tuple(mean), band_std=tuple(std)))(variables, TILES)
+  by_hand = apply_fn(tiny())(variables, (TILES - mean) / std)
+  np.testing.assert_allclose(with_stats, by_hand, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='mel bands'):
+    tiny(band_mean=(0.0,) * 8, band_std=(1.0,) * 8).apply(variables, TILES)
+
+
+def test_dropout_acts_only_while_training(variables):
+  model = tiny(dropout_rate=0.5)
+  train = jax.jit(lambda v, x, rng: model.apply(v, x, train=True, rngs={'dropout': rng}, mutable=['batch_stats'])[0])
+  z1, z2 = train(variables, TILES, jax.random.key(1)), train(variables, TILES, jax.random.key(2))
+  assert np.abs(np.asarray(z1) - np.asarray(z2)).max() > 1e-3
+  eval_fn = apply_fn(model)
+  np.testing.assert_array_equal(eval_fn(variables, TILES), eval_fn(variables, TILES))
+
+
+def test_swapping_conv_impl_on_the_same_parameters_gives_the_same_model(variables):
+  """A checkpoint trained with XLA's convolution (GPU) loads and runs with im2col (CPU), and back."""
+  for impl in ('im2col', 'auto'):
+    params = jax.eval_shape(tiny(impl).init, jax.random.key(0), TILES[:1])
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, variables)
+
+  def loss_and_grad(impl):
+    model = tiny(impl)
+
+    def loss(params):
+      z, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, TILES, train=True,
+                         mutable=['batch_stats'])
+      return jnp.sum(z * jnp.arange(8.0))
+    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+  # 'auto' mixes the two per layer, so im2col against xla everywhere covers it.
+  value, grads = loss_and_grad('im2col')
+  value_ref, grads_ref = loss_and_grad('xla')
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * np.abs(g_ref).max())
+
+
+def test_batchnorm_axis_name_gives_global_batch_statistics(variables):
+  """With axis_name, BatchNorm on two halves of the batch computes what one device computes on all of it."""
+  full = tiny()
+  split = full.clone(axis_name='devices')
+  run = lambda m, x: m.apply(variables, x, train=True, mutable=['batch_stats'])
+  z, stats = jax.jit(lambda x: run(full, x))(TILES)
+  z_split, stats_split = jax.jit(jax.vmap(lambda x: run(split, x), axis_name='devices'))(TILES.reshape(2, 2, 64, 32))
+  np.testing.assert_allclose(np.asarray(z_split).reshape(4, 8), z, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats_split), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_computation_keeps_float32_parameters_and_output(variables):
+  z16 = apply_fn(tiny(dtype=jnp.bfloat16))(variables, TILES)
+  assert z16.dtype == jnp.float32
+  np.testing.assert_allclose(z16, apply_fn(tiny())(variables, TILES), atol=0.1)
+
+
+CONV_CASES = [  # (input [N, H, W, C], kernel (KH, KW, C, O), strides, padding)
+    ((2, 9, 12, 1), (7, 7, 1, 4), (2, 2), ((3, 3), (3, 3))),  # the stem
+    ((2, 6, 5, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+    ((2, 7, 8, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # stride 2 on an odd size
+    ((2, 2, 4, 6), (3, 3, 6, 6), (1, 1), ((1, 1), (1, 1))),  # a tiny map, as in ResNet's last stage
+    ((2, 6, 6, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),  # the 1x1 projection
+    ((1, 5, 7, 2), (2, 3, 2, 3), (1, 2), ((0, 1), (2, 0))),  # uneven everything
+    ((1, 1, 4, 2), (3, 3, 2, 3), (1, 1), ((3, 3), (1, 1))),  # output rows that see only padding
+]
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
+def test_im2col_matches_xla_convolution_and_its_gradients(x_shape, k_shape, strides, padding):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  k = rng.standard_normal(k_shape).astype(np.float32)
+
+  @jax.jit
+  def both(x, k):
+    def value_and_grads(conv):
+      f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))  # sin: a cotangent that varies per output
+      return conv(x, k, strides, padding), jax.grad(f, argnums=(0, 1))(x, k)
+    return value_and_grads(cpu_ops.conv2d_im2col), value_and_grads(cpu_ops.conv2d_xla)
+
+  (y, (dx, dk)), (y_ref, (dx_ref, dk_ref)) = both(x, k)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_xla_off_cpu_and_im2col_only_on_small_maps_on_cpu():
+  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='gpu') == 'xla'
+  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
+  assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
+  assert cpu_ops.resolve_conv_impl('im2col', (16, 32), (16, 32), backend='gpu') == 'im2col'
+  assert cpu_ops.resolve_conv_impl('xla', (2, 4), (2, 4), backend='cpu') == 'xla'
+  with pytest.raises(ValueError, match='conv_impl'):
+    cpu_ops.resolve_conv_impl('cudnn', (2, 4), (2, 4))
+
+
+def test_xla_cpu_convolution_has_the_gradients_of_xla():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+  k = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+  grads = lambda conv: jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, (2, 1), ((1, 1), (1, 1))))),
+                                        argnums=(0, 1)))(x, k)
+  for g, g_ref in zip(grads(cpu_ops.conv2d_xla_cpu), grads(cpu_ops.conv2d_xla)):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_from_slices_matches_reduce_window():
+  x = np.random.default_rng(2).standard_normal((2, 9, 8, 3)).astype(np.float32)  # ties have probability 0
+  reduce_window = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+  np.testing.assert_array_equal(cpu_ops.max_pool_slices(x), reduce_window(x))
+  loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
+  np.testing.assert_allclose(loss(cpu_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
