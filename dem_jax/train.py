@@ -180,8 +180,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     lr = float(step_lib.learning_rate_at(config.optimizer, done - 1))
     writer.write(done, last_metrics | {'learning_rate': lr, 'steps_per_s': rate}, prefix='train/')
     eta = (num_steps - done) / rate if rate > 0 else float('nan')
-    logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', done, num_steps,
-                 last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
+    if is_chief:
+      logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', done, num_steps,
+                   last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
 
   try:
     for step in range(start_step, num_steps):

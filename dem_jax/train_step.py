@@ -176,6 +176,9 @@ class DataParallel:
     # pmap takes the devices of every process (each maps over its own); None means all of them.
     self.devices = list(devices) if devices else None
     self.local_devices = [d for d in (devices or jax.devices()) if d.process_index == jax.process_index()]
+    # pmap given no devices spans every process's devices (its collectives are global); explicit devices (tests)
+    # restrict it to those.
+    self._pmap_devices = None if devices is None else self.local_devices
     self.axis_name = PMAP_AXIS if mode == 'pmap' else None
     if mode == 'jit':
       # Every device of every process; each process feeds its local rows of the global batch.

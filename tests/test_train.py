@@ -129,3 +129,33 @@ def test_failures_name_the_setting_and_the_fix(dcase_features, tmp_path):
     train_lib.train_and_evaluate(tiny_config(dcase_features, **{'data.tile_seconds': 30.0}), workdir)
   with pytest.raises(train_lib.TrainingError, match='fold'):
     train_lib.train_and_evaluate(tiny_config(dcase_features, **{'data.fold': 7}), workdir)
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+def test_two_hosts_train_like_one(dcase_features, tmp_path, parallel):
+  """Two processes of 2 devices each (jax.distributed on localhost) reproduce one process of 4 devices."""
+  flags = ['--config.num_steps=3', '--config.log_every=1', f'--config.parallel={parallel}',
+           '--config.data.eval_batches=1', '--config.eval_every=3']
+  cmd, env = train_cli(tmp_path / 'one', dcase_features, *flags, devices=4)
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+  port = free_port()
+  procs = []
+  for rank in range(2):
+    cmd, env = train_cli(tmp_path / 'two', dcase_features, *flags, '--distributed',
+                         f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={rank}',
+                         devices=2)
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  one, two = losses_by_step(tmp_path / 'one'), losses_by_step(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-4)
