@@ -24,10 +24,10 @@ LOSS = losses.get_loss_fn('triplet', margin=1.0)
 SGD = optax.sgd(0.01)
 
 
-def tiny_model(axis_name=None):
+def tiny_model():
   # One block per stage: what these tests check does not depend on depth, and it halves compilation time.
   return models.ResNet(stage_sizes=(1, 1, 1, 1), width=0.125, embedding_dim=8, dropout_rate=0.0,
-                       band_mean=(0.5,) * TILE[1], band_std=(2.0,) * TILE[1], axis_name=axis_name)
+                       band_mean=(0.5,) * TILE[1], band_std=(2.0,) * TILE[1])
 
 
 def optimizer_config(**kw):
