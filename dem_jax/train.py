@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import cpu_ops
 from dem_jax import log_util
 from dem_jax import losses
 from dem_jax import models
@@ -224,6 +225,8 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   logging.getLogger().setLevel(logging.INFO)
   log_util.quiet_library_logs()
+  if jax.default_backend() == 'cpu':
+    cpu_ops.retain_freed_memory()  # The step frees and re-allocates the same large buffers every time.
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
