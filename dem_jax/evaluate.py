@@ -53,8 +53,8 @@ def probe_splits(features: Features) -> list[tuple[str, list[str], list[str]]]:
 
 
 def figures(x: np.ndarray, labels: np.ndarray, clip_ids: np.ndarray, groups: np.ndarray, splits: np.ndarray,
-            protocol, label_names: list[str], *, retrieval_k: int, seed: int) -> tuple[dict, np.ndarray]:
-  """Every figure of one embedding; returns (FIG, k-Means assignments of the test tiles)."""
+            protocol, label_names: list[str], *, retrieval_k: int, seed: int) -> dict:
+  """Every figure of one embedding (a FIG of report.json)."""
   per_fold = []
   for _, train_splits, test_splits in protocol:
     train, test = np.isin(splits, train_splits), np.isin(splits, test_splits)
@@ -71,11 +71,10 @@ def figures(x: np.ndarray, labels: np.ndarray, clip_ids: np.ndarray, groups: np.
   else:
     probe = per_fold[0]
   tested = np.isin(splits, [s for _, _, test in protocol for s in test])
-  kmeans, assignments = probes.kmeans_scores(x[tested], labels[tested], seed=seed, label_names=label_names,
-                                             return_assignments=True)
+  kmeans = probes.kmeans_scores(x[tested], labels[tested], seed=seed, label_names=label_names)
   retrieval = probes.retrieval_precision(x[tested], labels[tested], k=retrieval_k, clip_ids=clip_ids[tested],
                                          groups=groups[tested])
-  return {'linear_probe': probe, 'kmeans': kmeans, 'retrieval': retrieval} | fig, assignments
+  return {'linear_probe': probe, 'kmeans': kmeans, 'retrieval': retrieval} | fig
 
 
 def evaluate(workdir: str, *, features_dir: str | None = None, output_dir: str | None = None, step: int | None = None,
@@ -105,12 +104,8 @@ def evaluate(workdir: str, *, features_dir: str | None = None, output_dir: str |
   groups = np.array([c.group for c in clips])[index]
   splits = np.array([c.split for c in clips])[index]
 
-  results, assignments = {}, None
-  for name in (MODEL,) + BASELINES:
-    results[name], kmeans_assign = figures(table[name], labels, clip_ids, groups, splits, protocol, features.labels,
-                                           retrieval_k=retrieval_k, seed=seed)
-    if name == MODEL:
-      assignments = kmeans_assign
+  results = {name: figures(table[name], labels, clip_ids, groups, splits, protocol, features.labels,
+                           retrieval_k=retrieval_k, seed=seed) for name in (MODEL,) + BASELINES}
   report = {
       'model': results[MODEL],
       'baselines': {name: results[name] for name in BASELINES},

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 
-from dem_jax import audio
 from dem_jax.embed import Embedder, tile_starts
 from dem_jax.features import open_features
 from preprocess import sample_data
