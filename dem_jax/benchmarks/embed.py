@@ -6,7 +6,6 @@ Prints progress, then one JSON line (last) with `segments_per_s` (median window 
 candidate's windows, compile seconds, and the PyTorch reference with the ratio.
 """
 
-import json
 import sys
 import time
 
@@ -61,38 +60,8 @@ def main(argv: list[str]) -> None:
             'dtype': flags.dtype, 'conv_impl': flags.conv_impls[0], 'steps_per_window': flags.steps,
             'rounds': flags.rounds, 'retain_memory': bool(flags.retain_memory),
             'compile_and_first_call_s': {k: round(v, 2) for k, v in compile_s.items()}}
-  reference = None
-  if flags.reference == 'torch':
-    python, why = harness.find_torch_python(flags.torch_python)
-    if python is None:
-      print(why, flush=True)
-      result['reference'] = why
-    else:
-      print(f'starting the PyTorch reference ({why}: {python}) ...', flush=True)
-      reference = harness.TorchReference(python, 'embed', flags)
-      result['torch'] = dict(reference.info)
-      candidates['torch_eager'] = reference.seconds_per_step
-  try:
-    windows = harness.interleaved_windows(candidates, flags.steps, flags.rounds)
-  finally:
-    if reference is not None:
-      reference.close()
-
-  for name, w in windows.items():
-    summary = harness.summarise(w, flags.batch)
-    print(f'{name:14s} segments/s median {summary["median"]:8.1f}  best {summary["best"]:8.1f}  '
-          f'(s/batch {summary["seconds_per_step"]})', flush=True)
-    entry = {'segments_per_s': summary['median'], 'segments_per_s_best': summary['best'],
-             'seconds_per_batch': summary['seconds_per_step']}
-    if name == 'torch_eager':
-      result['torch'].update(entry)
-    else:
-      result[name] = entry
-  result['segments_per_s'] = result[f'jax_{flags.conv_impls[0]}']['segments_per_s']
-  if 'torch_eager' in windows:
-    result['ratio_vs_torch'] = {c: result[f'jax_{c}']['segments_per_s'] / result['torch']['segments_per_s']
-                                for c in flags.conv_impls}
-  print(json.dumps(result))
+  harness.run_and_report(result, candidates, flags, mode='embed', rate_key='segments_per_s',
+                         time_key='seconds_per_batch', unit='segments/s')
 
 
 if __name__ == '__main__':

@@ -113,3 +113,41 @@ def interleaved_windows(candidates: dict[str, Callable[[int], float]], steps: in
 def summarise(windows: list[float], items_per_step: int) -> dict:
   return {'median': items_per_step / statistics.median(windows), 'best': items_per_step / min(windows),
           'seconds_per_step': [round(w, 4) for w in windows]}
+
+
+def run_and_report(result: dict, candidates: dict[str, Callable[[int], float]], flags: argparse.Namespace, *,
+                   mode: str, rate_key: str, time_key: str, unit: str) -> None:
+  """Times the JAX candidates beside the PyTorch reference (when found), fills `result` and prints it as JSON.
+
+  `rate_key` names the throughput ('triplets_per_s'), `time_key` the per-call seconds, `unit` the printed unit.
+  """
+  reference = None
+  if flags.reference == 'torch':
+    python, why = find_torch_python(flags.torch_python)
+    if python is None:
+      print(why, flush=True)
+      result['reference'] = why
+    else:
+      print(f'starting the PyTorch reference ({why}: {python}) ...', flush=True)
+      reference = TorchReference(python, mode, flags)
+      result['torch'] = dict(reference.info)
+      candidates['torch_eager'] = reference.seconds_per_step
+  try:
+    windows = interleaved_windows(candidates, flags.steps, flags.rounds)
+  finally:
+    if reference is not None:
+      reference.close()
+
+  for name, w in windows.items():
+    summary = summarise(w, flags.batch)
+    print(f'{name:14s} {unit} median {summary["median"]:8.2f}  best {summary["best"]:8.2f}  '
+          f'({time_key} {summary["seconds_per_step"]})', flush=True)
+    entry = {rate_key: summary['median'], f'{rate_key}_best': summary['best'], time_key: summary['seconds_per_step']}
+    if name == 'torch_eager':
+      result['torch'].update(entry)
+    else:
+      result[name] = entry
+  result[rate_key] = result[f'jax_{flags.conv_impls[0]}'][rate_key]
+  if 'torch_eager' in windows:
+    result['ratio_vs_torch'] = {c: result[f'jax_{c}'][rate_key] / result['torch'][rate_key] for c in flags.conv_impls}
+  print(json.dumps(result))

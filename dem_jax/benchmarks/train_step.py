@@ -6,7 +6,6 @@ Prints progress, then one JSON line (last) with `triplets_per_s` (median window 
 candidate's windows, compile seconds, and the PyTorch reference with the ratio.
 """
 
-import json
 import sys
 import time
 
@@ -71,38 +70,8 @@ def main(argv: list[str]) -> None:
             'tile': [flags.frames, flags.mels], 'dtype': flags.dtype, 'conv_impl': flags.conv_impls[0],
             'steps_per_window': flags.steps, 'rounds': flags.rounds, 'retain_memory': bool(flags.retain_memory),
             'compile_and_first_step_s': {k: round(v, 2) for k, v in compile_s.items()}}
-  reference = None
-  if flags.reference == 'torch':
-    python, why = harness.find_torch_python(flags.torch_python)
-    if python is None:
-      print(why, flush=True)
-      result['reference'] = why
-    else:
-      print(f'starting the PyTorch reference ({why}: {python}) ...', flush=True)
-      reference = harness.TorchReference(python, 'train_step', flags)
-      result['torch'] = dict(reference.info)
-      candidates['torch_eager'] = reference.seconds_per_step
-  try:
-    windows = harness.interleaved_windows(candidates, flags.steps, flags.rounds)
-  finally:
-    if reference is not None:
-      reference.close()
-
-  for name, w in windows.items():
-    summary = harness.summarise(w, flags.batch)
-    print(f'{name:14s} triplets/s median {summary["median"]:7.2f}  best {summary["best"]:7.2f}  '
-          f'(s/step {summary["seconds_per_step"]})', flush=True)
-    if name == 'torch_eager':
-      result['torch'].update(triplets_per_s=summary['median'], triplets_per_s_best=summary['best'],
-                             seconds_per_step=summary['seconds_per_step'])
-    else:
-      result[name] = {'triplets_per_s': summary['median'], 'triplets_per_s_best': summary['best'],
-                      'seconds_per_step': summary['seconds_per_step']}
-  result['triplets_per_s'] = result[f'jax_{flags.conv_impls[0]}']['triplets_per_s']
-  if 'torch_eager' in windows:
-    result['ratio_vs_torch'] = {c: result[f'jax_{c}']['triplets_per_s'] / result['torch']['triplets_per_s']
-                                for c in flags.conv_impls}
-  print(json.dumps(result))
+  harness.run_and_report(result, candidates, flags, mode='train_step', rate_key='triplets_per_s', time_key='seconds_per_step',
+                         unit='triplets/s')
 
 
 if __name__ == '__main__':
