@@ -45,6 +45,13 @@ def pad_to_tile(frames: np.ndarray, tile_frames: int, fill: float) -> np.ndarray
   return np.concatenate([frames, pad])
 
 
+def cut_tiles(frames: np.ndarray, tile_frames: int, hop_frames: int, fill: float) -> tuple[np.ndarray, np.ndarray]:
+  """([n, T, M] tiles, [n] start frames) of one clip: padded with `fill` to one tile if shorter, then every hop."""
+  frames = pad_to_tile(frames, tile_frames, fill)
+  starts = tile_starts(frames.shape[0], tile_frames, hop_frames)
+  return np.stack([frames[s:s + tile_frames] for s in starts]), starts
+
+
 def l2_normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
@@ -124,9 +131,8 @@ class Embedder:
 
   def tiles_of_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([n, T, M] tiles, [n] start seconds) of one clip's frames."""
-    frames = pad_to_tile(frames, self.tile_frames, np.log(self.frontend.log_offset))
-    starts = tile_starts(frames.shape[0], self.tile_frames, self.hop_frames)
-    return np.stack([frames[s:s + self.tile_frames] for s in starts]), starts / self.frontend.frame_rate
+    tiles, starts = cut_tiles(frames, self.tile_frames, self.hop_frames, np.log(self.frontend.log_offset))
+    return tiles, starts / self.frontend.frame_rate
 
   def embed_frames(self, frames: np.ndarray) -> dict:
     tiles, times = self.tiles_of_frames(frames)
@@ -175,12 +181,11 @@ def embed_clips(features: Features, clips: list[Clip], tile_fns: dict, *, tile_f
     chunk = clips[first:first + batch_clips]
     tiles = []
     for i, frames in enumerate(features.read_many([(c.clip_id, 0, None) for c in chunk])):
-      frames = pad_to_tile(frames, tile_frames, fill)
-      positions = tile_starts(frames.shape[0], tile_frames, hop_frames)
-      tiles.extend(frames[p:p + tile_frames] for p in positions)
+      clip_tiles, positions = cut_tiles(frames, tile_frames, hop_frames, fill)
+      tiles.append(clip_tiles)
       clip_index.append(np.full(len(positions), first + i))
       starts.append(positions / features.frame_rate)
-    tiles = np.stack(tiles)
+    tiles = np.concatenate(tiles)
     for name, fn in tile_fns.items():
       outputs[name].append(np.asarray(fn(tiles), dtype=np.float32))
   result = {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in outputs.items()}

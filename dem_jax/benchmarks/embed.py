@@ -7,7 +7,6 @@ candidate's windows, compile seconds, and the PyTorch reference with the ratio.
 """
 
 import sys
-import time
 
 import jax
 import ml_collections
@@ -30,20 +29,7 @@ def _jax_candidate(flags, conv_impl: str):
   embed = step_lib.make_embed_fn(model)
   tiles = jax.device_put(np.random.default_rng(0).standard_normal((flags.batch, flags.frames, flags.mels),
                                                                   np.float32))
-  one_step = lambda: embed(variables, tiles)
-  t0 = time.perf_counter()
-  jax.block_until_ready(one_step())
-  compile_s = time.perf_counter() - t0
-
-  def run(steps: int) -> float:
-    jax.block_until_ready(one_step())  # untimed: see harness.interleaved_windows
-    t = time.perf_counter()
-    for _ in range(steps):
-      z = one_step()
-    jax.block_until_ready(z)
-    return (time.perf_counter() - t) / steps
-
-  return run, compile_s
+  return harness.timed_candidate(lambda: embed(variables, tiles))
 
 
 def main(argv: list[str]) -> None:

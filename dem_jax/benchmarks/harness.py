@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Callable
 
+import jax
+
 from dem_jax import cpu_ops
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -151,3 +153,20 @@ def run_and_report(result: dict, candidates: dict[str, Callable[[int], float]], 
   if 'torch_eager' in windows:
     result['ratio_vs_torch'] = {c: result[f'jax_{c}'][rate_key] / result['torch'][rate_key] for c in flags.conv_impls}
   print(json.dumps(result))
+
+
+def timed_candidate(one_call: Callable[[], object]) -> tuple[Callable[[int], float], float]:
+  """(run(steps) -> seconds per call, seconds of the first call: compilation plus one call) for a jitted call."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(one_call())
+  compile_s = time.perf_counter() - t0
+
+  def run(steps: int) -> float:
+    jax.block_until_ready(one_call())  # untimed: see interleaved_windows
+    t = time.perf_counter()
+    for _ in range(steps):
+      out = one_call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps
+
+  return run, compile_s

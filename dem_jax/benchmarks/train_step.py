@@ -7,7 +7,6 @@ candidate's windows, compile seconds, and the PyTorch reference with the ratio.
 """
 
 import sys
-import time
 
 import jax
 import ml_collections
@@ -40,19 +39,7 @@ def _jax_candidate(flags, conv_impl: str, parallel: step_lib.DataParallel):
     holder['state'], metrics = step_fn(holder['state'], batch, key)
     return metrics
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(one_step())
-  compile_s = time.perf_counter() - t0  # the first call: compilation plus one step
-
-  def run(steps: int) -> float:
-    jax.block_until_ready(one_step())  # untimed: see harness.interleaved_windows
-    t = time.perf_counter()
-    for _ in range(steps):
-      metrics = one_step()
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - t) / steps
-
-  return run, compile_s
+  return harness.timed_candidate(one_step)
 
 
 def main(argv: list[str]) -> None:
