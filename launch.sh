@@ -64,6 +64,10 @@ setup() {
     echo "launch.sh: installation failed; the full log is $VENV/setup.log" >&2
     return 1
   fi
+  # The oneDNN convolutions for CPU (dem_jax/onednn.py); without them everything runs on XLA's, only slower.
+  if ! "$PY" -m dem_jax.onednn >> "$VENV/setup.log" 2>&1; then
+    echo "launch.sh: oneDNN convolutions unavailable, CPU training uses XLA's (slower); see $VENV/setup.log" >&2
+  fi
   echo "$want" > "$stamp"
 }
 

@@ -29,7 +29,7 @@ def get_config(arg=None):
   config.model.width = 1.0  # Channel multiplier: 1.0 is 64-128-256-512.
   config.model.embedding_dim = 128
   config.model.dropout_rate = 0.5
-  config.model.conv_impl = 'auto'  # im2col matmuls on CPU, XLA's convolution on GPU/TPU.
+  config.model.conv_impl = 'auto'  # oneDNN on CPU (dem_jax.onednn), XLA's convolution on GPU/TPU.
   config.model.dtype = 'float32'
 
   config.loss = ml_collections.ConfigDict()

@@ -49,7 +49,6 @@ def tiny_workdir(dcase_features, tmp_path_factory):
   config.data.tile_seconds = config.data.neighbour_seconds = 0.5
   config.batch_size = 8
   config.num_steps = 20
-  config.model.conv_impl = 'xla'
   workdir = tmp_path_factory.mktemp('train') / 'tiny'
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)

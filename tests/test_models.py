@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from dem_jax import cpu_ops  # noqa: E402
 from dem_jax import models  # noqa: E402
+from dem_jax import onednn  # noqa: E402
 
 # [B, T, M] = 64 x 32: the stem sees 64 x 32 positions, the last stage 2 x 1, so 'auto' mixes both convolutions.
 TILES = np.random.default_rng(0).standard_normal((4, 64, 32)).astype(np.float32)
@@ -90,10 +91,11 @@ def test_dropout_acts_only_while_training(variables):
   np.testing.assert_array_equal(eval_fn(variables, TILES), eval_fn(variables, TILES))
 
 
-def test_swapping_conv_impl_on_the_same_parameters_gives_the_same_model(variables):
-  """A checkpoint trained with XLA's convolution (GPU) loads and runs with im2col (CPU), and back."""
-  for impl in ('im2col', 'auto'):
-    params = jax.eval_shape(tiny(impl).init, jax.random.key(0), TILES[:1])
+@pytest.mark.parametrize('impl', ['im2col', 'onednn'])
+def test_swapping_conv_impl_on_the_same_parameters_gives_the_same_model(variables, impl):
+  """A checkpoint trained with XLA's convolution (GPU) loads and runs with the CPU convolutions, and back."""
+  for other in (impl, 'auto'):
+    params = jax.eval_shape(tiny(other).init, jax.random.key(0), TILES[:1])
     assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, variables)
 
   def loss_and_grad(impl):
@@ -105,8 +107,7 @@ def test_swapping_conv_impl_on_the_same_parameters_gives_the_same_model(variable
       return jnp.sum(z * jnp.arange(8.0))
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
-  # 'auto' mixes the two per layer, so im2col against xla everywhere covers it.
-  value, grads = loss_and_grad('im2col')
+  value, grads = loss_and_grad(impl)
   value_ref, grads_ref = loss_and_grad('xla')
   np.testing.assert_allclose(value, value_ref, rtol=1e-5)
   for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
@@ -142,8 +143,9 @@ CONV_CASES = [  # (input [N, H, W, C], kernel (KH, KW, C, O), strides, padding)
 ]
 
 
+@pytest.mark.parametrize('impl', ['im2col', 'onednn'])
 @pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
-def test_im2col_matches_xla_convolution_and_its_gradients(x_shape, k_shape, strides, padding):
+def test_cpu_convolutions_match_xla_convolution_and_its_gradients(impl, x_shape, k_shape, strides, padding):
   rng = np.random.default_rng(1)
   x = rng.standard_normal(x_shape).astype(np.float32)
   k = rng.standard_normal(k_shape).astype(np.float32)
@@ -153,7 +155,8 @@ def test_im2col_matches_xla_convolution_and_its_gradients(x_shape, k_shape, stri
     def value_and_grads(conv):
       f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))  # sin: a cotangent that varies per output
       return conv(x, k, strides, padding), jax.grad(f, argnums=(0, 1))(x, k)
-    return value_and_grads(cpu_ops.conv2d_im2col), value_and_grads(cpu_ops.conv2d_xla)
+    conv = {'im2col': cpu_ops.conv2d_im2col, 'onednn': onednn.conv2d_onednn}[impl]
+    return value_and_grads(conv), value_and_grads(cpu_ops.conv2d_xla)
 
   (y, (dx, dk)), (y_ref, (dx_ref, dk_ref)) = both(x, k)
   assert y.shape == y_ref.shape
@@ -162,15 +165,26 @@ def test_im2col_matches_xla_convolution_and_its_gradients(x_shape, k_shape, stri
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_uses_xla_off_cpu_and_im2col_only_on_small_maps_on_cpu():
+def test_auto_uses_xla_off_cpu_and_onednn_on_cpu():
   assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='gpu') == 'xla'
-  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
-  assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
-  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'onednn'
+  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'onednn'
   assert cpu_ops.resolve_conv_impl('im2col', (16, 32), (16, 32), backend='gpu') == 'im2col'
   assert cpu_ops.resolve_conv_impl('xla', (2, 4), (2, 4), backend='cpu') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
     cpu_ops.resolve_conv_impl('cudnn', (2, 4), (2, 4))
+  with pytest.raises(ValueError, match="'onednn' runs on CPU only"):
+    cpu_ops.resolve_conv_impl('onednn', (2, 4), (2, 4), backend='gpu')
+
+
+def test_auto_without_onednn_uses_im2col_only_on_small_maps(monkeypatch):
+  """The fallback where oneDNN is unavailable (and for bfloat16, which it does not compute)."""
+  monkeypatch.setattr(cpu_ops, '_onednn_available', lambda: False)
+  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
+  assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
+  monkeypatch.undo()
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.bfloat16) == 'xla_cpu'
 
 
 def test_xla_cpu_convolution_has_the_gradients_of_xla():

@@ -17,9 +17,9 @@ from dem_jax.metric_writer import read_metrics
 from dem_jax.sampler import SamplerError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny config made tinier still: half-second tiles, XLA's convolution (it compiles faster than im2col).
+# The tiny config made tinier still: half-second tiles, small batches, a short evaluation.
 TINY = ['--config.data.tile_seconds=0.5', '--config.data.neighbour_seconds=0.5', '--config.batch_size=8',
-        '--config.model.conv_impl=xla', '--config.data.eval_batches=1', '--config.data.eval_max_clips=16']
+        '--config.data.eval_batches=1', '--config.data.eval_max_clips=16']
 
 
 def tiny_config(features_dir, **overrides):
@@ -27,7 +27,6 @@ def tiny_config(features_dir, **overrides):
   config.features_dir = features_dir
   config.data.tile_seconds = config.data.neighbour_seconds = 0.5
   config.batch_size = 8
-  config.model.conv_impl = 'xla'
   config.data.eval_batches = 1
   config.data.eval_max_clips = 16
   for key, value in overrides.items():

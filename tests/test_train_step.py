@@ -108,7 +108,7 @@ def test_eval_step_agrees_across_devices_and_with_the_embeddings(runs):
     eval_step = run['parallel'].compile_eval_step(
         step_lib.make_eval_step(run['model'], LOSS, axis_name=run['parallel'].axis_name))
     results[name] = run['parallel'].get_metrics(eval_step(run['state'], run['parallel'].put_batch(batch)))
-  assert results['pmap'] == pytest.approx(results['single'], rel=1e-5)
+  assert results['pmap'] == pytest.approx(results['single'], rel=1e-4)
   # The held-out loss is the loss of what the embedding function produces (running statistics, no dropout).
   state = runs['single']['parallel'].get_state(runs['single']['state'])
   embed = step_lib.make_embed_fn(runs['single']['model'])
