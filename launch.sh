@@ -71,23 +71,35 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# CPU-only environments get one malloc arena that keeps freed memory (cpu_ops.retain_freed_memory says why: XLA:CPU
+# re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB). Set here, before the
+# process starts, so that every thread of it sees the setting.
+cpu_malloc_settings() {
+  if ! grep -q cuda "$VENV/.dem_jax_setup" 2>/dev/null; then
+    export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}" MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}"
+    export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-8589934592}"
+  fi
+}
+
 cmd="${1:-help}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup "$@" ;;
   test)
     setup
+    cpu_malloc_settings
     cd "$ROOT"
     exec "$PY" -m pytest "$@" ;;
   demo)
     setup
+    cpu_malloc_settings
     exec "$PY" -m dem_jax.demo "$@" ;;
-  sample_data) setup; exec "$PY" -m preprocess.sample_data "$@" ;;
-  preprocess) setup; exec "$PY" -m preprocess "$@" ;;
-  train) setup; exec "$PY" -m dem_jax.train "$@" ;;
-  evaluate) setup; exec "$PY" -m dem_jax.evaluate "$@" ;;
-  embed) setup; exec "$PY" -m dem_jax.embed "$@" ;;
-  bench) setup; exec "$PY" -m dem_jax.bench "$@" ;;
+  sample_data) setup; cpu_malloc_settings; exec "$PY" -m preprocess.sample_data "$@" ;;
+  preprocess) setup; cpu_malloc_settings; exec "$PY" -m preprocess "$@" ;;
+  train) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.train "$@" ;;
+  evaluate) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.evaluate "$@" ;;
+  embed) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.embed "$@" ;;
+  bench) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.bench "$@" ;;
   help|-h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2 ;;
 esac

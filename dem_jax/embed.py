@@ -233,7 +233,9 @@ def main(argv):
   import json
   from absl import flags
   FLAGS = flags.FLAGS
+  from dem_jax import cpu_ops
   from dem_jax import log_util
+  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   log_util.quiet_library_logs()
   embedder = Embedder(FLAGS.workdir, step=FLAGS.step, hop_seconds=FLAGS.hop_seconds)
   summary = embed_paths(embedder, FLAGS.input, FLAGS.output_dir, show_progress=sys.stderr.isatty())

@@ -21,6 +21,7 @@ import sys
 import jax
 import numpy as np
 
+from dem_jax import cpu_ops
 from dem_jax import log_util
 from dem_jax import plots
 from dem_jax import probes
@@ -151,6 +152,7 @@ def main(argv):
   del argv
   from absl import flags
   FLAGS = flags.FLAGS
+  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   log_util.quiet_library_logs()
   try:
     report = evaluate(FLAGS.workdir, features_dir=FLAGS.features_dir, output_dir=FLAGS.output_dir, step=FLAGS.step,

@@ -73,7 +73,7 @@ class ResNet(nn.Module):
     embedding_dim: output size.
     dropout_rate: dropout before the projection, while training.
     band_mean, band_std: per-mel-band statistics (M floats each) to standardise the input with, or None.
-    conv_impl: 'auto' | 'xla' | 'im2col' (see `cpu_ops.resolve_conv_impl`).
+    conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `cpu_ops.resolve_conv_impl`).
     dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
     axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None otherwise.
   """

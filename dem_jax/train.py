@@ -217,6 +217,7 @@ def main(argv):
   del argv
   from absl import flags
   FLAGS = flags.FLAGS
+  cpu_ops.retain_freed_memory_on_cpu()  # The step frees and re-allocates the same large buffers every time.
   if FLAGS.distributed:
     kwargs = {}
     if FLAGS.coordinator_address:
@@ -225,8 +226,6 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   logging.getLogger().setLevel(logging.INFO)
   log_util.quiet_library_logs()
-  if jax.default_backend() == 'cpu':
-    cpu_ops.retain_freed_memory()  # The step frees and re-allocates the same large buffers every time.
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:

@@ -71,8 +71,9 @@ def retain_freed_memory():
   """Same malloc setting as dem_jax.cpu_ops.retain_freed_memory, so both sides of a comparison run alike."""
   import ctypes
   libc = ctypes.CDLL('libc.so.6')
+  libc.mallopt(-8, 1)  # M_ARENA_MAX
   libc.mallopt(-4, 0)  # M_MMAP_MAX
-  libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+  libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
 def main():
