@@ -73,7 +73,7 @@ setup() {
 
 # CPU-only environments get one malloc arena that keeps freed memory (cpu_ops.retain_freed_memory says why: XLA:CPU
 # re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB). Set here, before the
-# process starts, so that every thread of it sees the setting.
+# process starts, so that every thread of it sees the setting. Only for the commands that run XLA.
 cpu_malloc_settings() {
   if ! grep -q cuda "$VENV/.dem_jax_setup" 2>/dev/null; then
     export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}" MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}"
@@ -94,12 +94,15 @@ case "$cmd" in
     setup
     cpu_malloc_settings
     exec "$PY" -m dem_jax.demo "$@" ;;
-  sample_data) setup; cpu_malloc_settings; exec "$PY" -m preprocess.sample_data "$@" ;;
-  preprocess) setup; cpu_malloc_settings; exec "$PY" -m preprocess "$@" ;;
+  sample_data) setup; exec "$PY" -m preprocess.sample_data "$@" ;;
+  preprocess) setup; exec "$PY" -m preprocess "$@" ;;
   train) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.train "$@" ;;
   evaluate) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.evaluate "$@" ;;
   embed) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.embed "$@" ;;
-  bench) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.bench "$@" ;;
+  bench)
+    setup
+    [ "${1:-}" = preprocess ] || cpu_malloc_settings
+    exec "$PY" -m dem_jax.bench "$@" ;;
   help|-h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2 ;;
 esac

@@ -204,3 +204,24 @@ def test_max_pool_from_slices_matches_reduce_window():
   np.testing.assert_array_equal(cpu_ops.max_pool_slices(x), reduce_window(x))
   loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
   np.testing.assert_allclose(loss(cpu_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
+
+
+def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
+  """launch.sh sets the malloc variables before the process starts; the in-process call must not undo them."""
+  calls = []
+
+  class Libc:
+    def mallopt(self, param, value):
+      calls.append((param, value))
+      return 1
+
+  monkeypatch.setattr(cpu_ops.ctypes, 'CDLL', lambda name: Libc())
+  for name in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_'):
+    monkeypatch.delenv(name, raising=False)
+  assert cpu_ops.retain_freed_memory()
+  m_arena_max, m_mmap_max, m_trim_threshold = -8, -4, -1
+  assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)])
+  calls.clear()
+  monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', str(8 << 30))
+  assert cpu_ops.retain_freed_memory()
+  assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0)])

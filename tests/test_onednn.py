@@ -29,7 +29,7 @@ def test_turned_off_by_the_environment_variable(monkeypatch):
   assert 'DEM_JAX_ONEDNN=0' in onednn.unavailable_reason()
 
 
-def test_unavailable_library_is_reported_once_and_auto_falls_back(monkeypatch, caplog):
+def test_unavailable_library_is_reported_with_its_reason(monkeypatch, caplog):
   monkeypatch.setattr(onednn, '_state', {'error': onednn.OnednnUnavailable('no compiler here')})
   with caplog.at_level('WARNING'):
     assert cpu_ops._onednn_available.__wrapped__() is False
