@@ -117,8 +117,20 @@ memory KernelAs(const memory::desc& want, const Primitives& p, void* data, dnnl:
   return blocked;
 }
 
-ffi::Error Failed(const dnnl::error& e) {
-  return ffi::Error::Internal(std::string("onednn_conv: oneDNN failed: ") + e.what());
+// Runs `body(primitives, stream)` for one convolution under the execution lock; oneDNN errors become FFI errors.
+template <typename Body>
+ffi::Error Execute(ffi::ErrorOr<Geometry> g, Body body) {
+  if (g.has_error()) return g.error();
+  try {
+    const Primitives& p = GetPrimitives(*g);
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    dnnl::stream stream(Engine());
+    body(p, stream);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: oneDNN failed: ") + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
@@ -126,20 +138,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::R
                    int64_t pad_right) {
   auto g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride_h, stride_w, pad_top,
                         pad_bottom, pad_left, pad_right);
-  if (g.has_error()) return g.error();
-  try {
-    const Primitives& p = GetPrimitives(*g);
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    dnnl::stream stream(Engine());
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
     memory src(p.forward_pd.src_desc(), Engine(), x.typed_data());
     memory dst(p.forward_pd.dst_desc(), Engine(), y->typed_data());
     memory weights = KernelAs(p.forward_pd.weights_desc(), p, kernel.typed_data(), stream);
     p.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return Failed(e);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
@@ -147,21 +151,13 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel, 
                         int64_t pad_right) {
   auto g = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride_h, stride_w, pad_top,
                         pad_bottom, pad_left, pad_right);
-  if (g.has_error()) return g.error();
-  try {
-    const Primitives& p = GetPrimitives(*g);
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    dnnl::stream stream(Engine());
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
     memory diff_dst(p.backward_data_pd.diff_dst_desc(), Engine(), dy.typed_data());
     memory diff_src(p.backward_data_pd.diff_src_desc(), Engine(), dx->typed_data());
     memory weights = KernelAs(p.backward_data_pd.weights_desc(), p, kernel.typed_data(), stream);
     p.backward_data.execute(
         stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return Failed(e);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel,
@@ -169,11 +165,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
                            int64_t pad_right) {
   auto g = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(), stride_h, stride_w, pad_top,
                         pad_bottom, pad_left, pad_right);
-  if (g.has_error()) return g.error();
-  try {
-    const Primitives& p = GetPrimitives(*g);
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    dnnl::stream stream(Engine());
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
     memory src(p.backward_weights_pd.src_desc(), Engine(), x.typed_data());
     memory diff_dst(p.backward_weights_pd.diff_dst_desc(), Engine(), dy.typed_data());
     memory user(p.user_weights, Engine(), dkernel->typed_data());
@@ -182,11 +174,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
     p.backward_weights.execute(
         stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
     if (!(want == p.user_weights)) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return Failed(e);
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace
