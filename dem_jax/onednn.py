@@ -119,7 +119,10 @@ def load() -> ctypes.CDLL:
         raise OnednnUnavailable(f'turned off by {DISABLE_ENV}=0')
       if not sys.platform.startswith('linux'):
         raise OnednnUnavailable(f'built for Linux only (this is {sys.platform})')
-      path = build()
+      try:
+        path = build()
+      except OSError as e:  # an unwritable cache folder, say
+        raise OnednnUnavailable(f'cannot build {SOURCE.name}: {e}') from e
       try:
         lib = ctypes.CDLL(str(path))
       except OSError as e:

@@ -56,3 +56,12 @@ def test_runs_on_every_device_under_pmap():
   k = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
   conv = lambda f: jax.pmap(lambda x: f(x, k, (1, 1), ((1, 1), (1, 1))))(x)
   np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(cpu_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
+
+
+def test_unwritable_cache_folder_means_unavailable_not_a_crash(monkeypatch):
+  def no_folder():
+    raise PermissionError('read-only file system')
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setattr(onednn, '_cache_dir', no_folder)
+  assert not onednn.available()
+  assert 'cannot build onednn_conv.cc: read-only file system' in onednn.unavailable_reason()
