@@ -138,11 +138,7 @@ def load() -> ctypes.CDLL:
 
 def available() -> bool:
   """Whether `conv2d_onednn` can run here (builds and loads on the first call)."""
-  try:
-    load()
-    return True
-  except OnednnUnavailable:
-    return False
+  return unavailable_reason() is None
 
 
 def unavailable_reason() -> str | None:

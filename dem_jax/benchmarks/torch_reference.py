@@ -71,9 +71,11 @@ def retain_freed_memory():
   """Same malloc setting as dem_jax.cpu_ops.retain_freed_memory, so both sides of a comparison run alike."""
   import ctypes
   libc = ctypes.CDLL('libc.so.6')
-  libc.mallopt(-8, 1)  # M_ARENA_MAX
-  libc.mallopt(-4, 0)  # M_MMAP_MAX
-  libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD; what the environment set (launch.sh) stays, as on the JAX side.
+  settings = {'MALLOC_ARENA_MAX': (-8, 1), 'MALLOC_MMAP_MAX_': (-4, 0), 'MALLOC_TRIM_THRESHOLD_': (-1, 2**31 - 1)}
+  for name, (param, value) in settings.items():
+    if name not in os.environ:
+      libc.mallopt(param, value)
 
 
 def main():
