@@ -19,8 +19,11 @@ def get_config(arg=None):
   config.data.neighbour_seconds = 5.0  # A neighbour starts within +-5 s of its anchor.
   config.data.cross_clip_neighbours = True  # Neighbours may cross into the next clip of the same recording.
   config.data.distant_other_group = True  # Distant tiles from another session/song, not just another file.
-  config.data.prefetch = 4  # Batches read ahead of the step.
-  config.data.num_threads = 4
+  # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
+  # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
+  # device_memory_fraction of one device's memory).
+  config.data.store = 'auto'
+  config.data.device_memory_fraction = 0.5
   config.data.eval_batches = 4  # Held-out triplet batches per evaluation.
   config.data.eval_max_clips = 400  # Labelled held-out clips embedded for the silhouette score.
 
@@ -39,15 +42,21 @@ def get_config(arg=None):
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4
+  config.optimizer.schedule = 'staircase'  # The original's; or 'cosine' (warm-up, then a half cosine).
   config.optimizer.decay_rate = 0.95  # Staircase: x0.95 every decay_steps.
   config.optimizer.decay_steps = 7500
+  config.optimizer.warmup_steps = 0  # Cosine: linear warm-up steps.
+  config.optimizer.final_fraction = 0.0  # Cosine: the last learning rate, as a fraction of learning_rate.
+  config.optimizer.schedule_steps = 0  # Cosine: its length; 0: the run's (num_steps, or what the budget reaches).
   config.optimizer.weight_decay = 1e-4  # On every conv and dense kernel.
   config.optimizer.grad_clip_norm = 0.0  # 0: off.
 
   config.batch_size = 64  # Global, across all devices and hosts.
   config.num_epochs = 20
   config.num_steps = 0  # > 0 overrides num_epochs.
-  config.parallel = 'pmap'  # 'pmap' over local devices, or 'jit' over a device mesh.
+  config.train_minutes = 0.0  # > 0: stop after this much training time (compilation excluded), with a checkpoint.
+  config.parallel = 'jit'  # 'jit' over a mesh of every device, or 'pmap' over the local devices.
+  config.steps_per_dispatch = 0  # Steps per compiled call; 0: 1 on CPU, 16 on GPU/TPU.
 
   config.log_every = 50
   config.eval_every = 0  # 0: once per epoch.

@@ -3,6 +3,8 @@
   preprocess   the preprocessing job vs a plain librosa loop vs the bare numpy arithmetic, on the same audio
   train_step   the compiled triplet step on random inputs (with a PyTorch eager reference when available)
   embed        the forward pass alone
+  input        tiles per second each store delivers to the device, against tensorstore reads and memcpy
+  gpu          the prepared GPU check: bf16 step speed and MFU, input stall, store and parallel agreement
 
 Each prints its figures as JSON on the last line of its output.
 """
@@ -10,7 +12,7 @@ Each prints its figures as JSON on the last line of its output.
 import importlib
 import sys
 
-BENCHMARKS = ('preprocess', 'train_step', 'embed')
+BENCHMARKS = ('preprocess', 'train_step', 'embed', 'input', 'gpu')
 
 
 def main(argv: list[str]) -> None:

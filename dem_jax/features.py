@@ -207,13 +207,10 @@ class Features:
       futures.append(self._array[c.frame_offset + start:c.frame_offset + stop].read())
     return [np.asarray(f.result(), dtype=np.float32) for f in futures]
 
-  def read_rows(self, offsets: np.ndarray, length: int) -> np.ndarray:
-    """[len(offsets), length, n_mels] float32 from absolute frame offsets (the sampler's fast path)."""
-    futures = [self._array[int(o):int(o) + length].read() for o in offsets]
-    out = np.empty((len(futures), length, self.n_mels), dtype=np.float32)
-    for i, f in enumerate(futures):
-      out[i] = f.result()
-    return out
+  def read_stored(self, frame_offset: int, num_frames: int):
+    """A tensorstore future of the store's rows [frame_offset, frame_offset + num_frames), in the stored dtype
+    (for packing many clips at once; `read` is the per-clip, float32 way)."""
+    return self._array[frame_offset:frame_offset + num_frames].read()
 
   def select(self, splits: Iterable[str] | None = None, *, exclude: Iterable[str] = ()) -> list[Clip]:
     """Clips whose split is in `splits` (all when None) and not in `exclude`."""

@@ -1,59 +1,198 @@
-"""Batches of triplet tiles, read from the feature store ahead of the train step.
+"""Tiles for the train step: the features packed once into float16, then cut on the device or streamed from the host.
 
-Hand-written rather than grain: a batch is already a pure function of (seed, step) (the sampler), the reads are
-tensorstore futures that run concurrently and release the GIL, so a few threads prefetching whole batches keep the
-step fed without grain's per-record worker processes, pickling and state checkpointing.
+At start the clips of a split are read once from the feature store into one packed float16 array, every timeline
+(see `sampler`) contiguous, so a tile is one slice of rows (`pack_timelines`). Then one of two stores feeds the step:
+
+- 'device': the packed array and the sampler's tables are placed on every local device; the compiled step draws the
+  triplets with `jax.random` (key folded with the step) and cuts the tiles itself (`device_batch_fn`). Nothing
+  crosses from the host per step.
+- 'host': for data larger than device memory. The packed array stays in host memory; a thread draws the same
+  triplets (the same jax function, on the host's CPU), copies the tiles into float16 buffers and sends them to the
+  devices two dispatches ahead (`HostTileLoader`); the step casts them.
+'auto' takes the device store when the packed split fits in `device_memory_fraction` of a device's memory.
+
+Both stores give a step the same tiles for the same (seed, step): the choice changes speed and memory, never data.
+Hand-written rather than grain: a batch is a pure function of (seed, step) computed by the sampler, and on the
+device path there is no host pipeline at all.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import threading
+import dataclasses
+import logging
+import os
 
+import jax
+from jax import lax
 import numpy as np
 
 from dem_jax.features import Features
-from dem_jax.sampler import TripletSampler, read_tiles
+from dem_jax.sampler import ROLES, TripletSampler, triplet_rows
 
-ROLES = ('anchor', 'neighbour', 'distant')
+STORES = ('auto', 'device', 'host')
+_PACK_READ_BYTES = 64 << 20  # Reads in flight while packing.
 
 
-class TripletLoader:
-  """`loader.batch(step)` -> {'anchor', 'neighbour', 'distant'}: float32 [local_batch, T, M] numpy arrays.
+class StoreError(ValueError):
+  """The packed features do not fit where they were asked to go; the message gives the sizes and the fix."""
 
-  With several processes, each reads rows [process_index * local_batch, (process_index + 1) * local_batch) of the
-  global batch. The next `prefetch` steps are read in the background while the caller works.
+
+def pack_timelines(features: Features, sampler: TripletSampler) -> np.ndarray:
+  """float16 [sampler.total_frames, n_mels]: the sampler's timelines end to end, in its order.
+
+  Reads go through tensorstore, a timeline's clips in one read when they lie next to each other in the store.
+  Non-finite values are refused (a store written by an older preprocessing job could hold them).
+  """
+  out = np.empty((sampler.total_frames, features.n_mels), np.float16)
+  requests = []  # (first frame in the store, frames, first row in `out`)
+  row = 0
+  for timeline in sampler.timelines:
+    for clip in timeline.clips:
+      prev = requests[-1] if requests else None
+      if prev and prev[0] + prev[1] == clip.frame_offset and prev[2] + prev[1] == row:
+        requests[-1] = (prev[0], prev[1] + clip.num_frames, prev[2])
+      else:
+        requests.append((clip.frame_offset, clip.num_frames, row))
+      row += clip.num_frames
+  batch_frames = max(1, _PACK_READ_BYTES // (features.n_mels * 2))
+  start = 0
+  while start < len(requests):
+    chunk, frames = [], 0
+    while start < len(requests) and (not chunk or frames + requests[start][1] <= batch_frames):
+      chunk.append(requests[start])
+      frames += requests[start][1]
+      start += 1
+    futures = [features.read_stored(offset, count) for offset, count, _ in chunk]
+    for (offset, count, first), future in zip(chunk, futures):
+      out[first:first + count] = future.result()
+  _check_finite(out, sampler)
+  return out
+
+
+def _check_finite(packed: np.ndarray, sampler: TripletSampler, block: int = 1 << 20) -> None:
+  for start in range(0, packed.shape[0], block):
+    bad = ~np.isfinite(packed[start:start + block]).all(axis=1)
+    if bad.any():
+      row = start + int(np.argmax(bad))
+      timeline = int(np.searchsorted(sampler.tables.row_offset, row, side='right')) - 1
+      clip = sampler.timelines[timeline].clips[0]
+      raise StoreError(f'The features of {clip.clip_id} (or the clip after it, {clip.path}) hold non-finite '
+                       'values (inf/NaN, e.g. from float16 overflow); preprocess the data again with a current '
+                       'dem_jax, which refuses them.')
+
+
+def device_memory_bytes(device) -> int:
+  """What one device can hold: its allocator's limit (GPU/TPU), else the host's physical memory (CPU devices)."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def choose_store(store: str, nbytes: int, devices: list, fraction: float) -> tuple[str, str]:
+  """('device' | 'host', why) for packed features of `nbytes` and these local devices.
+
+  CPU devices share the host's memory, so there every local device's copy counts against it.
+  """
+  if store not in STORES:
+    raise StoreError(f"config.data.store={store!r}; choose one of {STORES}.")
+  if not 0 < fraction <= 1:
+    raise StoreError(f'config.data.device_memory_fraction={fraction} must lie in (0, 1].')
+  per_device = device_memory_bytes(devices[0])
+  copies = len(devices) if devices[0].platform == 'cpu' else 1
+  budget = fraction * per_device
+  fits = nbytes * copies <= budget
+  sizes = (f'{nbytes / 2**30:.2f} GiB of packed float16 features{" x %d CPU devices" % copies if copies > 1 else ""}'
+           f', {budget / 2**30:.2f} GiB allowed ({fraction:g} of {per_device / 2**30:.1f} GiB per device)')
+  if store == 'device' and not fits:
+    raise StoreError(f"config.data.store='device', but {sizes}. Use config.data.store='host' (streams from host "
+                     'memory), raise config.data.device_memory_fraction, or train on a smaller split.')
+  if store == 'auto':
+    store = 'device' if fits else 'host'
+  return store, sizes
+
+
+def gather_tiles(frames: jax.Array, rows: jax.Array, tile_frames: int) -> jax.Array:
+  """[len(rows), tile_frames, M]: the tiles starting at `rows` of the packed features (inside a compiled step)."""
+  return jax.vmap(lambda r: lax.dynamic_slice_in_dim(frames, r, tile_frames, axis=0))(rows)
+
+
+def device_batch_fn(parallel, *, batch_size: int, tile_frames: int, neighbour_frames: int):
+  """`batch_fn(data, step, k)` for `train_step.make_train_loop` with data = (frames, tables, data_key) placed by
+  `DataParallel.put_replicated`: draws step `step`'s global batch and cuts this device's share of its tiles (float16)."""
+
+  def batch_fn(data, step, k):
+    del k
+    frames, tables, data_key = data
+    data_key = jax.random.wrap_key_data(data_key)  # Placed as raw key data (DataParallel.put_replicated).
+    rows = triplet_rows(tables, jax.random.fold_in(data_key, step), batch_size, neighbour_frames)
+    return {role: parallel.shard_rows(rows[role], lambda r: gather_tiles(frames, r, tile_frames)) for role in ROLES}
+
+  return batch_fn
+
+
+def host_batch_fn(data, step, k):
+  """`batch_fn` for batches sent from the host: data = {role: [K, B, T, M]}, one slice per step of the call."""
+  del step
+  return {role: data[role][k] for role in ROLES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """Which rows of the global batch this process feeds."""
+  index: int = 0
+  count: int = 1
+
+
+class HostTileLoader:
+  """Batches cut from the packed features in host memory, and sent to the devices ahead of need by one thread.
+
+  `loader.get(step, n, ahead)` -> {role: float16 [K, local batch, T, M]} holding steps step..step+n-1 (n <= K; the
+  rest of the K slots is unused), this process's rows of each global batch, already sent to the devices by `put`
+  (e.g. `DataParallel.put_host_batches`). `ahead` lists the (step, n) of the next calls, which are prepared
+  meanwhile. Each call gets fresh buffers: on CPU devices the device array may alias the host buffer, so a buffer
+  may only be reused once its steps have run, which the allocator's free list arranges without bookkeeping here.
   """
 
-  def __init__(self, features: Features, sampler: TripletSampler, global_batch: int, *, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 4, num_threads: int = 4):
-    if global_batch % process_count:
+  def __init__(self, packed: np.ndarray, sampler: TripletSampler, global_batch: int, steps_per_call: int, *,
+               put=None, share: Share = Share()):
+    if global_batch % share.count:
       raise ValueError(f'The batch size ({global_batch}) must be divisible by the number of processes '
-                       f'({process_count}); change config.batch_size.')
-    self.features, self.sampler, self.global_batch = features, sampler, global_batch
-    self.local_batch = global_batch // process_count
-    self.rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
-    self.prefetch = prefetch
-    self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix='triplet-loader')
-    self._pending: dict[int, concurrent.futures.Future] = {}
-    self._lock = threading.Lock()
+                       f'({share.count}); change config.batch_size.')
+    self.packed, self.sampler = packed, sampler
+    self.global_batch, self.steps_per_call = global_batch, steps_per_call
+    self.local_batch = global_batch // share.count
+    self.rows = slice(share.index * self.local_batch, (share.index + 1) * self.local_batch)
+    self.put = put or (lambda x: x)
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='host-tiles')
+    self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
 
-  def _load(self, step: int) -> dict[str, np.ndarray]:
-    triplets = self.sampler.sample(step, self.global_batch)
-    batch = {}
-    for role in ROLES:
-      timelines, positions = getattr(triplets, role)
-      batch[role] = read_tiles(self.features, self.sampler, timelines[self.rows], positions[self.rows])
-    return batch
+  def cut(self, step: int, n: int) -> dict[str, np.ndarray]:
+    """{role: float16 [K, local batch, T, M]} with steps step..step+n-1 in its first n slots, in host memory."""
+    tile = self.sampler.tile_frames
+    out = {role: np.empty((self.steps_per_call, self.local_batch, tile, self.packed.shape[1]), self.packed.dtype)
+           for role in ROLES}
+    for k in range(n):
+      rows = self.sampler.rows(step + k, self.global_batch)
+      for role in ROLES:
+        target = out[role][k]
+        for i, r in enumerate(rows[role][self.rows]):
+          target[i] = self.packed[r:r + tile]
+    return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    with self._lock:
-      for s in range(step, step + self.prefetch + 1):
-        if s not in self._pending:
-          self._pending[s] = self._pool.submit(self._load, s)
-      for s in [s for s in self._pending if s < step]:  # Steps skipped over (e.g. after a restart).
-        self._pending.pop(s).cancel()
-      future = self._pending.pop(step)
+  def _load(self, step: int, n: int):
+    return self.put(self.cut(step, n))
+
+  def get(self, step: int, n: int, ahead=()):
+    if n > self.steps_per_call:
+      raise ValueError(f'{n} steps in one call, more than the {self.steps_per_call} the loader was made for.')
+    for key in [(step, n), *ahead]:
+      if key not in self._pending:
+        self._pending[key] = self._pool.submit(self._load, *key)
+    future = self._pending.pop((step, n))
+    for key in [k for k in self._pending if k[0] < step]:  # Calls skipped over.
+      self._pending.pop(key).cancel()
     return future.result()
 
   def close(self) -> None:
@@ -66,3 +205,7 @@ class TripletLoader:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def log_store_choice(store: str, why: str, requested: str) -> None:
+  logging.info('Packed features: %s store (config.data.store=%r): %s.', store, requested, why)

@@ -1,4 +1,4 @@
-"""Temporal-proximity triplets: (anchor, neighbour within +-W seconds of it, distant tile of another recording).
+"""Temporal-proximity triplets: (anchor, neighbour within +-W frames of it, distant tile of another recording).
 
 The sampler works on "timelines": stretches of audio that are continuous in time. A timeline is one clip, or, with
 `cross_clip_neighbours`, a chain of clips of one recording whose positions follow each other (DCASE's consecutive
@@ -7,18 +7,29 @@ timeline (not only on a grid), uniformly over all possible tile positions. Dista
 recording, or, with `distant_other_group`, from another group (DCASE session: the 4 nodes of one session hear the
 same moment, so another node is no "distant" tile).
 
-A batch is a pure function of (seed, step): a resumed run sees the same batches, and every process of a multi-host
-run agrees on the global batch while reading only its own share.
+Timelines are laid end to end in a packed feature array (`input_pipeline.pack_timelines`), so every tile is one
+contiguous slice of rows. The draw itself, `sample_triplets`, is a jax function of small tables (`SamplerTables`)
+and a key: the trainer runs it inside the compiled step when the packed features live on the device, and on the
+host's CPU when they stream from host memory, so both stores give a step the same tiles for the same (seed, step).
+It has no rejection loop: timelines are ordered by their owner (the group or recording a distant tile must not
+share), so "every position of another owner" is the whole position range less one interval, drawn in one go.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dem_jax.features import Clip, Features
+from dem_jax.features import Clip
+
+ROLES = ('anchor', 'neighbour', 'distant')
+_INT32_MAX = np.iinfo(np.int32).max
 
 
 class SamplerError(ValueError):
@@ -34,12 +45,16 @@ class Timeline:
   group: str
 
 
-@dataclasses.dataclass
-class Triplets:
-  """Tile start positions of one batch: [B] timeline indices and [B] frame positions per role."""
-  anchor: tuple[np.ndarray, np.ndarray]
-  neighbour: tuple[np.ndarray, np.ndarray]
-  distant: tuple[np.ndarray, np.ndarray]
+class SamplerTables(NamedTuple):
+  """What `sample_triplets` needs, one int32 entry per timeline (a pytree: it can live on the device).
+
+  Positions are numbered across all timelines: timeline t owns [cumulative[t] - valid[t], cumulative[t]).
+  """
+  row_offset: np.ndarray  # First row of the timeline in the packed features.
+  valid: np.ndarray  # Anchor positions in the timeline: length - tile_frames + 1.
+  cumulative: np.ndarray  # Inclusive running sum of `valid`.
+  owner_lo: np.ndarray  # Position range of every timeline of this timeline's owner ...
+  owner_hi: np.ndarray  # ... which distant tiles avoid.
 
 
 def build_timelines(clips: list[Clip], cross_clip: bool) -> list[Timeline]:
@@ -59,8 +74,44 @@ def build_timelines(clips: list[Clip], cross_clip: bool) -> list[Timeline]:
   return timelines
 
 
+def sample_triplets(tables: SamplerTables, key: jax.Array, batch_size: int, neighbour_frames: int
+                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{role: ([B] timeline, [B] start position)} for one batch; jax ops only, so it runs on any device and jits.
+
+  Anchor: uniform over every tile position of every timeline. Neighbour: uniform over the positions within
+  +-neighbour_frames of the anchor in the same timeline, the anchor's own excluded (a timeline exactly one tile long
+  gives the anchor itself). Distant: uniform over every position of every timeline of another owner.
+  """
+  k_anchor, k_neighbour, k_distant = jax.random.split(key, 3)
+  cumulative, valid = tables.cumulative, tables.valid
+
+  def locate(u):
+    timeline = jnp.searchsorted(cumulative, u, side='right').astype(jnp.int32)
+    return timeline, u - (cumulative[timeline] - valid[timeline])
+
+  a_tl, a_pos = locate(jax.random.randint(k_anchor, (batch_size,), 0, cumulative[-1], dtype=jnp.int32))
+  lo = jnp.maximum(a_pos - neighbour_frames, 0)
+  hi = jnp.minimum(a_pos + neighbour_frames, valid[a_tl] - 1)
+  span = hi - lo  # Positions other than the anchor's.
+  n_pos = lo + jax.random.randint(k_neighbour, (batch_size,), 0, jnp.maximum(span, 1), dtype=jnp.int32)
+  n_pos = jnp.where(n_pos >= a_pos, n_pos + 1, n_pos)
+  n_pos = jnp.where(span == 0, a_pos, n_pos)
+  # Distant: a position among the others' (the total less the owner's interval), then step over that interval.
+  owner_lo, owner_hi = tables.owner_lo[a_tl], tables.owner_hi[a_tl]
+  v = jax.random.randint(k_distant, (batch_size,), 0, cumulative[-1] - (owner_hi - owner_lo), dtype=jnp.int32)
+  d_tl, d_pos = locate(jnp.where(v >= owner_lo, v + (owner_hi - owner_lo), v))
+  return {'anchor': (a_tl, a_pos), 'neighbour': (a_tl, n_pos), 'distant': (d_tl, d_pos)}
+
+
+def triplet_rows(tables: SamplerTables, key: jax.Array, batch_size: int, neighbour_frames: int
+                 ) -> dict[str, jax.Array]:
+  """{role: [B] first row of each tile in the packed features}."""
+  triplets = sample_triplets(tables, key, batch_size, neighbour_frames)
+  return {role: tables.row_offset[tl] + pos for role, (tl, pos) in triplets.items()}
+
+
 class TripletSampler:
-  """Draws triplets of tile positions from a set of clips.
+  """Timelines of a set of clips, their packed layout, and the tables that draw triplets from them.
 
   Args:
     clips: the clips to draw from (e.g. `features.select(features.train_splits(fold))`).
@@ -68,7 +119,7 @@ class TripletSampler:
     neighbour_frames: a neighbour starts at most this many frames before or after its anchor.
     cross_clip_neighbours: neighbours may cross into the next/previous clip of the same recording.
     distant_other_group: distant tiles come from another group (session), not only another recording.
-    seed: with the step, fixes every batch.
+    seed: with the step, fixes every batch (`sample`, and the trainer's `data_key`).
   """
 
   def __init__(self, clips: list[Clip], *, tile_frames: int, neighbour_frames: int, cross_clip_neighbours: bool = True,
@@ -78,49 +129,57 @@ class TripletSampler:
     self.tile_frames, self.neighbour_frames, self.seed = tile_frames, neighbour_frames, seed
     self.distant_other_group = distant_other_group
     all_timelines = build_timelines(clips, cross_clip_neighbours)
-    self.timelines = [t for t in all_timelines if t.length >= tile_frames]
+    owner = (lambda t: t.group) if distant_other_group else (lambda t: t.recording)
+    # Ordered by owner, so that each owner's positions form one interval (see sample_triplets).
+    usable = sorted((t for t in all_timelines if t.length >= tile_frames),
+                    key=lambda t: (owner(t), t.recording, t.clips[0].position))
+    self.timelines = usable
     self.skipped = [c.clip_id for t in all_timelines if t.length < tile_frames for c in t.clips]
-    if not self.timelines:
+    if not usable:
       longest = max((t.length for t in all_timelines), default=0)
       raise SamplerError(
           f'The tile ({tile_frames} frames) is longer than every recording (longest: {longest} frames, '
           f'{len(clips)} clips). Shorten config.data.tile_seconds, or enable config.data.cross_clip_neighbours for '
           'data cut into consecutive clips.')
-    self.valid = np.array([t.length - tile_frames + 1 for t in self.timelines], dtype=np.int64)
-    self.cumulative = np.cumsum(self.valid)
-    key = (lambda t: t.group) if distant_other_group else (lambda t: t.recording)
-    names = sorted({key(t) for t in self.timelines})
-    self.owner = np.array([names.index(key(t)) for t in self.timelines])  # Who a distant tile must not share.
-    if len(names) < 2:
+    owners = [owner(t) for t in usable]
+    if len(set(owners)) < 2:
       what = 'group (session)' if distant_other_group else 'recording'
       raise SamplerError(f'Distant tiles need a second {what}, but all {len(clips)} clips share one. Add recordings'
                          + (', or set config.data.distant_other_group=False.' if distant_other_group else '.'))
+    lengths = np.array([t.length for t in usable], dtype=np.int64)
+    valid = lengths - tile_frames + 1
+    cumulative = np.cumsum(valid)
+    self.total_frames = int(lengths.sum())
+    if max(self.total_frames, int(cumulative[-1])) > _INT32_MAX:
+      raise SamplerError(f'{self.total_frames} frames are more than the sampler indexes (2**31 - 1); train on a '
+                         'subset (config.data.fold) or shard the data set.')
+    first = np.concatenate([[0], cumulative[:-1]])
+    owner_lo, owner_hi = np.empty_like(valid), np.empty_like(valid)
+    for _, members in itertools.groupby(range(len(usable)), key=lambda i: owners[i]):
+      members = list(members)
+      owner_lo[members], owner_hi[members] = first[members[0]], cumulative[members[-1]]
+    row_offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    self.tables = SamplerTables(*(np.asarray(a, np.int32) for a in (row_offset, valid, cumulative, owner_lo,
+                                                                    owner_hi)))
+    self.valid = valid
 
-  def _uniform_positions(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n tile starts drawn uniformly over every possible position of every timeline."""
-    u = rng.integers(0, self.cumulative[-1], size=n)
-    timeline = np.searchsorted(self.cumulative, u, side='right')
-    position = u - (self.cumulative[timeline] - self.valid[timeline])
-    return timeline, position
+  @property
+  def data_key(self) -> jax.Array:
+    """The key whose fold_in with the step draws that step's batch (on any device: see `sample`)."""
+    return jax.random.fold_in(jax.random.key(self.seed), 0x7E1E)
 
-  def sample(self, step: int, batch_size: int) -> Triplets:
-    rng = np.random.default_rng([self.seed, step])
-    a_tl, a_pos = self._uniform_positions(rng, batch_size)
-    # Neighbour: uniform over [a - W, a + W] within the timeline, excluding the anchor's own position.
-    lo = np.maximum(a_pos - self.neighbour_frames, 0)
-    hi = np.minimum(a_pos + self.neighbour_frames, self.valid[a_tl] - 1)
-    span = hi - lo  # Positions other than the anchor's.
-    offset = np.floor(rng.random(batch_size) * np.maximum(span, 1)).astype(np.int64)
-    n_pos = lo + offset
-    n_pos = np.where(n_pos >= a_pos, n_pos + 1, n_pos)
-    n_pos = np.where(span == 0, a_pos, n_pos)  # A timeline exactly one tile long: the anchor is its own neighbour.
-    # Distant: uniform over all positions of timelines with another owner; redraw the few that collide.
-    d_tl, d_pos = self._uniform_positions(rng, batch_size)
-    clash = self.owner[d_tl] == self.owner[a_tl]
-    while clash.any():
-      d_tl[clash], d_pos[clash] = self._uniform_positions(rng, int(clash.sum()))
-      clash = self.owner[d_tl] == self.owner[a_tl]
-    return Triplets((a_tl, a_pos), (a_tl, n_pos), (d_tl, d_pos))
+  def sample(self, step: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The batch of `step` as numpy {role: ([B] timeline, [B] position)}, computed on the host's CPU."""
+    cpu = jax.local_devices(backend='cpu')[0]
+    tables, key = jax.device_put((self.tables, jax.random.fold_in(self.data_key, step)), cpu)
+    out = _sample_jit(tables, key, batch_size, self.neighbour_frames)
+    return jax.tree.map(np.asarray, out)
+
+  def rows(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The batch of `step` as numpy {role: [B] first row in the packed features}, computed on the host's CPU."""
+    cpu = jax.local_devices(backend='cpu')[0]
+    tables, key = jax.device_put((self.tables, jax.random.fold_in(self.data_key, step)), cpu)
+    return jax.tree.map(np.asarray, _rows_jit(tables, key, batch_size, self.neighbour_frames))
 
   def pieces(self, timeline: int, position: int) -> list[tuple[str, int, int]]:
     """(clip_id, start, stop) slices whose concatenation is the tile at `position` of `timeline`."""
@@ -139,18 +198,5 @@ class TripletSampler:
     return max(1, tiles // batch_size)
 
 
-def read_tiles(features: Features, sampler: TripletSampler, timelines: np.ndarray, positions: np.ndarray
-               ) -> np.ndarray:
-  """[len(positions), tile_frames, n_mels] float32 tiles, read concurrently through tensorstore."""
-  requests, owners = [], []
-  for i, (tl, pos) in enumerate(zip(timelines, positions)):
-    for piece in sampler.pieces(int(tl), int(pos)):
-      requests.append(piece)
-      owners.append(i)
-  parts = features.read_many(requests)
-  out = np.empty((len(positions), sampler.tile_frames, features.n_mels), dtype=np.float32)
-  fill = np.zeros(len(positions), dtype=np.int64)
-  for i, part in zip(owners, parts):
-    out[i, fill[i]:fill[i] + part.shape[0]] = part
-    fill[i] += part.shape[0]
-  return out
+_sample_jit = jax.jit(sample_triplets, static_argnums=(2, 3))
+_rows_jit = jax.jit(triplet_rows, static_argnums=(2, 3))

@@ -1,14 +1,18 @@
 r"""Triplet training of the embedding: `train_and_evaluate(config, workdir)` and its command line.
 
     ./launch.sh train --config=configs/dcase.py --workdir=/scratch/dcase_run \
-        --config.features_dir=/data/features/dcase_dev [--config.parallel=jit] [--distributed]
+        --config.features_dir=/data/features/dcase_dev [--config.parallel=pmap] [--distributed]
 
-The run resumes from the latest checkpoint in the workdir by itself, and sees the same batches and dropout masks
-as an uninterrupted run (both are functions of the seed and the step).
+The trainer reads top to bottom: data (the split packed into float16 and placed on the devices, or streamed from
+host memory), model, state (fresh or resumed from the workdir), the compiled loop of several steps, and the loop
+itself, whose boundaries (logs, evaluations, checkpoints, the time budget) fall between compiled calls. A resumed
+run sees the same batches and dropout masks as an uninterrupted run: both are functions of the seed and the step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -19,6 +23,7 @@ import numpy as np
 
 from dem_jax import checkpoint as checkpoint_lib
 from dem_jax import cpu_ops
+from dem_jax import input_pipeline
 from dem_jax import log_util
 from dem_jax import losses
 from dem_jax import models
@@ -26,9 +31,12 @@ from dem_jax import probes
 from dem_jax import train_step as step_lib
 from dem_jax.embed import embed_clips, TileEmbedder
 from dem_jax.features import FeaturesError, open_features
-from dem_jax.input_pipeline import TripletLoader
-from dem_jax.metric_writer import MetricWriter
-from dem_jax.sampler import TripletSampler
+from dem_jax.metric_writer import MetricWriter, read_metrics
+from dem_jax.parallel import DataParallel
+from dem_jax.sampler import SamplerError, TripletSampler
+
+# model.json keys that must not change when a run resumes (num_steps, the budget and the schedule may).
+FINGERPRINT_KEYS = ('model', 'tile_frames', 'frontend', 'features_dir', 'features_digest', 'fold')
 
 
 class TrainingError(RuntimeError):
@@ -52,10 +60,61 @@ def _select(features, config):
   return train, held_out
 
 
+def _features_digest(features) -> str:
+  """What identifies the data a run trains on: its features.json (settings, clips' statistics)."""
+  with open(os.path.join(features.root, 'features.json'), 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _check_fingerprint(workdir: str, info: dict) -> None:
+  """A resumed run must train the same model on the same features as the run that wrote the workdir."""
+  try:
+    saved = checkpoint_lib.read_model_info(workdir)
+  except FileNotFoundError:
+    return
+  changed = [k for k in FINGERPRINT_KEYS if k in saved and saved[k] != info[k]]
+  if changed:
+    details = '; '.join(f'{k}: {json.dumps(saved[k])[:120]} -> {json.dumps(info[k])[:120]}' for k in changed)
+    raise TrainingError(f'{workdir} holds a run of another {"/".join(changed)} ({details}). Use a new --workdir, or '
+                        'the settings it was started with; nothing in it was changed.')
+
+
+def _steps_per_dispatch(config) -> int:
+  k = int(config.get('steps_per_dispatch', 0))
+  if k < 0:
+    raise TrainingError(f'config.steps_per_dispatch={k} must be >= 0 (0: 1 on CPU, 16 on GPU/TPU).')
+  return k or (1 if jax.default_backend() == 'cpu' else 16)
+
+
+def _dispatches(start: int, stop: int, size: int, boundaries: list[int]):
+  """(first step, steps) of each compiled call from `start` to `stop`: at most `size` steps, never across a
+  multiple of any of `boundaries` (logs, evaluations, checkpoints)."""
+  step = start
+  while step < stop:
+    nxt = min([stop] + [(step // b + 1) * b for b in boundaries if b > 0])
+    n = min(size, nxt - step)
+    yield step, n
+    step += n
+
+
+def _resumed_seconds(workdir: str, step: int) -> float:
+  """Training seconds spent up to `step` by earlier processes of this run (0 for a new run)."""
+  if not step:
+    return 0.0
+  try:
+    records = read_metrics(workdir)
+  except (FileNotFoundError, ValueError):
+    return 0.0
+  spent = [r['train/train_seconds'] for r in records if r['step'] <= step and 'train/train_seconds' in r]
+  return float(spent[-1]) if spent else 0.0
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains for config.num_steps (or num_epochs) steps; returns the last step's metrics."""
+  """Trains for config.num_steps (or num_epochs, or config.train_minutes) steps; returns the last logged metrics."""
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
+
+  # ---- Data -------------------------------------------------------------------------------------------------
   if not config.features_dir:
     raise TrainingError('config.features_dir is empty: point it at a preprocessing output with '
                         '--config.features_dir=DIR (see ./launch.sh preprocess).')
@@ -65,87 +124,145 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise TrainingError(str(e)) from None
   if not features.clips:
     raise TrainingError(f'{config.features_dir} holds no clips.')
-
+  parallel = DataParallel(config.parallel)
   devices = jax.device_count()
   if config.batch_size % devices:
     raise TrainingError(f'config.batch_size={config.batch_size} does not divide across {devices} devices; use a '
                         f'multiple of {devices} (e.g. --config.batch_size={devices * max(1, config.batch_size // devices)}).')
+  budget_s = 60.0 * float(config.get('train_minutes', 0.0))
+  if budget_s < 0:
+    raise TrainingError(f'config.train_minutes={config.train_minutes} must be >= 0 (0: no time budget).')
 
   tile_frames = features.frontend.frames_for_seconds(config.data.tile_seconds)
   neighbour_frames = int(round(config.data.neighbour_seconds * features.frame_rate))
   train_clips, held_out_clips = _select(features, config)
   if not train_clips:
     raise TrainingError(f'No training clips in {config.features_dir} for config.data.fold={config.data.fold}.')
-  sampler = TripletSampler(train_clips, tile_frames=tile_frames, neighbour_frames=neighbour_frames,
-                           cross_clip_neighbours=config.data.cross_clip_neighbours,
-                           distant_other_group=config.data.distant_other_group, seed=config.seed)
+  sampler_args = dict(tile_frames=tile_frames, neighbour_frames=neighbour_frames,
+                      cross_clip_neighbours=config.data.cross_clip_neighbours,
+                      distant_other_group=config.data.distant_other_group)
+  sampler = TripletSampler(train_clips, seed=config.seed, **sampler_args)
   if sampler.skipped:
     logging.warning('%d training clips are shorter than a tile (%d frames) and are not used, e.g. %s',
                     len(sampler.skipped), tile_frames, sampler.skipped[:3])
   eval_sampler = None
   if held_out_clips:
     try:
-      eval_sampler = TripletSampler(held_out_clips, tile_frames=tile_frames, neighbour_frames=neighbour_frames,
-                                    cross_clip_neighbours=config.data.cross_clip_neighbours,
-                                    distant_other_group=config.data.distant_other_group, seed=config.seed + 1)
-    except ValueError as e:
+      eval_sampler = TripletSampler(held_out_clips, seed=config.seed + 1, **sampler_args)
+    except SamplerError as e:
       logging.warning('No held-out triplet loss: %s', e)
-
   steps_per_epoch = sampler.steps_per_epoch(config.batch_size)
   num_steps = config.num_steps or config.num_epochs * steps_per_epoch
   eval_every = config.eval_every or steps_per_epoch
+  steps_per_call = _steps_per_dispatch(config)
 
+  t0 = time.time()
+  packed = input_pipeline.pack_timelines(features, sampler)
+  store, sizes = input_pipeline.choose_store(config.data.store, packed.nbytes, parallel.local_devices,
+                                             config.data.device_memory_fraction)
+  logging.info('Packed the training split in %.1f s: %s store (config.data.store=%r): %s.', time.time() - t0,
+               store, config.data.store, sizes)
+
+  # ---- Model ------------------------------------------------------------------------------------------------
   band_mean, band_std = features.norm_stats(features.train_splits(config.data.fold or None))
+  if not (np.all(np.isfinite(band_mean)) and np.all(np.isfinite(band_std))):
+    raise TrainingError(f'The band statistics in {features.root}/features.json are not finite; the store holds '
+                        'non-finite frames. Preprocess the data again with a current dem_jax, which refuses them.')
   band_std = np.maximum(band_std, 1e-3)  # A band that never changes (e.g. above a low-pass) must not divide by 0.
-  parallel = step_lib.DataParallel(config.parallel)
   model = models.create_model(config.model, band_mean=band_mean, band_std=band_std, axis_name=parallel.axis_name)
   optimizer = step_lib.make_optimizer(config.optimizer)
-  loss_fn = losses.get_loss_fn(config.loss.name, margin=config.loss.margin, l2=config.loss.l2)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  state = step_lib.create_train_state(init_rng, model, optimizer, (tile_frames, features.n_mels))
+  loss_fn = losses.get_loss_fn(config.loss.name, **{k: v for k, v in config.loss.items() if k != 'name'})
+  model_info = {
+      'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
+      'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)),
+      'features_dir': features.root, 'features_digest': _features_digest(features), 'labels': features.labels,
+      'fold': config.data.fold, 'dataset': features.dataset}
 
-  os.makedirs(workdir, exist_ok=True)
+  # ---- State ------------------------------------------------------------------------------------------------
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  state = step_lib.create_train_state(init_rng, model, optimizer, (tile_frames, features.n_mels))
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                              save_every=config.checkpoint_every)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state = checkpointer.restore(state, start_step)
+    _check_fingerprint(workdir, model_info)
+    try:
+      state = checkpointer.restore(state, start_step)
+    except (ValueError, KeyError) as e:
+      raise TrainingError(f'The checkpoint of step {start_step} in {checkpointer.directory} does not fit this '
+                          f'model ({e}); use a new --workdir.') from None
     logging.info('Resumed from the checkpoint of step %d in %s.', start_step, checkpointer.directory)
-  writer = MetricWriter(workdir, enabled=is_chief)
-  writer.truncate_after(start_step)
-  if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=1))
-    checkpoint_lib.write_model_info(workdir, {
-        'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
-        'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)), 'features_dir': features.root,
-        'labels': features.labels, 'fold': config.data.fold, 'dataset': features.dataset})
+  spent_s = _resumed_seconds(workdir, start_step)
+  if budget_s and spent_s >= budget_s and start_step < num_steps:
+    raise TrainingError(f'The time budget (config.train_minutes={config.train_minutes}) is spent: this run trained '
+                        f'{spent_s / 60:.1f} min to step {start_step}. Raise config.train_minutes, or set it to 0 to '
+                        f'train on to config.num_steps={num_steps}.')
 
-  train_step = parallel.compile_train_step(step_lib.make_train_step(model, optimizer, loss_fn,
-                                                                    axis_name=parallel.axis_name))
+  # ---- Step -------------------------------------------------------------------------------------------------
+  train_step = step_lib.make_train_step(model, optimizer, loss_fn, axis_name=parallel.axis_name, guard=False)
+  if store == 'device':
+    batch_fn = input_pipeline.device_batch_fn(parallel, batch_size=config.batch_size, tile_frames=tile_frames,
+                                              neighbour_frames=neighbour_frames)
+    data = parallel.put_replicated((packed, sampler.tables, sampler.data_key))
+    loader = None
+    del packed  # The devices hold it now (CPU devices share this memory with the host and keep it).
+  else:
+    batch_fn = input_pipeline.host_batch_fn
+    loader = input_pipeline.HostTileLoader(packed, sampler, config.batch_size, steps_per_call,
+                                           put=parallel.put_host_batches,
+                                           share=input_pipeline.Share(jax.process_index(), jax.process_count()))
+    data = None
+  loop = parallel.compile_train_loop(step_lib.make_train_loop(train_step, batch_fn), data_sharded=store == 'host')
   eval_step = parallel.compile_eval_step(step_lib.make_eval_step(model, loss_fn, axis_name=parallel.axis_name))
   device_state = parallel.put_state(state)
+  rng = parallel.put_replicated(dropout_rng)
+  zero_metrics = step_lib.init_loop_metrics(loss_fn, config.model.embedding_dim)
+  acc = parallel.put_replicated(zero_metrics)
+  num_placed = {}
 
-  loader = TripletLoader(features, sampler, config.batch_size, process_index=jax.process_index(),
-                         process_count=jax.process_count(), prefetch=config.data.prefetch,
-                         num_threads=config.data.num_threads)
+  def placed_count(n):
+    if n not in num_placed:
+      num_placed[n] = parallel.put_replicated(np.int32(n))
+    return num_placed[n]
+
   eval_batches = []
   if eval_sampler is not None:
-    with TripletLoader(features, eval_sampler, config.batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), prefetch=0) as eval_loader:
-      eval_batches = [eval_loader.batch(i) for i in range(config.data.eval_batches)]
+    eval_packed = input_pipeline.pack_timelines(features, eval_sampler)
+    cutter = input_pipeline.HostTileLoader(eval_packed, eval_sampler, config.batch_size, 1,
+                                           share=input_pipeline.Share(jax.process_index(), jax.process_count()))
+    eval_batches = [parallel.put_batch({r: v[0] for r, v in cutter.cut(i, 1).items()})
+                    for i in range(config.data.eval_batches)]
+    cutter.close()
+    del eval_packed, cutter
   silhouette_clips = [c for c in held_out_clips if c.label and c.num_frames >= tile_frames]
   silhouette_clips = silhouette_clips[:config.data.eval_max_clips]
+
+  # Compiled ahead of the loop, so that the time budget counts training, not compilation. (pmap across several
+  # processes cannot be compiled ahead from local arrays; there the clock starts after the first call instead.)
+  precompiled = parallel.mode == 'jit' or jax.process_count() == 1
+  if precompiled:
+    t0 = time.time()
+    example_data = data if loader is None else parallel.put_host_batches(
+        {r: np.zeros((steps_per_call, config.batch_size // jax.process_count(), tile_frames, features.n_mels),
+                     np.float16) for r in step_lib.ROLES})
+    lrs = parallel.put_replicated(np.zeros(steps_per_call, np.float32))
+    loop = loop.lower(device_state, acc, example_data, lrs, rng, placed_count(1)).compile()
+    if eval_batches:
+      eval_step = eval_step.lower(device_state, eval_batches[0]).compile()
+    logging.info('Compiled the training loop (%d steps per call) in %.1f s.', steps_per_call, time.time() - t0)
+
+  # ---- Loop -------------------------------------------------------------------------------------------------
+  writer = MetricWriter(workdir, enabled=is_chief)
+  writer.truncate_after(start_step)
   embedder = None
 
-  def evaluate(step: int, state_on_device) -> dict:
+  def evaluate(state_on_device) -> dict:
+    nonlocal embedder
     metrics = {}
     if eval_batches:
-      values = [parallel.get_metrics(eval_step(state_on_device, parallel.put_batch(b))) for b in eval_batches]
+      values = [parallel.get_metrics(eval_step(state_on_device, b)) for b in eval_batches]
       metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
     if len({c.label for c in silhouette_clips}) >= 2 and is_chief:
-      nonlocal embedder
       host_state = parallel.get_state(state_on_device)
       variables = {'params': host_state.params, 'batch_stats': host_state.batch_stats}
       if embedder is None:
@@ -157,60 +274,96 @@ def train_and_evaluate(config, workdir: str) -> dict:
       metrics['silhouette'] = probes.silhouette(table['z'], labels, seed=config.seed)
     return metrics
 
-  logging.info('Training %s on %d clips (%d held out) of %s: %d steps (%d per epoch), global batch %d on %d '
+  def schedule_length(done: int, rate: float) -> int:
+    """Steps the learning-rate schedule spans: the run's length, or, under a time budget, the steps it will reach."""
+    if not budget_s or not rate:
+      return num_steps
+    return int(min(num_steps, done + rate * max(budget_s - spent_s, 0.0)))
+
+  logging.info('Training %s on %d clips (%d held out) of %s: %d steps (%d per epoch)%s, global batch %d on %d '
                'device(s) with %s.', config.model.name, len(train_clips), len(held_out_clips), features.root,
-               num_steps, steps_per_epoch, config.batch_size, devices, config.parallel)
-  last_metrics, pending = {}, None
-  t_start, steps_timed = time.time(), 0
-
-  def fetch(pending_step, pending_metrics):
-    """Host copy of an earlier step's metrics; stops the run on a non-finite loss."""
-    values = parallel.get_metrics(pending_metrics)
-    if not math.isfinite(values['loss']):
-      writer.write(pending_step, values, prefix='train/')
-      raise TrainingError(f'Non-finite loss ({values["loss"]}) at step {pending_step}. The last good checkpoint '
-                          f'(step {checkpointer.latest_step()}) is kept; lower config.optimizer.learning_rate or '
-                          'enable config.optimizer.grad_clip_norm, then run again.')
-    return values
-
-  def log(done: int, values: dict) -> None:
-    nonlocal last_metrics
-    last_metrics = values
-    elapsed = time.time() - t_start
-    rate = steps_timed / elapsed if elapsed > 0 else 0.0
-    lr = float(step_lib.learning_rate_at(config.optimizer, done - 1))
-    writer.write(done, last_metrics | {'learning_rate': lr, 'steps_per_s': rate}, prefix='train/')
-    eta = (num_steps - done) / rate if rate > 0 else float('nan')
-    if is_chief:
-      logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', done, num_steps,
-                   last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
-
+               num_steps, steps_per_epoch, f' or {config.train_minutes:g} min' if budget_s else '',
+               config.batch_size, devices, config.parallel)
+  boundaries = [config.log_every, eval_every, config.checkpoint_every]
+  plan = list(_dispatches(start_step, num_steps, steps_per_call, boundaries))
+  last_metrics, files_written = {}, False
+  run_start, window_start, window_steps, paused_s = time.time(), time.time(), 0, 0.0
+  total_steps = schedule_length(start_step, 0.0)
   try:
-    for step in range(start_step, num_steps):
-      batch = parallel.put_batch(loader.batch(step))
-      device_state, metrics = train_step(device_state, batch, step_rng)
-      if pending is not None:
-        # The previous step's metrics, read while this step runs: a non-finite loss stops the run at its own step.
-        prev_done, prev_metrics = pending
-        values = fetch(prev_done, prev_metrics)
-        if prev_done % config.log_every == 0:
-          log(prev_done, values)
-      steps_timed += 1
-      done = step + 1
-      pending = (done, metrics)
-      if done % eval_every == 0 or done == num_steps:
-        fetch(done, metrics)
-        writer.write(done, evaluate(done, device_state), prefix='eval/')
-      if done % config.checkpoint_every == 0 or done == num_steps:
-        fetch(done, metrics)  # Never save a state whose step went non-finite.
+    for index, (step, n) in enumerate(plan):
+      if loader is not None:
+        data = loader.get(step, n, ahead=plan[index + 1:index + 3])
+      lrs = np.zeros(steps_per_call, np.float32)
+      lrs[:n] = step_lib.learning_rate_at(config.optimizer, np.arange(step, step + n), total_steps)
+      lrs, count = parallel.put_replicated(lrs), placed_count(n)
+      with jax.transfer_guard('disallow'):  # Nothing crosses from the host but what was placed above.
+        device_state, acc = loop(device_state, acc, data, lrs, rng, count)
+      done = step + n
+      window_steps += n
+      if not precompiled and index == 0:
+        jax.block_until_ready(acc)
+        run_start = window_start = time.time()
+      elapsed_s = spent_s + time.time() - run_start
+      out_of_time = bool(budget_s) and _agreed(elapsed_s >= budget_s)
+      last = done == num_steps or out_of_time
+      is_log, is_eval = done % config.log_every == 0 or last, done % eval_every == 0 or last
+      is_checkpoint = done % config.checkpoint_every == 0 or last
+      if not (is_log or is_eval or is_checkpoint):
+        continue
+      values = parallel.get_metrics(acc)  # Waits for the call: every boundary checks that its steps were finite.
+      if values['first_bad_step'] >= 0:
+        bad = values['first_bad_step'] + 1
+        writer.write(bad, {'loss': values['bad_loss'], 'grad_norm': values['bad_grad_norm']}, prefix='train/')
+        raise TrainingError(
+            f'Non-finite loss ({values["bad_loss"]}) or gradient norm ({values["bad_grad_norm"]}) at step {bad}. '
+            f'The last good checkpoint (step {checkpointer.latest_step()}) is kept; lower '
+            'config.optimizer.learning_rate or enable config.optimizer.grad_clip_norm, then run again.')
+      if not files_written and is_chief:
+        _check_fingerprint(workdir, model_info)  # Again: another run may have started here meanwhile.
+        with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+          f.write(config.to_json_best_effort(indent=1))
+        checkpoint_lib.write_model_info(workdir, model_info)
+      files_written = True
+      if is_log:
+        window_s = time.time() - window_start - paused_s
+        rate = window_steps / window_s if window_s > 0 else 0.0
+        total_steps = schedule_length(done, (done - start_step) / max(elapsed_s - spent_s, 1e-9))
+        last_metrics = {k: v / max(values['count'], 1) for k, v in values['sums'].items()}
+        last_metrics |= {'learning_rate': float(step_lib.learning_rate_at(config.optimizer, done - 1, total_steps)), 'steps_per_s': rate, 'train_seconds': elapsed_s,
+                         'schedule_steps': total_steps}
+        writer.write(done, last_metrics, prefix='train/')
+        if is_chief:
+          eta = (num_steps - done) / rate if rate > 0 else float('nan')
+          if budget_s:
+            eta = min(eta, max(budget_s - elapsed_s, 0.0))
+          logging.info('step %d/%d  loss %.4f  active %.2f  %.2f steps/s  ETA %.0f s', done, num_steps,
+                       last_metrics['loss'], last_metrics.get('active_fraction', float('nan')), rate, eta)
+        acc = parallel.put_replicated(zero_metrics)
+        window_start, window_steps, paused_s = time.time(), 0, 0.0
+      pause = time.time()
+      if is_eval:
+        writer.write(done, evaluate(device_state), prefix='eval/')
+      if is_checkpoint:
+        writer.write(done, {'train_seconds': spent_s + time.time() - run_start}, prefix='train/')
         checkpointer.save(done, parallel.get_state(device_state), force=True)
-    if pending is not None:
-      log(pending[0], fetch(*pending))
+      paused_s += time.time() - pause
+      if out_of_time:
+        logging.info('Stopped at step %d: the time budget of %g min is spent.', done, config.train_minutes)
+        break
   finally:
-    loader.close()
+    if loader is not None:
+      loader.close()
     checkpointer.close()
     writer.close()
   return last_metrics
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's value of `flag` on every process (a stop decision must be the same everywhere)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def main(argv):
@@ -230,7 +383,7 @@ def main(argv):
                jax.local_devices())
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (TrainingError, ValueError) as e:
+  except (TrainingError, ValueError, FeaturesError) as e:
     raise SystemExit(f'train: {e}') from None
 
 

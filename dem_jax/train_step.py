@@ -1,13 +1,14 @@
-"""The train state, the optimiser, the pure triplet step, and the two ways to run it across devices.
+"""The train state, the optimiser and its learning-rate schedules, and the pure triplet step.
 
-`make_train_step` returns one pure function `train_step(state, batch, rng) -> (state, metrics)`. `DataParallel`
-compiles that same function either with `jax.pmap` over the local devices (an axis name; gradients, metrics and
-BatchNorm statistics averaged across devices) or with `jax.jit` over a 1-D 'data' mesh (batch sharded along its
-first axis, state replicated; XLA inserts the reductions). The state is donated to the step in both.
+`make_train_step` returns one pure function `train_step(state, batch, rng, lr) -> (state, metrics)`; the learning
+rate comes from the host (`learning_rate_at`, numpy), so a schedule may depend on things only the host knows, such
+as a time budget. `dem_jax.parallel.DataParallel` compiles the step (or a loop of several steps) with `jax.pmap` or
+with `jax.jit` over a device mesh.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax
@@ -16,11 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 ROLES = ('anchor', 'neighbour', 'distant')
-PMAP_AXIS = 'batch'
-MESH_AXIS = 'data'
+SCHEDULES = ('staircase', 'cosine')
 
 
 @flax.struct.dataclass
@@ -31,10 +30,31 @@ class TrainState:
   opt_state: Any
 
 
-def learning_rate_at(optimizer_config, step):
-  """Staircase decay, as the original: lr * decay_rate ** floor(step / decay_steps). Works on numpy and jnp."""
-  xp = jnp if isinstance(step, jax.Array) else np
-  return optimizer_config.learning_rate * optimizer_config.decay_rate ** xp.floor(step / optimizer_config.decay_steps)
+def learning_rate_at(optimizer_config, step, total_steps: int | None = None) -> np.ndarray:
+  """The learning rate of step(s) `step` (int or numpy array), float32, computed on the host.
+
+  'staircase' (the original's): learning_rate * decay_rate ** floor(step / decay_steps).
+  'cosine': a linear warm-up over warmup_steps, then a half cosine from learning_rate down to
+  learning_rate * final_fraction at `total_steps` (or optimizer_config.schedule_steps when set), flat after it.
+  """
+  step = np.asarray(step, dtype=np.float64)
+  base = optimizer_config.learning_rate
+  schedule = optimizer_config.get('schedule', 'staircase')
+  if schedule == 'staircase':
+    lr = base * optimizer_config.decay_rate ** np.floor(step / optimizer_config.decay_steps)
+  elif schedule == 'cosine':
+    total = optimizer_config.get('schedule_steps', 0) or total_steps
+    if not total:
+      raise ValueError("config.optimizer.schedule='cosine' needs the run's length: set config.num_steps, "
+                       'config.optimizer.schedule_steps or config.train_minutes.')
+    warmup = max(int(optimizer_config.get('warmup_steps', 0)), 0)
+    final = optimizer_config.get('final_fraction', 0.0)
+    ramp = np.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = np.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    lr = base * ramp * (final + (1 - final) * 0.5 * (1 + np.cos(math.pi * progress)))
+  else:
+    raise ValueError(f'config.optimizer.schedule={schedule!r}; choose one of {SCHEDULES}.')
+  return np.asarray(lr, dtype=np.float32)
 
 
 def _kernel_mask(params):
@@ -43,20 +63,20 @@ def _kernel_mask(params):
 
 
 def make_optimizer(optimizer_config) -> optax.GradientTransformation:
-  """Adam with the staircase schedule, an L2 penalty on kernels and optional gradient-norm clipping.
+  """Adam's update direction with an L2 penalty on kernels and optional gradient-norm clipping; the step scales it
+  by the learning rate of `learning_rate_at`.
 
-  Reads learning_rate, decay_rate, decay_steps, weight_decay and grad_clip_norm (0 turns the last two off).
-  The penalty's gradient, weight_decay * w, is added before Adam (coupled, as a `kernel_regularizer` term in the
-  loss would be, which is what the original did) rather than put into the loss, so the logged loss stays the
-  triplet loss; decay added after Adam would be AdamW, a different method. Clipping acts on the loss gradient alone.
+  Reads weight_decay and grad_clip_norm (0 turns either off). The penalty's gradient, weight_decay * w, is added
+  before Adam (coupled, as a `kernel_regularizer` term in the loss would be, which is what the original did) rather
+  than put into the loss, so the logged loss stays the triplet loss; decay added after Adam would be AdamW, a
+  different method. Clipping acts on the loss gradient alone.
   """
-  schedule = lambda count: learning_rate_at(optimizer_config, count)
   parts = []
   if optimizer_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optimizer_config.grad_clip_norm))
   if optimizer_config.weight_decay:
     parts.append(optax.add_decayed_weights(optimizer_config.weight_decay, mask=_kernel_mask))
-  parts.append(optax.adam(schedule))
+  parts += [optax.scale_by_adam(), optax.scale(-1.0)]
   return optax.chain(*parts)
 
 
@@ -101,18 +121,19 @@ def _with_axis_name(model: nn.Module, axis_name: str | None) -> nn.Module:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable,
-                    axis_name: str | None = None):
-  """`train_step(state, batch, rng) -> (state, metrics)`; batch holds float32 [B, T, M] per role.
+                    axis_name: str | None = None, *, guard: bool = True):
+  """`train_step(state, batch, rng, lr) -> (state, metrics)`; batch holds [B, T, M] tiles per role (any float).
 
-  The dropout key is fold_in(rng, step), so a resumed run draws the same masks. With `axis_name` (pmap), gradients
-  and metrics are averaged over it and the model's BatchNorm is set to average its batch statistics over it too
-  (the step owns that setting, so the model's own axis_name does not matter). A step whose loss or gradient is not
-  finite returns the state unchanged, with metrics['finite'] = 0 and the non-finite loss in metrics['loss'], so the
-  caller can stop with the last good state in hand.
+  The optimizer's update is multiplied by `lr` (a scalar: `make_optimizer`'s updates are a direction). The dropout
+  key is fold_in(rng, step), so a resumed run draws the same masks. With `axis_name` (pmap), gradients and metrics
+  are averaged over it and the model's BatchNorm is set to average its batch statistics over it too (the step owns
+  that setting, so the model's own axis_name does not matter). metrics['finite'] is 1 when the loss and the
+  gradient are finite. With `guard`, a step that is not finite returns the state unchanged, with the non-finite
+  values in its metrics, so the caller can stop with the last good state in hand; without it the caller guards.
   """
   model = _with_axis_name(model, axis_name)
 
-  def train_step(state: TrainState, batch: dict, rng) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, rng, lr) -> tuple[TrainState, dict]:
     dropout_rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:  # Different masks on every device, as one big batch would have.
       dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
@@ -127,12 +148,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, l
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     metrics['finite'] = finite.astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    if guard:
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 
   train_step.axis_name = axis_name
@@ -160,88 +183,49 @@ def make_embed_fn(model: nn.Module):
   return jax.jit(lambda variables, tiles: model.apply(variables, tiles, train=False))
 
 
-class DataParallel:
-  """Runs a step function over devices, by `jax.pmap` (local devices) or by `jax.jit` over a 1-D device mesh.
 
-  Batches arrive as this process's numpy share of the global batch; the state moves between one host copy (for
-  checkpoints) and its device form with `put_state` / `get_state`. In 'pmap' mode the step must be built with
-  `axis_name=PMAP_AXIS` (and the model's BatchNorm with the same), so that batch statistics, gradients and metrics
-  are global; in 'jit' mode with no axis name, because XLA computes those over the sharded batch by itself.
+
+def init_loop_metrics(loss_fn: Callable, embedding_dim: int = 2) -> dict:
+  """The accumulator `make_train_loop` carries: per-metric sums over good steps, their count, and the first
+  non-finite step (-1 while there is none) with its loss and gradient norm."""
+  z = jnp.zeros((2, embedding_dim), jnp.float32)
+  names = sorted(jax.eval_shape(lambda: loss_fn(z, z, z))[1]) + ['grad_norm']
+  return {'sums': {name: np.float32(0) for name in names}, 'count': np.int32(0), 'first_bad_step': np.int32(-1),
+          'bad_loss': np.float32(np.nan), 'bad_grad_norm': np.float32(np.nan)}
+
+
+def make_train_loop(train_step, batch_fn: Callable):
+  """`loop(state, acc, data, lrs, rng, num_steps) -> (state, acc)`: `num_steps` train steps in one compiled call.
+
+  `train_step` is built with guard=False; `rng` is raw key data; `batch_fn(data, step, k)` gives step `step`'s batch (the k-th of this call)
+  from `data` (packed features on the device, or the steps' batches sent from the host); `lrs` [K] holds each
+  step's learning rate, and `num_steps` (a device scalar, at most K) how many to run: one compilation serves calls
+  of any length up to K, so checkpoints, evaluations and logs can fall anywhere. Metrics stay on the device, summed into `acc` (`init_loop_metrics`). The first step
+  whose loss or gradient is not finite is recorded in acc['first_bad_step'] and is sticky: that step and every
+  later one leave the state as it was, so the caller, fetching `acc` when it likes, stops with the last good state.
   """
 
-  def __init__(self, mode: str = 'pmap', devices=None):
-    if mode not in ('pmap', 'jit'):
-      raise ValueError(f"config.parallel={mode!r}; choose 'pmap' or 'jit'.")
-    self.mode = mode
-    # pmap takes the devices of every process (each maps over its own); None means all of them.
-    self.devices = list(devices) if devices else None
-    self.local_devices = [d for d in (devices or jax.devices()) if d.process_index == jax.process_index()]
-    # pmap given no devices spans every process's devices (its collectives are global); explicit devices (tests)
-    # restrict it to those.
-    self._pmap_devices = None if devices is None else self.local_devices
-    self.axis_name = PMAP_AXIS if mode == 'pmap' else None
-    if mode == 'jit':
-      # Every device of every process; each process feeds its local rows of the global batch.
-      self.mesh = Mesh(np.array(devices or jax.devices()), (MESH_AXIS,))
-      self.replicated = NamedSharding(self.mesh, P())
-      self.sharded = NamedSharding(self.mesh, P(MESH_AXIS))
-    else:
-      self.stacked = NamedSharding(Mesh(np.array(self.local_devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+  def loop(state, acc, data, lrs, rng, num_steps):
+    rng = jax.random.wrap_key_data(rng)  # Placed as raw key data (DataParallel.put_replicated).
 
-  def _check_axis_name(self, step_fn) -> None:
-    got = getattr(step_fn, 'axis_name', self.axis_name)
-    if got != self.axis_name:
-      raise ValueError(f'{self.mode} needs a step built with axis_name={self.axis_name!r}, got {got!r}; pass '
-                       f'axis_name=DataParallel.axis_name to make_train_step/make_eval_step and create_model.')
+    def body(k, carry):
+      state, acc = carry
+      new_state, metrics = train_step(state, batch_fn(data, state.step, k), rng, lrs[k])
+      finite = metrics['finite'] > 0
+      healthy = acc['first_bad_step'] < 0
+      keep = finite & healthy
+      state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
+      first_bad = healthy & ~finite
+      acc = {
+          'sums': {name: total + jnp.where(keep, metrics[name], 0.0) for name, total in acc['sums'].items()},
+          'count': acc['count'] + keep.astype(jnp.int32),
+          'first_bad_step': jnp.where(first_bad, state.step, acc['first_bad_step']),
+          'bad_loss': jnp.where(first_bad, metrics['loss'], acc['bad_loss']),
+          'bad_grad_norm': jnp.where(first_bad, metrics['grad_norm'], acc['bad_grad_norm']),
+      }
+      return state, acc
 
-  def check_batch(self, local_batch: int) -> None:
-    n = len(self.local_devices)
-    if local_batch % n:
-      raise ValueError(f'The per-process batch ({local_batch}) does not divide across {n} local devices; make '
-                       f'config.batch_size a multiple of the total device count ({n * jax.process_count()}), '
-                       f'e.g. {-(-local_batch // n) * n * jax.process_count()}.')
+    return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 
-  def compile_train_step(self, step_fn):
-    """`step(state, batch, rng) -> (state, metrics)`, the state donated; rng is one key, the same everywhere."""
-    self._check_axis_name(step_fn)
-    if self.mode == 'pmap':
-      return jax.pmap(step_fn, axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
-                      devices=self.devices)
-    return jax.jit(step_fn, in_shardings=(self.replicated, self.sharded, self.replicated),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-
-  def compile_eval_step(self, step_fn):
-    self._check_axis_name(step_fn)
-    if self.mode == 'pmap':
-      return jax.pmap(step_fn, axis_name=PMAP_AXIS, devices=self.devices)
-    return jax.jit(step_fn, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated)
-
-  def put_state(self, state):
-    """The state placed for the step: one copy per local device (pmap) or replicated over the mesh (jit)."""
-    if self.mode == 'pmap':
-      n = len(self.local_devices)
-      return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)),
-                                                   self.stacked), state)
-    return jax.device_put(state, self.replicated)
-
-  def get_state(self, state):
-    """One host copy of the state (numpy leaves)."""
-    if self.mode == 'pmap':
-      state = jax.tree.map(lambda x: x[0], state)
-    return jax.device_get(state)
-
-  def put_batch(self, batch: dict):
-    """This process's rows of the global batch, placed for the step: [D, B/D, ...] for pmap, sharded for jit."""
-    first = next(iter(batch.values()))
-    self.check_batch(first.shape[0])
-    if self.mode == 'pmap':
-      n = len(self.local_devices)
-      return jax.tree.map(lambda x: jax.device_put(np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), self.stacked),
-                          batch)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), batch)
-
-  def get_metrics(self, metrics) -> dict:
-    """Host floats of a step's metrics (already averaged across devices)."""
-    if self.mode == 'pmap':
-      metrics = jax.tree.map(lambda x: x[0], metrics)
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  loop.axis_name = getattr(train_step, 'axis_name', None)
+  return loop

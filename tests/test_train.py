@@ -158,3 +158,72 @@ def test_two_hosts_train_like_one(dcase_features, tmp_path, parallel):
   one, two = losses_by_step(tmp_path / 'one'), losses_by_step(tmp_path / 'two')
   assert sorted(one) == sorted(two) == [1, 2, 3]
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-4)
+
+
+def test_device_and_host_stores_train_alike(dcase_features, tmp_path):
+  """The store and the steps per compiled call change speed and memory, never the batches: same losses."""
+  runs = {}
+  for name, store, per_call in [('device', 'device', 3), ('host', 'host', 2)]:
+    config = tiny_config(dcase_features, num_steps=6, log_every=1, eval_every=6, checkpoint_every=6,
+                         **{'data.store': store, 'steps_per_dispatch': per_call, 'model.dropout_rate': 0.0})
+    train_lib.train_and_evaluate(config, str(tmp_path / name))
+    runs[name] = losses_by_step(tmp_path / name)
+  assert sorted(runs['device']) == list(range(1, 7))
+  for name in ('host',):
+    np.testing.assert_allclose([runs[name][s] for s in range(1, 7)], [runs['device'][s] for s in range(1, 7)],
+                               rtol=1e-5, err_msg=name)
+
+
+def test_forced_device_store_that_does_not_fit_names_the_sizes(dcase_features, tmp_path):
+  config = tiny_config(dcase_features, num_steps=1, **{'data.store': 'device', 'data.device_memory_fraction': 1e-9})
+  with pytest.raises(train_lib.input_pipeline.StoreError, match=r"GiB.*store='host'"):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'model.json')
+
+
+def test_restart_with_another_model_is_refused_and_changes_nothing(dcase_features, tmp_path):
+  workdir = tmp_path / 'w'
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, checkpoint_every=2), str(workdir))
+  before = {name: (workdir / name).read_bytes() for name in ('config.json', 'model.json', 'metrics.jsonl')}
+  with pytest.raises(train_lib.TrainingError, match=r'another model.*embedding_dim.*new --workdir'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, **{'model.embedding_dim': 16}),
+                                 str(workdir))
+  assert {name: (workdir / name).read_bytes() for name in before} == before
+  # Running longer with the same model is a resume, not another run.
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2), str(workdir))
+  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 4
+
+
+def test_non_finite_gradient_stops_like_a_non_finite_loss(dcase_features, tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  real = train_lib.losses.get_loss_fn
+
+  def poisoned(name, **kw):
+    loss_fn = real(name, **kw)
+
+    def finite_loss_nan_gradient(za, zn, zd, **kwargs):
+      loss, metrics = loss_fn(za, zn, zd, **kwargs)
+      return loss + 0.0 * jnp.sqrt(jnp.abs(za - za)).sum(), metrics  # value unchanged, gradient 0 * inf = NaN
+    return finite_loss_nan_gradient
+
+  monkeypatch.setattr(train_lib.losses, 'get_loss_fn', poisoned)
+  with pytest.raises(train_lib.TrainingError, match=r'gradient norm \(nan\) at step 1\b'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2), str(tmp_path / 'g'))
+  assert checkpoint_lib.Checkpointer(str(tmp_path / 'g')).all_steps() == []
+  assert not os.path.exists(tmp_path / 'g' / 'model.json')
+
+
+def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_features, tmp_path):
+  workdir = str(tmp_path / 'budget')
+  config = tiny_config(dcase_features, num_steps=100000, log_every=5, checkpoint_every=1000, train_minutes=0.05,
+                       **{'optimizer.schedule': 'cosine'})
+  train_lib.train_and_evaluate(config, workdir)
+  steps = checkpoint_lib.Checkpointer(workdir).all_steps()
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  records = [r for r in read_metrics(workdir) if 'train/train_seconds' in r]
+  assert records[-1]['step'] == steps[0] and 3.0 <= records[-1]['train/train_seconds'] < 60
+  # The cosine schedule spans what the budget reaches, not the 100000-step cap.
+  logged = [r for r in records if 'train/schedule_steps' in r]
+  assert logged and logged[-1]['train/schedule_steps'] < 100000
+  with pytest.raises(train_lib.TrainingError, match=r'budget.*is spent.*train_minutes'):
+    train_lib.train_and_evaluate(config, workdir)

@@ -16,10 +16,11 @@ from dem_jax import cpu_ops
 from dem_jax import losses
 from dem_jax import models
 from dem_jax import train_step as step_lib
+from dem_jax.parallel import DataParallel
 from dem_jax.benchmarks import harness
 
 
-def _jax_candidate(flags, conv_impl: str, parallel: step_lib.DataParallel):
+def _jax_candidate(flags, conv_impl: str, parallel: DataParallel):
   """(run(steps) -> seconds per step, compile seconds) for one conv_impl."""
   model_config = ml_collections.ConfigDict(dict(name=flags.model, width=flags.width, embedding_dim=128,
                                                 dropout_rate=0.5, conv_impl=conv_impl, dtype=flags.dtype))
@@ -32,11 +33,11 @@ def _jax_candidate(flags, conv_impl: str, parallel: step_lib.DataParallel):
   rng = np.random.default_rng(0)
   batch = parallel.put_batch({r: rng.standard_normal((flags.batch, flags.frames, flags.mels), np.float32)
                               for r in step_lib.ROLES})
-  key = jax.random.key(1)
+  key, lr = jax.random.key(1), np.float32(1e-4)
   holder = {'state': parallel.put_state(state)}
 
   def one_step():
-    holder['state'], metrics = step_fn(holder['state'], batch, key)
+    holder['state'], metrics = step_fn(holder['state'], batch, key, lr)
     return metrics
 
   return harness.timed_candidate(one_step)
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
   flags = harness.parse_flags(argv, 'train_step', default_steps=5)
   if flags.retain_memory:
     cpu_ops.retain_freed_memory()
-  parallel = step_lib.DataParallel(flags.parallel)
+  parallel = DataParallel(flags.parallel)
   candidates, compile_s = {}, {}
   for conv_impl in flags.conv_impls:
     print(f'compiling the step with conv_impl={conv_impl} ...', flush=True)
