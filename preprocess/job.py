@@ -24,7 +24,9 @@ What it refuses rather than guess at:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -183,9 +185,7 @@ def _open_array(output_dir: str, settings: dict, total_frames: int, *, create: b
   return ts.open(spec, create=create, open=True).result()
 
 
-# What this job writes into an output folder; anything else there means the folder is not ours.
-_OWN_ENTRIES = {WORK_DIR, features_lib.ARRAY_NAME, features_lib.MANIFEST_NAME, features_lib.INFO_NAME,
-                features_lib.SUMMARY_NAME}
+_LOCK_NAME = '.plan.lock'
 
 
 def prepare_output_dir(output_dir: str) -> None:
@@ -217,6 +217,54 @@ def _clear(output_dir: str) -> None:
       shutil.rmtree(path)
 
 
+def _usable_plan(output_dir: str, settings: dict) -> dict | None:
+  """This folder's plan if it matches the settings and inputs; None if there is none, or one that may be redone
+  because nothing was written under it; PreprocessError (with the fix) when the folder must not be touched."""
+  plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
+  try:
+    plan = _read_json(plan_path)
+  except FileNotFoundError:
+    plan = None
+  if plan is None:
+    foreign = sorted(set(os.listdir(output_dir)) - {WORK_DIR, features_lib.ARRAY_NAME, _LOCK_NAME})
+    if foreign:
+      kind = ('a feature store this job did not plan (an older version, or its plan was removed)'
+              if features_lib.INFO_NAME in foreign else f'other files ({", ".join(foreign[:3])})')
+      raise PreprocessError(f'--output_dir={output_dir} holds {kind}; choose a new or empty --output_dir, or '
+                            'delete the folder.')
+    return None
+  if plan.get('version') != PLAN_VERSION or plan.get('settings') != settings:
+    old = plan.get('settings', {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if _nothing_written(output_dir):
+      logging.info('preprocess: %s holds an unstarted plan with other settings; planning again.', output_dir)
+      return None
+    raise PreprocessError(
+        f'{output_dir} already holds a run with other settings (differing: {", ".join(changed) or "version"}). '
+        'Use a new --output_dir, delete the old one, or run with the same settings to finish it.')
+  changes = changed_inputs(plan['inputs'], read_inputs(settings)[1])
+  if not changes:
+    return plan
+  if _nothing_written(output_dir):
+    logging.info('preprocess: the inputs changed before anything was written (%s); planning again.',
+                 '; '.join(changes))
+    return None
+  raise PreprocessError(f'The inputs of {output_dir} changed since its plan was made ({"; ".join(changes)}); '
+                        'finishing it would mix old and new audio. To redo it, delete the folder (or choose a new '
+                        '--output_dir) and run again.')
+
+
+@contextlib.contextmanager
+def _planning_lock(output_dir: str):
+  """Held while a plan is made: the tasks of an array job start together, and only one may clear and plan."""
+  with open(os.path.join(output_dir, _LOCK_NAME), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_or_make_plan(output_dir: str, settings: dict) -> dict:
   """The plan of this output folder; made (and the array created) if this is the first task to get here.
 
@@ -224,44 +272,20 @@ def load_or_make_plan(output_dir: str, settings: dict) -> dict:
   would mix with the new ones under the old manifest); while nothing was, the folder is planned afresh.
   """
   prepare_output_dir(output_dir)
-  work = os.path.join(output_dir, WORK_DIR)
-  plan_path = os.path.join(work, PLAN_NAME)
-  fresh = 'delete the folder (or choose a new --output_dir) and run again'
-  if os.path.exists(plan_path):
-    plan = _read_json(plan_path)
-    if plan.get('version') != PLAN_VERSION or plan.get('settings') != settings:
-      old = plan.get('settings', {})
-      changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-      if not _nothing_written(output_dir):
-        raise PreprocessError(
-            f'{output_dir} already holds a run with other settings (differing: {", ".join(changed) or "version"}). '
-            'Use a new --output_dir, delete the old one, or run with the same settings to finish it.')
-      logging.info('preprocess: %s held an unstarted plan with other settings; planning again.', output_dir)
-      _clear(output_dir)
-    else:
-      _, inputs = read_inputs(settings)
-      changes = changed_inputs(plan['inputs'], inputs)
-      if not changes:
-        return plan
-      if not _nothing_written(output_dir):
-        raise PreprocessError(f'The inputs of {output_dir} changed since its plan was made ({"; ".join(changes)}); '
-                              f'finishing it would mix old and new audio. To redo it, {fresh}.')
-      logging.info('preprocess: the inputs changed before anything was written (%s); planning again.',
-                   '; '.join(changes))
-      _clear(output_dir)
-  else:
-    foreign = sorted(set(os.listdir(output_dir)) - {WORK_DIR, features_lib.ARRAY_NAME})
-    if foreign:
-      kind = ('a feature store this job did not plan (an older version, or its plan was removed)'
-              if features_lib.INFO_NAME in foreign else f'other files ({", ".join(foreign[:3])})')
-      raise PreprocessError(f'--output_dir={output_dir} holds {kind}; choose a new or empty --output_dir, or '
-                            'delete the folder.')
-    _clear(output_dir)  # Left by a run killed before its plan was written.
-  plan = make_plan(settings)
-  os.makedirs(os.path.join(work, 'blocks'), exist_ok=True)
-  os.makedirs(os.path.join(work, 'tasks'), exist_ok=True)
-  _open_array(output_dir, settings, plan['total_frames'], create=True)
-  _atomic_write_json(plan_path, plan)  # Last: a plan on disk means its array exists.
+  plan = _usable_plan(output_dir, settings)  # The usual case, without waiting on other tasks.
+  if plan is not None:
+    return plan
+  with _planning_lock(output_dir):
+    plan = _usable_plan(output_dir, settings)  # Another task may have planned meanwhile.
+    if plan is not None:
+      return plan
+    _clear(output_dir)  # An unstarted plan, or what a run killed before writing its plan left.
+    plan = make_plan(settings)
+    work = os.path.join(output_dir, WORK_DIR)
+    os.makedirs(os.path.join(work, 'blocks'), exist_ok=True)
+    os.makedirs(os.path.join(work, 'tasks'), exist_ok=True)
+    _open_array(output_dir, settings, plan['total_frames'], create=True)
+    _atomic_write_json(os.path.join(work, PLAN_NAME), plan)  # Last: a plan on disk means its array exists.
   return plan
 
 

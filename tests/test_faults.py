@@ -289,6 +289,7 @@ def test_bad_runs_of_the_command_end_in_one_line_with_the_fix(tiny_dcase, tmp_pa
   data = f'--data_dir={tiny_dcase}'
   cases = {
       'is a file, not a folder': ['--dataset=folder', data, f'--output_dir={a_file}'],
+      'cannot create --output_dir': ['--dataset=folder', data, f'--output_dir={a_file / "features"}'],
       'not UTF-8 text': ['--dataset=dcase2018_task5', data, f'--output_dir={tmp_path / "o1"}'],
       'compression': ['--dataset=folder', data, f'--output_dir={tmp_path / "o2"}',
                       '--config.storage.compression=gzip'],
