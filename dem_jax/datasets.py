@@ -92,15 +92,15 @@ def read_dataset(name: str, data_dir: str, **options) -> Dataset:
 def read_text(path: str) -> list[str]:
   """The lines of a UTF-8 text file (a leading byte-order mark dropped); DatasetError naming the line otherwise."""
   with open(path, 'rb') as f:
-    data = f.read()
-  lines = data.splitlines()
-  for n, line in enumerate(lines, 1):
+    data = f.read().removeprefix(b'\xef\xbb\xbf')
+  lines = []
+  for n, line in enumerate(data.split(b'\n'), 1):  # Only \n (and \r\n) end a line, as in the files' writers.
     try:
-      line.decode('utf-8')
+      lines.append(line.decode('utf-8').removesuffix('\r'))
     except UnicodeDecodeError as e:
       raise DatasetError(f'{path}:{n}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); save '
                          'the file as UTF-8.') from None
-  return data.decode('utf-8-sig').splitlines()
+  return lines[:-1] if lines and not lines[-1] else lines
 
 
 def _read_list(path: str) -> list[list[str]]:
@@ -169,9 +169,10 @@ def read_dcase2018_task5(root: str) -> Dataset:
       if not os.path.exists(path):
         raise DatasetError(f'{path} is missing; the development set needs evaluation_setup/fold1..4_evaluate.txt.')
       lists.append(path)
-      for row in _read_list(path):
-        if outside_root(row[0]):
-          continue  # Reported once, from meta.txt or below.
+      for n, row in enumerate(_read_list(path), 1):
+        if reason := outside_root(row[0]):
+          problems.append({'path': row[0], 'reason': f'{path}:{n}: {reason}'})
+          continue
         if row[0] in fold_of:
           raise DatasetError(f'{row[0]} is in the evaluate lists of fold {fold_of[row[0]]} and fold {k} ({path}); '
                              'each clip must be evaluated in exactly one fold.')

@@ -101,11 +101,12 @@ def test_list_paths_outside_the_data_root_are_reported_not_read(tiny_dcase, tmp_
   with open(tiny_dcase / 'meta.txt', 'a') as f:
     f.write(f'\n{outside}\tabsence\tx\n../secret.wav\tabsence\tx\naudio/../../secret.wav\tabsence\tx')
   with open(tiny_dcase / 'evaluation_setup' / 'fold1_evaluate.txt', 'a') as f:
-    f.write('../secret.wav\tabsence\n')
+    f.write('../../elsewhere.wav\tabsence\n')
   ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
   assert len(ds.clips) == 4 and all(not c.path.startswith(('/', '..')) for c in ds.clips)
   refused = {p['path']: p['reason'] for p in ds.problems}
-  assert set(refused) == {str(outside), '../secret.wav', 'audio/../../secret.wav'}
+  assert set(refused) == {str(outside), '../secret.wav', 'audio/../../secret.wav', '../../elsewhere.wav'}
+  assert 'fold1_evaluate.txt:' in refused['../../elsewhere.wav']
   assert 'absolute' in refused[str(outside)] and "'..'" in refused['../secret.wav']
 
 
