@@ -64,6 +64,10 @@ def main(argv):
   if _NUM_WORKERS.value < 1:
     fail(f'--num_workers={_NUM_WORKERS.value}; give 1 or more.')
   try:
+    _CONFIG.value.storage  # A config file that failed to load raises on first use.
+  except OSError as e:
+    fail(f'--config could not be loaded ({str(e).strip().splitlines()[-1].strip()}); check its path.')
+  try:
     summary = job.run(_CONFIG.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
                       output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=_NUM_WORKERS.value,
                       task_index=_TASK_INDEX.value, num_tasks=_NUM_TASKS.value, finalize_only=_FINALIZE.value)

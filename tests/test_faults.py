@@ -295,6 +295,7 @@ def test_bad_runs_of_the_command_end_in_one_line_with_the_fix(tiny_dcase, tmp_pa
       'compression': ['--dataset=folder', data, f'--output_dir={tmp_path / "o2"}',
                       '--config.storage.compression=gzip'],
       'frontend': ['--dataset=folder', data, f'--output_dir={tmp_path / "o3"}', '--config.frontend.fmax=9000'],
+      'No such file': ['--dataset=folder', data, f'--output_dir={tmp_path / "o4"}', f'--config={tmp_path / "x.py"}'],
   }
   for expected, args in cases.items():
     result = cli(*args)
