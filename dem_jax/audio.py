@@ -100,13 +100,14 @@ def read_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None)
     raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
   try:
     data, file_rate = soundfile.read(path, dtype='float32', always_2d=True)
-    header_frames = soundfile.info(path).frames
+    info = soundfile.info(path)
   except Exception as e:
     raise AudioError(path, f'cannot decode audio ({e}); is it a complete, supported audio file?') from None
   if data.shape[0] == 0:
     raise AudioError(path, 'the file holds no audio samples (empty or truncated)')
   warnings = []
-  promised = max(header_frames, wav_header_frames(path) or 0)
+  # Lengths the header states exactly: WAV's data chunk, FLAC's stream info (MP3 and Ogg only estimate theirs).
+  promised = wav_header_frames(path) or (info.frames if info.format == 'FLAC' else 0)
   if promised > data.shape[0]:
     warnings.append(f'truncated: the header promises {promised} samples per channel, the file holds '
                     f'{data.shape[0]}; kept the {data.shape[0]} read')
