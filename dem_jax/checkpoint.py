@@ -189,8 +189,8 @@ class Checkpointer:
     self._write_digests(except_step=step)  # save() waited for the earlier saves; this one may still be running.
     return saved
 
-  def _candidates(self, step: int | None) -> list[int]:
-    """Steps to try to restore, newest first: the given one only, or every intact one."""
+  def _candidates(self, step: int | None):
+    """Steps to try to restore, newest first: the given one only, or each intact one (verified as it is reached)."""
     if step is not None:
       if step not in self._steps():
         raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; saved steps: {self._steps()}.')
@@ -199,11 +199,14 @@ class Checkpointer:
         raise CheckpointError(f'Checkpoint step {step} in {self.directory} is damaged: {reason}. Restore another '
                               f'step (intact: {self.intact_steps()}), or leave the step out to use the newest intact '
                               'one.')
-      return [step]
-    steps = list(reversed(self.intact_steps()))
-    if not steps:
-      raise FileNotFoundError(f'No intact checkpoint in {self.directory}; train first, or check --workdir.')
-    return steps
+      yield step
+      return
+    for candidate in reversed(self._steps()):
+      reason = self.damage(candidate)
+      if reason:
+        self._warn_damaged(candidate, reason)
+      else:
+        yield candidate
 
   def _restore_first_intact(self, step: int | None, restore_one) -> Any:
     failures = []
@@ -221,8 +224,9 @@ class Checkpointer:
       self._damage[candidate] = reason
       self._warn_damaged(candidate, reason)
       failures.append(candidate)
-    raise CheckpointError(f'Every checkpoint in {self.directory} is damaged (steps {failures}); train again in a new '
-                          'workdir.')
+    raise CheckpointError(f'No intact checkpoint in {self.directory} (damaged: steps '
+                          f'{sorted(set(self._steps()) - set(self.intact_steps()) | set(failures))}); train again in '
+                          'a new workdir.')
 
   def restore(self, target: Any, step: int | None = None) -> Any:
     """The state saved at `step` (default: the newest intact step), in the structure of `target`, as numpy leaves.
