@@ -4,6 +4,7 @@ Preprocessing, the dataset readers, the feature store and checkpoints; each case
 audio in the real on-disk layouts.
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -200,6 +201,18 @@ def test_folders_that_are_not_this_jobs_are_refused(tiny_dcase, tmp_path):
   with pytest.raises(job.PreprocessError, match=r'holds other files \(notes.txt\)'):
     run_job(tiny_dcase, other)
   assert (other / 'notes.txt').read_text() == 'mine' and os.listdir(other) == ['notes.txt']
+
+
+def test_array_tasks_started_together_give_the_single_run_output(tiny_dcase, tmp_path):
+  single = tmp_path / 'single'
+  run_job(tiny_dcase, single)
+  together = tmp_path / 'together'
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # Each plans or waits for the one planning.
+    list(pool.map(lambda i: run_job(tiny_dcase, together, task_index=i, num_tasks=3), range(3)))
+  run_job(tiny_dcase, together, finalize_only=True)
+  for name in (features_lib.MANIFEST_NAME, features_lib.INFO_NAME):
+    assert (single / name).read_bytes() == (together / name).read_bytes()
+  np.testing.assert_array_equal(all_stored_frames(single)[1], all_stored_frames(together)[1])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root may write to a read-only folder')
