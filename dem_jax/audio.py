@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 
 import librosa
 import numpy as np
@@ -60,27 +61,75 @@ def max_resampled_length(num_samples: int, orig_rate: int, target_rate: int) -> 
   return -(-num_samples * target_rate // orig_rate) + 1
 
 
-def load_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None) -> np.ndarray:
-  """Mono float32 samples of `path` at `sample_rate`.
+def wav_header_frames(path: str) -> int | None:
+  """Frames (per channel) that a RIFF/WAVE file's `data` chunk header promises; None for other files.
 
-  Multi-channel audio is averaged to mono (DCASE's 4 microphones, stereo music). Other sample rates are resampled
-  with soxr (high quality). With `trim_top_db`, leading and trailing parts quieter than the peak by that many dB
-  are cut (librosa.effects.trim), as the original did for music.
+  Read by hand because libsndfile clamps its frame count to what the file holds and mentions the difference only in
+  its log; the header's own claim is what tells a truncated file from a short one.
   """
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(12)
+      if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+        return None
+      block_align = None
+      while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+          return None
+        chunk_id, size = chunk[:4], struct.unpack('<I', chunk[4:])[0]
+        if chunk_id == b'fmt ':
+          fmt = f.read(size + (size & 1))
+          if len(fmt) < 14:
+            return None
+          block_align = struct.unpack('<H', fmt[12:14])[0]
+        elif chunk_id == b'data':
+          # 0xFFFFFFFF: a streaming writer that never knew the length; 0 block_align: a broken header.
+          if not block_align or size == 0xFFFFFFFF:
+            return None
+          return size // block_align
+        else:
+          f.seek(size + (size & 1), os.SEEK_CUR)
+  except OSError:
+    return None
+
+
+def read_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None) -> tuple[np.ndarray, list[str]]:
+  """`load_audio`, and warnings about the file worth recording (a header that promises more than the file holds)."""
   if not os.path.exists(path):
     raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
   try:
     data, file_rate = soundfile.read(path, dtype='float32', always_2d=True)
+    info = soundfile.info(path)
   except Exception as e:
     raise AudioError(path, f'cannot decode audio ({e}); is it a complete, supported audio file?') from None
   if data.shape[0] == 0:
     raise AudioError(path, 'the file holds no audio samples (empty or truncated)')
+  warnings = []
+  # Lengths the header states exactly: WAV's data chunk, FLAC's stream info (MP3 and Ogg only estimate theirs).
+  promised = wav_header_frames(path) or (info.frames if info.format == 'FLAC' else 0)
+  if promised > data.shape[0]:
+    warnings.append(f'truncated: the header promises {promised} samples per channel, the file holds '
+                    f'{data.shape[0]}; kept the {data.shape[0]} read')
   # Channel average as a matrix-vector product: several times faster than mean(axis=1) on interleaved frames.
   samples = data @ np.full(data.shape[1], 1 / data.shape[1], np.float32) if data.shape[1] > 1 else data[:, 0]
   if not np.all(np.isfinite(samples)):
     raise AudioError(path, 'the audio holds NaN or infinite samples')
   if file_rate != sample_rate:
     samples = soxr.resample(samples, file_rate, sample_rate, quality='HQ').astype(np.float32, copy=False)
+    if not np.all(np.isfinite(samples)):  # Samples near the float32 limit can overflow in the filter.
+      raise AudioError(path, 'resampling overflowed: the samples are far outside [-1, 1]')
   if trim_top_db is not None and np.any(samples):
     samples, _ = librosa.effects.trim(samples, top_db=trim_top_db, frame_length=2048, hop_length=512)
-  return np.ascontiguousarray(samples, dtype=np.float32)
+  return np.ascontiguousarray(samples, dtype=np.float32), warnings
+
+
+def load_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None) -> np.ndarray:
+  """Mono float32 samples of `path` at `sample_rate`.
+
+  Multi-channel audio is averaged to mono (DCASE's 4 microphones, stereo music). Other sample rates are resampled
+  with soxr (high quality). With `trim_top_db`, leading and trailing parts quieter than the peak by that many dB
+  are cut (librosa.effects.trim), as the original did for music. Samples are finite, but not necessarily in
+  [-1, 1] (float files may hold any value): callers check what they compute from them.
+  """
+  return read_audio(path, sample_rate, trim_top_db=trim_top_db)[0]

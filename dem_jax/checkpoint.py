@@ -5,11 +5,23 @@ or jit (a replicated global array), the saved form is the same, so a checkpoint 
 Every process calls save/restore (orbax coordinates them; only the primary process writes numpy leaves). orbax
 writes each step into a temporary folder and renames it when complete, so a killed run never leaves a checkpoint
 that looks whole but is not.
+
+What guards against a checkpoint that is whole but wrong:
+- Once orbax has finished a step, the primary process writes `digest.json` into the step's folder: the sha256 of
+  the step's files, and whether every saved float was finite. A step whose files no longer match (flipped bytes, a
+  truncated file) or that held non-finite values is damaged: `latest_step()` skips it with a warning and returns the
+  newest intact step, and `restore()` falls back to it. Restored arrays are checked to be finite as well, so a step
+  without a digest (a run killed between orbax's rename and the digest) is still never restored with NaN/inf.
+- `Checkpointer(workdir, read_only=True)` is for readers (embed, evaluate): it creates no folder, deletes nothing
+  (no clean-up of temporary folders, no pruning to max_to_keep) and saves nothing, so a reader can open a workdir
+  while training saves into it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -19,7 +31,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
+DIGEST_NAME = 'digest.json'  # In each step's folder, written after orbax finished the step.
 MODEL_INFO = 'model.json'  # What inference needs besides the weights: model config, normaliser, tile, front end.
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used: damaged, non-finite, or a save asked of a read-only Checkpointer."""
 
 
 def write_model_info(workdir: str, info: dict) -> None:
@@ -38,49 +55,204 @@ def read_model_info(workdir: str) -> dict:
     return json.load(f)
 
 
-class Checkpointer:
+def files_digest(step_dir: str) -> str:
+  """sha256 over the relative path and bytes of every file of a step's folder (the digest file excepted)."""
+  digest = hashlib.sha256()
+  for dirpath, dirnames, filenames in os.walk(step_dir):
+    dirnames.sort()
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative.startswith(DIGEST_NAME):  # The digest itself and its temporary file.
+        continue
+      digest.update(relative.encode() + b'\0')
+      with open(path, 'rb') as f:
+        digest.update(hashlib.file_digest(f, 'sha256').digest())
+  return digest.hexdigest()
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_every: int = 1000):
+
+def all_finite(tree: Any) -> bool:
+  """Whether every floating-point leaf of a pytree is free of NaN and inf."""
+  return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+
+
+class Checkpointer:
+  """Saves and restores the train state in `<workdir>/checkpoints`; see the module docstring for the guarantees."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_every: int = 1000, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.save_every = save_every
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+    self.read_only = read_only
+    self._pending: dict[int, bool] = {}  # Steps saved by this process without a digest yet -> all finite.
+    self._damage: dict[int, str | None] = {}  # Verified steps -> why damaged (None: intact).
+    self._warned: set[int] = set()
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                             max_to_keep=None, save_interval_steps=0)
+      # A workdir without checkpoints yet has nothing to read; orbax is not asked to look (or create).
+      self.manager = ocp.CheckpointManager(self.directory, options=options) if os.path.isdir(self.directory) else None
+    else:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _steps(self) -> list[int]:
+    if self.manager is None:
+      return []
+    if self.read_only:
+      self.manager.reload()  # Another process (training) may have saved or pruned steps since.
+    return sorted(self.manager.all_steps())
+
+  def damage(self, step: int) -> str | None:
+    """Why a saved step is damaged (its files do not match its digest, or it held non-finite values), else None.
+
+    A step without a digest counts as intact here; restoring it still checks that its values are finite.
+    """
+    if step in self._damage:
+      return self._damage[step]
+    digest_path = os.path.join(self._step_dir(step), DIGEST_NAME)
+    if not os.path.exists(digest_path):
+      return None  # Not cached: the digest may still be written.
+    try:
+      with open(digest_path, encoding='utf-8') as f:
+        recorded = json.load(f)
+      if recorded.get('sha256') != files_digest(self._step_dir(step)):
+        reason = "its files do not match the digest written when it was saved (damaged on disk)"
+      elif not recorded.get('finite', True):
+        reason = 'it holds non-finite values (NaN or inf)'
+      else:
+        reason = None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+      reason = f'its digest cannot be checked ({e})'
+    self._damage[step] = reason
+    return reason
+
+  def _warn_damaged(self, step: int, reason: str) -> None:
+    if step not in self._warned:
+      self._warned.add(step)
+      logging.warning('Checkpoint step %d in %s is damaged: %s; it is skipped.', step, self.directory, reason)
+
+  def intact_steps(self) -> list[int]:
+    """Saved steps that are not damaged, oldest first (damaged ones are skipped with a warning)."""
+    intact = []
+    for step in self._steps():
+      reason = self.damage(step)
+      if reason:
+        self._warn_damaged(step, reason)
+      else:
+        intact.append(step)
+    return intact
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest intact step, or None."""
+    for step in reversed(self._steps()):
+      reason = self.damage(step)
+      if reason is None:
+        return step
+      self._warn_damaged(step, reason)
+    return None
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """Every saved step, damaged or not."""
+    return self._steps()
+
+  def _write_digests(self, *, except_step: int | None = None) -> None:
+    """Digests of this process's finished saves (orbax finishes a save before it starts the next one)."""
+    for step in sorted(self._pending):
+      if step == except_step:
+        continue
+      finite = self._pending.pop(step)
+      step_dir = self._step_dir(step)
+      if jax.process_index() != 0 or not os.path.isdir(step_dir):  # Pruned meanwhile: nothing to describe.
+        continue
+      path = os.path.join(step_dir, DIGEST_NAME)
+      tmp = f'{path}.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump({'step': step, 'sha256': files_digest(step_dir), 'finite': finite}, f)
+      os.replace(tmp, path)
 
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves `state` (a pytree; device arrays are fetched to the host) at `step` if due, or always with force."""
+    if self.read_only:
+      raise CheckpointError(f'This Checkpointer of {self.directory} is read-only; open it without read_only to save.')
     if not force and step % self.save_every:
       return False
     host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(state)))
-    return self.manager.save(step, args=ocp.args.StandardSave(host_state), force=force)
+    finite = all_finite(host_state)
+    saved = self.manager.save(step, args=ocp.args.StandardSave(host_state), force=force)
+    if saved:
+      self._pending[step] = finite
+    self._write_digests(except_step=step)  # save() waited for the earlier saves; this one may still be running.
+    return saved
+
+  def _candidates(self, step: int | None):
+    """Steps to try to restore, newest first: the given one only, or each intact one (verified as it is reached)."""
+    if step is not None:
+      if step not in self._steps():
+        raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; saved steps: {self._steps()}.')
+      reason = self.damage(step)
+      if reason:
+        raise CheckpointError(f'Checkpoint step {step} in {self.directory} is damaged: {reason}. Restore another '
+                              f'step (intact: {self.intact_steps()}), or leave the step out to use the newest intact '
+                              'one.')
+      yield step
+      return
+    for candidate in reversed(self._steps()):
+      reason = self.damage(candidate)
+      if reason:
+        self._warn_damaged(candidate, reason)
+      else:
+        yield candidate
+
+  def _restore_first_intact(self, step: int | None, restore_one) -> Any:
+    failures = []
+    for candidate in self._candidates(step):
+      try:
+        restored = restore_one(candidate)
+        reason = None if all_finite(restored) else 'it holds non-finite values (NaN or inf)'
+      except Exception as e:  # orbax and tensorstore raise many types for unreadable data; all mean "damaged".
+        reason = f'it cannot be read ({type(e).__name__}: {str(e)[:200]})'
+      if reason is None:
+        return restored
+      if step is not None:
+        raise CheckpointError(f'Checkpoint step {step} in {self.directory} is damaged: {reason}. Restore another '
+                              'step, or leave the step out to use the newest intact one.')
+      self._damage[candidate] = reason
+      self._warn_damaged(candidate, reason)
+      failures.append(candidate)
+    raise CheckpointError(f'No intact checkpoint in {self.directory} (damaged: steps '
+                          f'{sorted(set(self._steps()) - set(self.intact_steps()) | set(failures))}); train again in '
+                          'a new workdir.')
 
   def restore(self, target: Any, step: int | None = None) -> Any:
-    """The state saved at `step` (default: the latest), in the structure of `target`, as numpy leaves."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """The state saved at `step` (default: the newest intact step), in the structure of `target`, as numpy leaves.
+
+    Without a step, a damaged checkpoint is skipped with a warning and the one before it is used; a step that is
+    named and damaged raises CheckpointError.
+    """
+    if not self._steps():
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     template = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(target)))
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(template))
+    restored = self._restore_first_intact(
+        step, lambda s: self.manager.restore(s, args=ocp.args.StandardRestore(template)))
     return flax.serialization.from_state_dict(target, restored)
 
   def restore_raw(self, step: int | None = None) -> dict:
     """The saved state as nested dicts of numpy arrays, without a template (for inference: params, batch_stats)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    if not self._steps():
       raise FileNotFoundError(f'No checkpoint in {self.directory}; train first, or check --workdir.')
-    if step not in self.all_steps():
-      raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; saved steps: {self.all_steps()}.')
-    return self.manager.restore(step, args=ocp.args.StandardRestore())
+    return self._restore_first_intact(step, lambda s: self.manager.restore(s, args=ocp.args.StandardRestore()))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self._write_digests()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self.manager is not None:
+      self.wait()
+      self.manager.close()

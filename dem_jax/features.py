@@ -6,8 +6,9 @@ On disk, in one output folder:
   (they are never read and take no disk space).
 - `manifest.csv`: one row per written clip: clip_id, path, label, group, recording, position, split,
   frame_offset, num_frames, duration, plus any extra columns of a split file.
-- `features.json`: settings (front end, dataset, storage), labels, and per-band sums per split from which
-  normalisation statistics are derived. It is written last: a folder without it is not a finished output.
+- `features.json`: settings (front end, dataset, storage), labels, per-band sums per split from which
+  normalisation statistics are derived, and the manifest's sha256. It is written last: a folder without it is not a
+  finished output, and a manifest that does not match it is refused.
 - `summary.json`: what the run did (clips written, failures with reasons, audio seconds, wall seconds, settings).
 
     features = open_features('/data/dcase_features')
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -93,15 +95,24 @@ def array_spec(path: str, *, num_frames: int, n_mels: int, dtype: str, chunk_fra
 
 
 def read_manifest(path: str) -> list[Clip]:
-  with open(path, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
+  """The clips of a manifest; FeaturesError naming the file and line when it cannot be read."""
+  try:
+    with open(path, newline='', encoding='utf-8') as f:
+      rows = list(csv.DictReader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise FeaturesError(f'{path} cannot be read ({e}); run the preprocessing job again with --finalize to rewrite '
+                        'it.') from None
   clips = []
-  for row in rows:
-    extra = tuple(sorted((k, v) for k, v in row.items() if k not in MANIFEST_COLUMNS))
-    clips.append(Clip(clip_id=row['clip_id'], path=row['path'], label=row['label'], group=row['group'],
-                      recording=row['recording'], position=int(row['position']), split=row['split'],
-                      frame_offset=int(row['frame_offset']), num_frames=int(row['num_frames']),
-                      duration=float(row['duration']), extra=extra))
+  for n, row in enumerate(rows, 2):
+    extra = tuple(sorted((k, v) for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None))
+    try:
+      clips.append(Clip(clip_id=row['clip_id'], path=row['path'], label=row['label'], group=row['group'],
+                        recording=row['recording'], position=int(row['position']), split=row['split'],
+                        frame_offset=int(row['frame_offset']), num_frames=int(row['num_frames']),
+                        duration=float(row['duration']), extra=extra))
+    except (KeyError, TypeError, ValueError) as e:
+      raise FeaturesError(f'{path}:{n}: not a manifest row ({e!r}); run the preprocessing job again with '
+                          '--finalize to rewrite it.') from None
   return clips
 
 
@@ -150,12 +161,33 @@ class Features:
       raise FeaturesError(f'{self.root} is not a finished preprocessing output ({INFO_NAME} is missing). If the job '
                           'ran as several tasks, run it once more with --finalize; if it was interrupted, run the '
                           'same command again to finish it.')
-    with open(info_path, encoding='utf-8') as f:
-      self.info = json.load(f)
+    refinalize = (f'run the preprocessing job for {self.root} again with --finalize to rewrite it (or the same '
+                  'command as before)')
+    try:
+      with open(info_path, encoding='utf-8') as f:
+        self.info = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise FeaturesError(f'{info_path} is damaged ({e}); {refinalize}.') from None
     self.frontend = FrontEnd(**self.info['frontend'])
     self.labels: list[str] = list(self.info['labels'])
     self.dataset: str = self.info['dataset']
-    self.clips: list[Clip] = read_manifest(os.path.join(self.root, MANIFEST_NAME))
+    manifest_path = os.path.join(self.root, MANIFEST_NAME)
+    if not os.path.exists(manifest_path):
+      raise FeaturesError(f'{self.root} has {INFO_NAME} but no {MANIFEST_NAME}; {refinalize}.')
+    if 'manifest_sha256' in self.info:  # Stores written before the digest existed are opened as they are.
+      with open(manifest_path, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+      if digest != self.info['manifest_sha256']:
+        raise FeaturesError(f'{manifest_path} does not match {INFO_NAME} (another run\'s or edited); {refinalize}.')
+    self.clips: list[Clip] = read_manifest(manifest_path)
+    if len(self.clips) != self.info.get('num_clips', len(self.clips)):
+      raise FeaturesError(f'{manifest_path} lists {len(self.clips)} clips, {INFO_NAME} says '
+                          f'{self.info["num_clips"]}; {refinalize}.')
+    total = self.info.get('total_frames')
+    outside = [c.clip_id for c in self.clips if total is not None and c.frame_offset + c.num_frames > total]
+    if outside:
+      raise FeaturesError(f'{manifest_path} places {outside[0]} beyond the {total} frames of {ARRAY_NAME}; '
+                          f'{refinalize}.')
     self._index = {c.clip_id: i for i, c in enumerate(self.clips)}
     self._array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(self.root, ARRAY_NAME)},
                            'context': {'cache_pool': {'total_bytes_limit': cache_bytes}},
@@ -244,7 +276,14 @@ class Features:
         count += sums[s]['count']
         total += np.asarray(sums[s]['sum'])
         total_sq += np.asarray(sums[s]['sum_sq'])
-    return stats_from_sums(count, total, total_sq)
+    if not (np.all(np.isfinite(total)) and np.all(np.isfinite(total_sq))):
+      raise FeaturesError(f'The band sums of {self.root} ({INFO_NAME}, splits {sorted(splits)}) are not finite; the '
+                          'store holds non-finite frames. Preprocess the data again into a new folder.')
+    mean, std = stats_from_sums(count, total, total_sq)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+      raise FeaturesError(f'The normalisation statistics of {self.root} are not finite; preprocess the data again '
+                          'into a new folder.')
+    return mean, std
 
 
 def open_features(root: str, **kwargs) -> Features:

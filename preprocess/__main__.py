@@ -10,6 +10,13 @@ Folder data (<root>/<label>/<file>), with a published split:
   ./launch.sh preprocess --dataset=folder --data_dir=/data/gtzan --output_dir=/data/feats/gtzan \
       --split_file=gtzan_split.csv
 A killed job, run again with the same command, finishes what is left and gives the same output.
+
+Exit codes (a bad run ends with one line on stderr that names the file or setting and the fix):
+  0  done (files that failed are listed in summary.json), or this task of an array job done
+  1  the job could not run: a flag or setting, the data set's lists or folders, the output folder, or the disk
+  3  it ran, but no clip could be written (each file's reason is in summary.json)
+  4  --strict and at least one file failed
+  130  interrupted (Ctrl-C); the same command finishes the job
 """
 
 import json
@@ -23,7 +30,13 @@ from ml_collections import config_flags
 
 import configs
 from dem_jax import datasets
+from dem_jax import features
 from preprocess import job
+
+EXIT_ERROR = 1
+EXIT_NOTHING_WRITTEN = 3
+EXIT_STRICT = 4
+EXIT_INTERRUPTED = 130
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(configs.__file__), 'features.py'), 'Feature settings (a Python config).')
@@ -38,17 +51,30 @@ _FINALIZE = flags.DEFINE_bool('finalize', False, 'Only assemble manifest, statis
 _STRICT = flags.DEFINE_bool('strict', False, 'Exit non-zero when any file failed.')
 
 
+def fail(message: str, code: int = EXIT_ERROR):
+  print(f'preprocess: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   if not _FINALIZE.value and (not _DATASET.value or not _DATA_DIR.value):
-    raise app.UsageError('--dataset and --data_dir are required (except with --finalize).')
+    fail('--dataset and --data_dir are required (except with --finalize); see --help.')
+  if _NUM_WORKERS.value < 1:
+    fail(f'--num_workers={_NUM_WORKERS.value}; give 1 or more.')
+  try:
+    _CONFIG.value.storage  # A config file that failed to load raises on first use.
+  except OSError as e:
+    fail(f'--config could not be loaded ({str(e).strip().splitlines()[-1].strip()}); check its path.')
   try:
     summary = job.run(_CONFIG.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
                       output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=_NUM_WORKERS.value,
                       task_index=_TASK_INDEX.value, num_tasks=_NUM_TASKS.value, finalize_only=_FINALIZE.value)
-  except (job.PreprocessError, datasets.DatasetError) as e:
-    sys.exit(f'preprocess: {e}')
+  except (job.PreprocessError, datasets.DatasetError, features.FeaturesError) as e:
+    fail(str(e))
+  except KeyboardInterrupt:
+    fail('interrupted; run the same command again to finish what is left.', EXIT_INTERRUPTED)
   if summary is None:
     return
   for failure in summary['failures']:
@@ -57,9 +83,9 @@ def main(argv):
                    | {'failures': len(summary['failures']),
                       'summary': os.path.join(os.path.abspath(_OUTPUT_DIR.value), 'summary.json')}))
   if summary['clips_written'] == 0:
-    sys.exit('preprocess: no clip could be written; see summary.json for each file\'s reason.')
+    fail("no clip could be written; see summary.json for each file's reason.", EXIT_NOTHING_WRITTEN)
   if _STRICT.value and summary['failures']:
-    sys.exit(f'preprocess: {len(summary["failures"])} file(s) failed and --strict is set; see summary.json.')
+    fail(f'{len(summary["failures"])} file(s) failed and --strict is set; see summary.json.', EXIT_STRICT)
 
 
 if __name__ == '__main__':

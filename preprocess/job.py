@@ -10,16 +10,32 @@ How it stays correct when split up, killed and restarted:
 3. Finalize. Once every block has its marker, the manifest, statistics and summary are assembled from the markers,
    and `features.json` is written last: until then the folder does not open as a finished output.
 The output depends on the plan only, never on how many tasks or workers ran it.
+
+What it refuses rather than guess at:
+- A plan records its inputs (a hash of each list file, each clip's size and modification time). A run into a
+  folder whose plan no longer matches its inputs, or whose settings differ, is refused with the fix, unless
+  nothing was written yet, when the folder is planned again. A folder that holds anything but this job's own
+  files (an older finished store without a plan, other data) is refused too.
+- Frames are checked before they are stored: a clip whose log-Mel is not finite is a failure with its reason, and
+  every statistic is checked at finalize. The store holds finite values only.
+- Workers die with their parent, so a killed job leaves no process behind.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
+import fcntl
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,7 +51,7 @@ from dem_jax.frontend import FrontEnd, log_mel
 
 WORK_DIR = '.work'
 PLAN_NAME = 'plan.json'
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the plan records its inputs.
 
 
 class PreprocessError(Exception):
@@ -52,16 +68,29 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise PreprocessError(f'{path} is damaged ({e}); delete the output folder and run the job again.') from None
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def settings_from_config(config, dataset: str, data_dir: str, split_file: str | None) -> dict:
-  frontend = FrontEnd.from_config(config.frontend)
   trim = {'auto': dataset == 'folder', 'yes': True, 'no': False}.get(config.trim_silence)
   if trim is None:
     raise PreprocessError(f"--config.trim_silence={config.trim_silence!r}; choose 'auto', 'yes' or 'no'.")
+  try:
+    frontend = FrontEnd.from_config(config.frontend)
+  except ValueError as e:
+    raise PreprocessError(f'--config.frontend: {e}') from None
   storage = dict(config.storage)
+  if storage['compression'] not in ('zstd', 'blosc', 'none'):
+    raise PreprocessError(f"--config.storage.compression={storage['compression']!r}; choose zstd, blosc or none.")
   if storage['shard_frames'] % storage['chunk_frames']:
     raise PreprocessError('--config.storage.shard_frames must be a multiple of --config.storage.chunk_frames.')
   if storage['dtype'] not in ('float16', 'float32'):
@@ -87,10 +116,44 @@ def _clip_capacity(path: str, frontend: FrontEnd) -> tuple[int, str | None]:
                                                         frontend.sample_rate)), None
 
 
-def make_plan(settings: dict, num_threads: int = 8) -> dict:
+def _file_stamp(path: str) -> list[int] | None:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return [st.st_size, st.st_mtime_ns]
+
+
+def read_inputs(settings: dict, num_threads: int = 8) -> tuple[datasets.Dataset, dict]:
+  """The dataset, and what its output depends on: each list file's hash, each clip's size and mtime (in order)."""
   dataset = datasets.read_dataset(settings['dataset'], settings['data_dir'], split_file=settings['split_file'],
                                   test_fraction=settings['split']['test_fraction'],
                                   split_seed=settings['split']['seed'])
+  paths = [os.path.join(dataset.root, c.path) for c in dataset.clips]
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # stat waits on the disk, not the CPU.
+    stamps = list(pool.map(_file_stamp, paths))
+  inputs = {'lists': {p: _sha256(p) for p in dataset.list_files},
+            'clips': [[c.path] + (stamp or [-1, -1]) for c, stamp in zip(dataset.clips, stamps)]}
+  return dataset, inputs
+
+
+def changed_inputs(old: dict, new: dict) -> list[str]:
+  """What differs between two `read_inputs` records, in words (at most a few examples)."""
+  changes = [f'{os.path.basename(p)} changed' for p in sorted(set(old['lists']) | set(new['lists']))
+             if old['lists'].get(p) != new['lists'].get(p)]
+  old_clips = {c[0]: c[1:] for c in old['clips']}
+  new_clips = {c[0]: c[1:] for c in new['clips']}
+  added = sorted(set(new_clips) - set(old_clips))
+  removed = sorted(set(old_clips) - set(new_clips))
+  modified = sorted(p for p in set(old_clips) & set(new_clips) if old_clips[p] != new_clips[p])
+  for what, paths in (('added', added), ('removed', removed), ('modified', modified)):
+    if paths:
+      changes.append(f'{len(paths)} clip(s) {what} (e.g. {paths[0]})')
+  return changes
+
+
+def make_plan(settings: dict, num_threads: int = 8) -> dict:
+  dataset, inputs = read_inputs(settings, num_threads)
   frontend = FrontEnd(**settings['frontend'])
   paths = [os.path.join(dataset.root, c.path) for c in dataset.clips]
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:  # Header reads wait on the disk, not the CPU.
@@ -110,7 +173,7 @@ def make_plan(settings: dict, num_threads: int = 8) -> dict:
   blocks.append({'clips': [block_start, len(clips)], 'frame_start': offset, 'frames': block_frames})
   offset += max(1, -(-block_frames // shard)) * shard
   return {'version': PLAN_VERSION, 'settings': settings, 'labels': dataset.labels, 'clips': clips, 'blocks': blocks,
-          'total_frames': offset, 'problems': dataset.problems}
+          'total_frames': offset, 'problems': dataset.problems, 'warnings': dataset.warnings, 'inputs': inputs}
 
 
 def _open_array(output_dir: str, settings: dict, total_frames: int, *, create: bool):
@@ -122,24 +185,107 @@ def _open_array(output_dir: str, settings: dict, total_frames: int, *, create: b
   return ts.open(spec, create=create, open=True).result()
 
 
-def load_or_make_plan(output_dir: str, settings: dict) -> dict:
-  """The plan of this output folder; made (and the array created) if this is the first task to get here."""
-  work = os.path.join(output_dir, WORK_DIR)
-  plan_path = os.path.join(work, PLAN_NAME)
-  if os.path.exists(plan_path):
+_LOCK_NAME = '.plan.lock'
+
+
+def prepare_output_dir(output_dir: str) -> None:
+  """Create the output folder, or say in one line why it cannot be used."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise PreprocessError(f'--output_dir={output_dir} is a file, not a folder; choose a folder path (it is created '
+                          'when missing).')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise PreprocessError(f'cannot create --output_dir={output_dir} ({e.strerror}); choose a place you can write '
+                          'to.') from None
+  if not os.access(output_dir, os.W_OK | os.X_OK):
+    raise PreprocessError(f'--output_dir={output_dir} is not writable; fix its permissions or choose another '
+                          'folder.')
+
+
+def _nothing_written(output_dir: str) -> bool:
+  blocks = os.path.join(output_dir, WORK_DIR, 'blocks')
+  return (not os.path.exists(os.path.join(output_dir, features_lib.INFO_NAME))
+          and not (os.path.isdir(blocks) and any(f.endswith('.json') for f in os.listdir(blocks))))
+
+
+def _clear(output_dir: str) -> None:
+  """Remove this job's own files from a folder in which nothing was written yet."""
+  for name in (WORK_DIR, features_lib.ARRAY_NAME):
+    path = os.path.join(output_dir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+
+
+def _usable_plan(output_dir: str, settings: dict) -> dict | None:
+  """This folder's plan if it matches the settings and inputs; None if there is none, or one that may be redone
+  because nothing was written under it; PreprocessError (with the fix) when the folder must not be touched."""
+  plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
+  try:
     plan = _read_json(plan_path)
-    if plan.get('version') != PLAN_VERSION or plan['settings'] != settings:
-      old = plan.get('settings', {})
-      changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-      raise PreprocessError(
-          f'{output_dir} already holds a run with other settings (differing: {", ".join(changed) or "version"}). '
-          'Use a new --output_dir, delete the old one, or run with the same settings to finish it.')
+  except FileNotFoundError:
+    plan = None
+  if plan is None:
+    foreign = sorted(set(os.listdir(output_dir)) - {WORK_DIR, features_lib.ARRAY_NAME, _LOCK_NAME})
+    if foreign:
+      kind = ('a feature store this job did not plan (an older version, or its plan was removed)'
+              if features_lib.INFO_NAME in foreign else f'other files ({", ".join(foreign[:3])})')
+      raise PreprocessError(f'--output_dir={output_dir} holds {kind}; choose a new or empty --output_dir, or '
+                            'delete the folder.')
+    return None
+  if plan.get('version') != PLAN_VERSION or plan.get('settings') != settings:
+    old = plan.get('settings', {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if _nothing_written(output_dir):
+      logging.info('preprocess: %s holds an unstarted plan with other settings; planning again.', output_dir)
+      return None
+    raise PreprocessError(
+        f'{output_dir} already holds a run with other settings (differing: {", ".join(changed) or "version"}). '
+        'Use a new --output_dir, delete the old one, or run with the same settings to finish it.')
+  changes = changed_inputs(plan['inputs'], read_inputs(settings)[1])
+  if not changes:
     return plan
-  os.makedirs(os.path.join(work, 'blocks'), exist_ok=True)
-  os.makedirs(os.path.join(work, 'tasks'), exist_ok=True)
-  plan = make_plan(settings)
-  _open_array(output_dir, settings, plan['total_frames'], create=True)
-  _atomic_write_json(plan_path, plan)
+  if _nothing_written(output_dir):
+    logging.info('preprocess: the inputs changed before anything was written (%s); planning again.',
+                 '; '.join(changes))
+    return None
+  raise PreprocessError(f'The inputs of {output_dir} changed since its plan was made ({"; ".join(changes)}); '
+                        'finishing it would mix old and new audio. To redo it, delete the folder (or choose a new '
+                        '--output_dir) and run again.')
+
+
+@contextlib.contextmanager
+def _planning_lock(output_dir: str):
+  """Held while a plan is made: the tasks of an array job start together, and only one may clear and plan."""
+  with open(os.path.join(output_dir, _LOCK_NAME), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_or_make_plan(output_dir: str, settings: dict) -> dict:
+  """The plan of this output folder; made (and the array created) if this is the first task to get here.
+
+  A plan whose settings or inputs differ from this run's is refused once anything was written under it (its frames
+  would mix with the new ones under the old manifest); while nothing was, the folder is planned afresh.
+  """
+  prepare_output_dir(output_dir)
+  plan = _usable_plan(output_dir, settings)  # The usual case, without waiting on other tasks.
+  if plan is not None:
+    return plan
+  with _planning_lock(output_dir):
+    plan = _usable_plan(output_dir, settings)  # Another task may have planned meanwhile.
+    if plan is not None:
+      return plan
+    _clear(output_dir)  # An unstarted plan, or what a run killed before writing its plan left.
+    plan = make_plan(settings)
+    work = os.path.join(output_dir, WORK_DIR)
+    os.makedirs(os.path.join(work, 'blocks'), exist_ok=True)
+    os.makedirs(os.path.join(work, 'tasks'), exist_ok=True)
+    _open_array(output_dir, settings, plan['total_frames'], create=True)
+    _atomic_write_json(os.path.join(work, PLAN_NAME), plan)  # Last: a plan on disk means its array exists.
   return plan
 
 
@@ -176,23 +322,31 @@ def _process_block(output_dir: str, plan_path: str, index: int) -> dict:
     path = os.path.join(settings['data_dir'], clip['path'])
     result = {'clip_id': clip['clip_id'], 'num_frames': 0, 'duration': 0.0}
     try:
-      samples = audio.load_audio(path, frontend.sample_rate, trim_top_db=settings['trim_top_db'])
+      samples, warnings = audio.read_audio(path, frontend.sample_rate, trim_top_db=settings['trim_top_db'])
       frames = log_mel(samples, frontend)
       if frames.shape[0] == 0:
         raise audio.AudioError(path, f'too short: {samples.shape[0]} samples after decoding, fewer than one '
                                      f'{frontend.win_length}-sample window')
       if frames.shape[0] > clip['capacity']:
-        result['warning'] = (f'decoded to {frames.shape[0]} frames, more than its header promised '
-                             f'({clip["capacity"]}); kept the first {clip["capacity"]}')
+        warnings.append(f'decoded to {frames.shape[0]} frames, more than its header promised '
+                        f'({clip["capacity"]}); kept the first {clip["capacity"]}')
         frames = frames[:clip['capacity']]
       if not np.any(samples):
-        result['warning'] = 'digital silence (every sample is 0); kept'
+        warnings.append('digital silence (every sample is 0); kept')
+      stored = frames.astype(dtype)
+      # Checked as stored: finite float32 can still overflow float16, and nothing non-finite may reach the store.
+      bad = np.count_nonzero(~np.isfinite(stored).all(axis=1))
+      if bad:
+        raise audio.AudioError(path, f'{bad} of its {stored.shape[0]} log-Mel frames are not finite (samples up to '
+                                     f'{float(np.max(np.abs(samples))):.3g}; float audio is expected in [-1, 1]); '
+                                     'not stored')
     except audio.AudioError as e:
       result['failure'] = e.reason
       results.append(result)
       continue
+    if warnings:
+      result['warning'] = '; '.join(warnings)
     start = clip['frame_offset'] - block['frame_start']
-    stored = frames.astype(dtype)
     buffer[start:start + stored.shape[0]] = stored
     result.update(num_frames=int(stored.shape[0]), duration=float(samples.shape[0] / frontend.sample_rate))
     results.append(result)
@@ -241,7 +395,23 @@ class _Progress:
     self.bar.close()
 
 
-def _start_worker() -> None:
+def _die_with_parent(parent_pid: int) -> None:
+  """End this worker when `parent_pid` ends, even by kill -9, so that no orphan keeps computing."""
+  if sys.platform.startswith('linux'):
+    try:  # The kernel's way: SIGKILL to this process when its parent dies (PR_SET_PDEATHSIG = 1).
+      ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+      pass
+  # Everywhere (and for a parent that died before the line above): a watchdog that sees the parent change.
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(0.5)
+    os._exit(1)
+  threading.Thread(target=watch, name='die-with-parent', daemon=True).start()
+
+
+def _start_worker(parent_pid: int) -> None:
+  _die_with_parent(parent_pid)
   # One BLAS/FFT thread per worker: the workers already fill the cores, more threads only contend.
   threadpoolctl.threadpool_limits(1)
 
@@ -251,12 +421,13 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
   """Process this task's blocks that are not done yet; returns {'blocks_done', 'blocks_total', 'wall_seconds'}."""
   start = time.time()
   output_dir = os.path.abspath(output_dir)
+  prepare_output_dir(output_dir)
   pool = None
   if num_workers > 1:
     # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state. Workers start
     # now, so that their imports overlap with planning.
     pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'),
-                                                  initializer=_start_worker)
+                                                  initializer=_start_worker, initargs=(os.getpid(),))
     for _ in range(num_workers):
       pool.submit(int)
   try:
@@ -303,7 +474,8 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
                           'is left), then --finalize again.')
   settings = plan['settings']
   n_mels = settings['frontend']['n_mels']
-  clips, failures, warnings, sums = [], list(plan['problems']), [], {}
+  clips, failures, sums = [], list(plan['problems']), {}
+  warnings = [{'path': settings['data_dir'], 'reason': w} for w in plan.get('warnings', [])]
   for b, block in enumerate(plan['blocks']):
     marker = _read_json(_block_marker(output_dir, b))
     first, last = block['clips']
@@ -319,6 +491,9 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
           frame_offset=clip['frame_offset'], num_frames=result['num_frames'], duration=result['duration'],
           extra=tuple(tuple(kv) for kv in clip['extra'])))
     for split, s in marker['sums'].items():
+      if not (np.isfinite(s['count']) and np.all(np.isfinite(s['sum'])) and np.all(np.isfinite(s['sum_sq']))):
+        raise PreprocessError(f'{_block_marker(output_dir, b)} holds non-finite band sums; delete that file and '
+                              'run the job again to redo its block.')
       acc = sums.setdefault(split, {'count': 0, 'sum': np.zeros(n_mels), 'sum_sq': np.zeros(n_mels)})
       acc['count'] += s['count']
       acc['sum'] += np.asarray(s['sum'])
@@ -338,7 +513,8 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
   _atomic_write_json(os.path.join(output_dir, features_lib.SUMMARY_NAME), summary)
   if not clips:
     return summary
-  features_lib.write_manifest(os.path.join(output_dir, features_lib.MANIFEST_NAME), clips)
+  manifest_path = os.path.join(output_dir, features_lib.MANIFEST_NAME)
+  features_lib.write_manifest(manifest_path, clips)
   band_sums = {k: {'count': v['count'], 'sum': v['sum'].tolist(), 'sum_sq': v['sum_sq'].tolist()}
                for k, v in sorted(sums.items())}
   info = {
@@ -351,6 +527,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
       'total_frames': plan['total_frames'],
       'band_sums': band_sums,
       'num_clips': len(clips),
+      'manifest_sha256': _sha256(manifest_path),
   }
   # The training part's statistics ready-made, so that other tools need not know how splits combine.
   train = features_lib.training_splits(band_sums)
@@ -358,6 +535,9 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
     mean, std = features_lib.stats_from_sums(sum(sums[s]['count'] for s in train),
                                              sum(sums[s]['sum'] for s in train),
                                              sum(sums[s]['sum_sq'] for s in train))
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+      raise PreprocessError(f'The band statistics of {output_dir} are not finite; delete the folder and run the job '
+                            'again.')
     info['norm_stats'] = {'splits': train, 'mean': mean.tolist(), 'std': std.tolist()}
   _atomic_write_json(os.path.join(output_dir, features_lib.INFO_NAME), info)
   return summary
@@ -365,13 +545,23 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
 
 def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str | None = None, num_workers: int = 1,
         task_index: int = 0, num_tasks: int = 1, finalize_only: bool = False) -> dict | None:
-  """The whole job as the command line runs it; returns the summary when it finalized, else None."""
+  """The whole job as the command line runs it; returns the summary when it finalized, else None.
+
+  Errors that stop the job are PreprocessError or DatasetError, each with a message that names the file or setting
+  and the fix; an operating-system error (disk full, permissions) becomes a PreprocessError saying that the same
+  command finishes the job once it is fixed.
+  """
   start = time.time()
-  if finalize_only:
-    return finalize(output_dir)
-  settings = settings_from_config(config, dataset, data_dir, split_file)
-  run_task(output_dir, settings, task_index=task_index, num_tasks=num_tasks, num_workers=num_workers)
-  if num_tasks == 1:
-    return finalize(output_dir, wall_seconds=time.time() - start)
+  try:
+    if finalize_only:
+      return finalize(output_dir)
+    settings = settings_from_config(config, dataset, data_dir, split_file)
+    run_task(output_dir, settings, task_index=task_index, num_tasks=num_tasks, num_workers=num_workers)
+    if num_tasks == 1:
+      return finalize(output_dir, wall_seconds=time.time() - start)
+  except OSError as e:
+    where = e.filename or output_dir
+    raise PreprocessError(f'{where}: {e.strerror or e}. Fix that (free space, permissions), then run the same '
+                          'command again: it finishes what is left.') from None
   logging.info('preprocess: task %d of %d done; when all tasks are, run with --finalize.', task_index, num_tasks)
   return None

@@ -1,0 +1,381 @@
+"""Faults a user can run into, each stated as what dem_jax does about it: nothing wrong is stored, nothing is lost.
+
+Preprocessing, the dataset readers, the feature store and checkpoints; each case uses a few seconds of generated
+audio in the real on-disk layouts.
+"""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile
+
+from configs import features as features_config
+from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import datasets
+from dem_jax import features as features_lib
+from preprocess import job
+from preprocess import sample_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config():
+  config = features_config.get_config()
+  config.storage.update(chunk_frames=128, shard_frames=1024)  # One 10-s clip per block.
+  return config
+
+
+def run_job(data_dir, out, dataset='dcase2018_task5', **kw):
+  return job.run(kw.pop('config', small_config()), dataset=dataset, data_dir=str(data_dir), output_dir=str(out), **kw)
+
+
+def cli(*args):
+  return subprocess.run([sys.executable, '-m', 'preprocess', *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture
+def tiny_dcase(tmp_path):
+  """Four 10-s clips: two sessions of two clips, labels absence and working."""
+  root = tmp_path / 'dcase'
+  sample_data.write_dcase2018_task5(str(root), labels=('absence', 'working'), sessions_per_label=1,
+                                    clips_per_session=2, nodes=1, seed=3)
+  return root
+
+
+def clip_names(root):
+  return sorted(os.listdir(root / 'audio'))
+
+
+def all_stored_frames(out):
+  feats = features_lib.open_features(str(out))
+  return feats, np.concatenate([feats.read(c.clip_id) for c in feats.clips])
+
+
+# Finite values only.
+
+def test_huge_finite_samples_fail_that_clip_and_the_store_holds_only_finite_values(tiny_dcase, tmp_path):
+  name = clip_names(tiny_dcase)[1]
+  signs = np.where(np.random.default_rng(0).random((160000, 4)) < 0.5, -1, 1).astype(np.float32)
+  soundfile.write(tiny_dcase / 'audio' / name, 3e38 * signs, 16000, subtype='FLOAT')  # Finite, but log-Mel is not.
+  summary = run_job(tiny_dcase, tmp_path / 'out')
+  assert [os.path.basename(f['path']) for f in summary['failures']] == [name]
+  assert 'not finite' in summary['failures'][0]['reason']
+  assert summary['clips_written'] == 3
+  feats, frames = all_stored_frames(tmp_path / 'out')
+  assert np.isfinite(frames).all() and frames.shape == (3 * 998, 128)
+  mean, std = feats.norm_stats()
+  assert np.isfinite(mean).all() and np.isfinite(std).all()
+
+
+def test_non_finite_statistics_are_refused_by_the_store_and_by_finalize(tiny_dcase, tmp_path):
+  out = tmp_path / 'out'
+  run_job(tiny_dcase, out)
+  info_path = out / features_lib.INFO_NAME
+  info = json.loads(info_path.read_text())
+  split = sorted(info['band_sums'])[0]
+  info['band_sums'][split]['sum_sq'][3] = float('inf')
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(features_lib.FeaturesError, match=str(out)):
+    features_lib.open_features(str(out)).norm_stats()
+
+  marker = out / job.WORK_DIR / 'blocks' / 'block-000000.json'
+  block = json.loads(marker.read_text())
+  block['sums'][next(iter(block['sums']))]['sum'][0] = float('nan')
+  marker.write_text(json.dumps(block))
+  with pytest.raises(job.PreprocessError, match='block-000000.json holds non-finite band sums'):
+    run_job(tiny_dcase, out, finalize_only=True)
+
+
+# What the readers refuse or report.
+
+def test_list_paths_outside_the_data_root_are_reported_not_read(tiny_dcase, tmp_path):
+  outside = tmp_path / 'secret.wav'
+  shutil.copy(tiny_dcase / 'audio' / clip_names(tiny_dcase)[0], outside)
+  with open(tiny_dcase / 'meta.txt', 'a') as f:
+    f.write(f'\n{outside}\tabsence\tx\n../secret.wav\tabsence\tx\naudio/../../secret.wav\tabsence\tx')
+  with open(tiny_dcase / 'evaluation_setup' / 'fold1_evaluate.txt', 'a') as f:
+    f.write('../../elsewhere.wav\tabsence\n')
+  ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+  assert len(ds.clips) == 4 and all(not c.path.startswith(('/', '..')) for c in ds.clips)
+  refused = {p['path']: p['reason'] for p in ds.problems}
+  assert set(refused) == {str(outside), '../secret.wav', 'audio/../../secret.wav', '../../elsewhere.wav'}
+  assert 'fold1_evaluate.txt:' in refused['../../elsewhere.wav']
+  assert 'absolute' in refused[str(outside)] and "'..'" in refused['../secret.wav']
+
+
+def test_split_file_paths_outside_the_data_root_are_reported_not_read(music_dir, tmp_path):
+  ds = datasets.read_dataset('folder', music_dir)
+  split = tmp_path / 'split.csv'
+  split.write_text('file,split\n' + ''.join(f'{c.path},train\n' for c in ds.clips) + '../../etc/x.wav,test\n')
+  listed = datasets.read_dataset('folder', music_dir, split_file=str(split))
+  assert len(listed.clips) == len(ds.clips)
+  assert [p['path'] for p in listed.problems] == ['../../etc/x.wav']
+
+
+def test_symlinked_class_folders_are_followed_and_a_loop_is_reported(tmp_path):
+  sample_data.write_folder(str(tmp_path / 'elsewhere'), songs_per_genre=2, seconds=1.0, genres=('ambient', 'techno'))
+  root = tmp_path / 'data'
+  root.mkdir()
+  shutil.copytree(tmp_path / 'elsewhere' / 'ambient', root / 'ambient')
+  os.symlink(tmp_path / 'elsewhere' / 'techno', root / 'techno')  # A class folder that is a link: read.
+  os.symlink(root / 'ambient', root / 'ambient' / 'again')  # A loop: read once, reported.
+  ds = datasets.read_dataset('folder', str(root))
+  assert ds.labels == ['ambient', 'techno']
+  assert sorted(c.label for c in ds.clips) == ['ambient', 'ambient', 'techno', 'techno']
+  assert [p['path'] for p in ds.problems] == [os.path.join('ambient', 'again')]
+  assert 'same folder as ambient' in ds.problems[0]['reason']
+
+
+def test_non_utf8_lists_and_folder_names_are_a_dataset_error_naming_them(tiny_dcase, music_dir, tmp_path):
+  meta = tiny_dcase / 'meta.txt'
+  lines = meta.read_bytes().split(b'\n')
+  lines[2] = lines[2].replace(b'absence', b'abs\xe9nce').replace(b'working', b'work\xe9ng')
+  meta.write_bytes(b'\n'.join(lines))
+  with pytest.raises(datasets.DatasetError, match=r'meta\.txt:3: not UTF-8 text \(byte 0xe9'):
+    datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+
+  root = tmp_path / 'music'
+  shutil.copytree(music_dir, root)
+  os.rename(root / 'techno', os.path.join(os.fsencode(root), b'techn\xf6'))
+  with pytest.raises(datasets.DatasetError, match=r"techn\\xf6.*not UTF-8; rename"):
+    datasets.read_dataset('folder', str(root))
+
+
+def test_dcase_labels_come_from_meta_txt(tiny_dcase, caplog):
+  ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+  assert ds.labels == list(datasets.DCASE_LABELS) and not ds.warnings  # DCASE labels: the nine, in their order.
+  meta = tiny_dcase / 'meta.txt'
+  meta.write_text(meta.read_text().replace('\tworking\t', '\tgardening\t'))
+  ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+  assert ds.labels == ['absence', 'gardening']  # Any label set: the labels found, sorted.
+  assert {c.label for c in ds.clips} == {'absence', 'gardening'}
+  assert len(ds.warnings) == 1 and 'gardening' in ds.warnings[0] and 'working' in ds.warnings[0]
+  assert 'gardening' in caplog.text
+
+
+# The plan and the output folder.
+
+def test_a_rerun_after_the_audio_changed_is_refused_and_the_store_kept(tiny_dcase, tmp_path):
+  out = tmp_path / 'out'
+  run_job(tiny_dcase, out)
+  before = (out / features_lib.MANIFEST_NAME).read_bytes()
+  clip = tiny_dcase / 'audio' / clip_names(tiny_dcase)[2]
+  y, sr = soundfile.read(clip)
+  soundfile.write(clip, y[:sr * 5], sr)
+  with pytest.raises(job.PreprocessError, match=r'changed since its plan.*1 clip\(s\) modified.*delete the folder'):
+    run_job(tiny_dcase, out)
+  (tiny_dcase / 'meta.txt').write_text((tiny_dcase / 'meta.txt').read_text() + '\n')
+  with pytest.raises(job.PreprocessError, match='meta.txt changed'):
+    run_job(tiny_dcase, out)
+  assert (out / features_lib.MANIFEST_NAME).read_bytes() == before
+
+
+def test_a_stale_plan_with_nothing_written_is_planned_again(tiny_dcase, tmp_path):
+  out = tmp_path / 'out'
+  job.load_or_make_plan(str(out), job.settings_from_config(small_config(), 'dcase2018_task5', str(tiny_dcase), None))
+  clip = tiny_dcase / 'audio' / clip_names(tiny_dcase)[0]
+  y, sr = soundfile.read(clip)
+  soundfile.write(clip, y[:sr * 5], sr)  # The audio changes before any block was written.
+  summary = run_job(tiny_dcase, out)
+  assert summary['clips_written'] == 4 and not summary['failures'] and not summary['warnings']
+  assert features_lib.open_features(str(out)).clip(clip.stem).num_frames == 498  # Planned for the new audio.
+
+
+def test_folders_that_are_not_this_jobs_are_refused(tiny_dcase, tmp_path):
+  finished = tmp_path / 'finished'
+  run_job(tiny_dcase, finished)
+  shutil.rmtree(finished / job.WORK_DIR)  # A finished store without its plan (an older one, or tidied up).
+  with pytest.raises(job.PreprocessError, match='holds a feature store this job did not plan'):
+    run_job(tiny_dcase, finished)
+  other = tmp_path / 'home'
+  other.mkdir()
+  (other / 'notes.txt').write_text('mine')
+  with pytest.raises(job.PreprocessError, match=r'holds other files \(notes.txt\)'):
+    run_job(tiny_dcase, other)
+  assert (other / 'notes.txt').read_text() == 'mine' and os.listdir(other) == ['notes.txt']
+
+
+def test_array_tasks_started_together_give_the_single_run_output(tiny_dcase, tmp_path):
+  single = tmp_path / 'single'
+  run_job(tiny_dcase, single)
+  together = tmp_path / 'together'
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # Each plans or waits for the one planning.
+    list(pool.map(lambda i: run_job(tiny_dcase, together, task_index=i, num_tasks=3), range(3)))
+  run_job(tiny_dcase, together, finalize_only=True)
+  for name in (features_lib.MANIFEST_NAME, features_lib.INFO_NAME):
+    assert (single / name).read_bytes() == (together / name).read_bytes()
+  np.testing.assert_array_equal(all_stored_frames(single)[1], all_stored_frames(together)[1])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root may write to a read-only folder')
+def test_a_read_only_output_folder_is_one_clear_error(tiny_dcase, tmp_path):
+  out = tmp_path / 'ro'
+  out.mkdir()
+  out.chmod(0o555)
+  with pytest.raises(job.PreprocessError, match='not writable'):
+    run_job(tiny_dcase, out)
+
+
+def test_a_store_whose_manifest_is_missing_or_foreign_is_refused_with_the_fix(tiny_dcase, tmp_path):
+  out = tmp_path / 'out'
+  run_job(tiny_dcase, out)
+  manifest = out / features_lib.MANIFEST_NAME
+  text = manifest.read_text()
+  manifest.write_text(text.replace('absence', 'working', 1))
+  with pytest.raises(features_lib.FeaturesError, match='does not match features.json.*--finalize'):
+    features_lib.open_features(str(out))
+  manifest.unlink()
+  with pytest.raises(features_lib.FeaturesError, match='no manifest.csv.*--finalize'):
+    features_lib.open_features(str(out))
+  run_job(tiny_dcase, out, finalize_only=True)  # The fix the message names.
+  assert len(features_lib.open_features(str(out))) == 4
+
+
+def test_a_wav_shorter_than_its_header_is_kept_with_a_warning(tiny_dcase, tmp_path):
+  name = clip_names(tiny_dcase)[0]
+  path = tiny_dcase / 'audio' / name
+  data = path.read_bytes()
+  path.write_bytes(data[:44 + 4 * 2 * 16000 * 4])  # 4 of its 10 s (16-bit, 4 channels).
+  summary = run_job(tiny_dcase, tmp_path / 'out')
+  warned = [w['reason'] for w in summary['warnings'] if os.path.basename(w['path']) == name]
+  assert warned == ['truncated: the header promises 160000 samples per channel, the file holds 64000; kept the '
+                    '64000 read']
+  feats = features_lib.open_features(str(tmp_path / 'out'))
+  assert feats.clip(name[:-4]).num_frames == 398 and summary['clips_written'] == 4
+
+
+def _children(pid):
+  found = set()
+  for task in os.listdir(f'/proc/{pid}/task'):
+    with open(f'/proc/{pid}/task/{task}/children') as f:
+      found |= {int(p) for p in f.read().split()}
+  return found
+
+
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
+  data = tmp_path / 'data'
+  sample_data.write_dcase2018_task5(str(data), labels=('absence', 'working'), sessions_per_label=4,
+                                    clips_per_session=3, nodes=1, seed=4)
+  out = tmp_path / 'out'
+  proc = subprocess.Popen([sys.executable, '-m', 'preprocess', '--dataset=dcase2018_task5', f'--data_dir={data}',
+                           f'--output_dir={out}', '--num_workers=2', '--config.storage.chunk_frames=128',
+                           '--config.storage.shard_frames=1024'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  markers = out / job.WORK_DIR / 'blocks'
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if markers.is_dir() and any(m.endswith('.json') for m in os.listdir(markers)):
+      break  # The workers are running blocks.
+    time.sleep(0.01)
+  workers = _children(proc.pid)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert len(workers) >= 2, 'the workers must have started before the kill'
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_alive(w) for w in workers):
+    time.sleep(0.1)
+  assert not any(_alive(w) for w in workers)
+
+
+# Every bad run of the command: one line naming the file or setting, a documented exit code, no traceback.
+
+def test_bad_runs_of_the_command_end_in_one_line_with_the_fix(tiny_dcase, tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  (tiny_dcase / 'meta.txt').write_bytes((tiny_dcase / 'meta.txt').read_bytes() + b'\n\xff\tabsence\tx')
+  data = f'--data_dir={tiny_dcase}'
+  cases = {
+      'is a file, not a folder': ['--dataset=folder', data, f'--output_dir={a_file}'],
+      'cannot create --output_dir': ['--dataset=folder', data, f'--output_dir={a_file / "features"}'],
+      'not UTF-8 text': ['--dataset=dcase2018_task5', data, f'--output_dir={tmp_path / "o1"}'],
+      'compression': ['--dataset=folder', data, f'--output_dir={tmp_path / "o2"}',
+                      '--config.storage.compression=gzip'],
+      'frontend': ['--dataset=folder', data, f'--output_dir={tmp_path / "o3"}', '--config.frontend.fmax=9000'],
+      'No such file': ['--dataset=folder', data, f'--output_dir={tmp_path / "o4"}', f'--config={tmp_path / "x.py"}'],
+  }
+  for expected, args in cases.items():
+    result = cli(*args)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, (expected, result.stderr[-2000:])
+    assert last.startswith('preprocess: ') and expected in last, (expected, last)
+
+
+# Checkpoints.
+
+def _state(step, value=None):
+  return {'params': {'kernel': np.full((64, 8), step if value is None else value, np.float32)}, 'step': np.int32(step)}
+
+
+def _flip_bytes(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if f != checkpoint_lib.DIGEST_NAME]
+  largest = max(files, key=os.path.getsize)
+  data = bytearray(open(largest, 'rb').read())
+  data[len(data) // 2] ^= 0xFF
+  open(largest, 'wb').write(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, caplog):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step))
+  ckpt.close()
+  _flip_bytes(tmp_path / checkpoint_lib.CHECKPOINT_DIR / '3')
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert reader.all_steps() == [1, 2, 3] and reader.latest_step() == 2
+  assert 'step 3' in caplog.text and 'damaged' in caplog.text
+  restored = reader.restore(_state(0))
+  assert restored['params']['kernel'][0, 0] == 2.0 and restored['step'] == 2
+  with pytest.raises(checkpoint_lib.CheckpointError, match='step 3 .* damaged'):
+    reader.restore_raw(3)
+
+
+def test_non_finite_checkpoints_count_as_damaged(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1)
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2, np.nan))  # Recorded as non-finite in its digest.
+  ckpt.save(3, _state(3, np.inf))
+  ckpt.close()
+  os.remove(tmp_path / checkpoint_lib.CHECKPOINT_DIR / '3' / checkpoint_lib.DIGEST_NAME)  # No digest: checked on read.
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert reader.latest_step() == 3  # Nothing recorded against it...
+  assert reader.restore_raw()['params']['kernel'][0, 0] == 1.0  # ...but its values are checked: step 1 is used.
+
+
+def test_a_read_only_checkpointer_creates_and_deletes_nothing(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  reader = checkpoint_lib.Checkpointer(str(empty), read_only=True)
+  assert reader.latest_step() is None and os.listdir(empty) == []
+  with pytest.raises(checkpoint_lib.CheckpointError, match='read-only'):
+    reader.save(1, _state(1), force=True)
+
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, max_to_keep=5)
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, _state(step))
+  ckpt.close()
+  directory = tmp_path / checkpoint_lib.CHECKPOINT_DIR
+  in_flight = directory / '5.orbax-checkpoint-tmp-1234'  # A save in progress in another process.
+  in_flight.mkdir()
+  listing = sorted(os.listdir(directory))
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True, max_to_keep=2)
+  assert reader.latest_step() == 4
+  reader.restore_raw()
+  reader.close()
+  assert sorted(os.listdir(directory)) == listing and in_flight.is_dir()
