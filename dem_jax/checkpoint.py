@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 DIGEST_NAME = 'digest.json'  # In each step's folder, written after orbax finished the step.
+SET_ASIDE_DIR = 'checkpoints_set_aside'  # Steps a resumed run could not use, kept rather than deleted.
 MODEL_INFO = 'model.json'  # What inference needs besides the weights: model config, normaliser, tile, front end.
 
 
@@ -240,6 +241,34 @@ class Checkpointer:
     restored = self._restore_first_intact(
         step, lambda s: self.manager.restore(s, args=ocp.args.StandardRestore(template)))
     return flax.serialization.from_state_dict(target, restored)
+
+  def set_aside_after(self, step: int) -> list[int]:
+    """Moves every saved step later than `step` (damaged ones a resumed run skipped) to
+    `<workdir>/checkpoints_set_aside/<step>`, so that training from `step` can save those steps again without
+    deleting anything. Returns the steps moved. Every process calls it; the primary one moves."""
+    if self.read_only:
+      raise CheckpointError(f'This Checkpointer of {self.directory} is read-only; open it without read_only.')
+    later = [s for s in self._steps() if s > step]
+    if later and jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), SET_ASIDE_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for s in later:
+        target = os.path.join(aside, str(s))
+        suffix = 1
+        while os.path.exists(target):
+          target = os.path.join(aside, f'{s}.{suffix}')
+          suffix += 1
+        os.replace(self._step_dir(s), target)
+        logging.warning('Checkpoint step %d, newer than the one this run resumes from (%d), moved to %s.', s, step,
+                        target)
+    if later:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('dem_jax.checkpoint.set_aside_after')
+      for s in later:
+        self._damage.pop(s, None)
+      self.manager.reload()
+    return later
 
   def restore_raw(self, step: int | None = None) -> dict:
     """The saved state as nested dicts of numpy arrays, without a template (for inference: params, batch_stats)."""

@@ -183,14 +183,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = step_lib.create_train_state(init_rng, model, optimizer, (tile_frames, features.n_mels))
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                              save_every=config.checkpoint_every)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
+  start_step = 0
+  if checkpointer.all_steps():
     _check_fingerprint(workdir, model_info)
-    try:
-      state = checkpointer.restore(state, start_step)
+    try:  # The newest intact step: a damaged one is skipped with a warning.
+      state = checkpointer.restore(state)
+    except checkpoint_lib.CheckpointError as e:
+      raise TrainingError(str(e)) from None
     except (ValueError, KeyError) as e:
-      raise TrainingError(f'The checkpoint of step {start_step} in {checkpointer.directory} does not fit this '
-                          f'model ({e}); use a new --workdir.') from None
+      raise TrainingError(f'The newest checkpoint in {checkpointer.directory} does not fit this model ({e}); use a '
+                          'new --workdir.') from None
+    start_step = int(state.step)
+    checkpointer.set_aside_after(start_step)  # Damaged later steps: kept aside, so training can save them anew.
     logging.info('Resumed from the checkpoint of step %d in %s.', start_step, checkpointer.directory)
   spent_s = _resumed_seconds(workdir, start_step)
   if budget_s and spent_s >= budget_s and start_step < num_steps:

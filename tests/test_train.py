@@ -227,3 +227,20 @@ def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_fe
   assert logged and logged[-1]['train/schedule_steps'] < 100000
   with pytest.raises(train_lib.TrainingError, match=r'budget.*is spent.*train_minutes'):
     train_lib.train_and_evaluate(config, workdir)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_intact_one_before(dcase_features, tmp_path):
+  workdir = tmp_path / 'w'
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2, log_every=1),
+                               str(workdir))
+  saved = max((p for p in (workdir / 'checkpoints' / '4').rglob('*') if p.is_file() and p.name != 'digest.json'),
+              key=lambda p: p.stat().st_size)
+  data = bytearray(saved.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  saved.write_bytes(bytes(data))
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, checkpoint_every=2, log_every=1),
+                               str(workdir))
+  # Steps 3 and 4 were trained again from step 2's state: the log holds each step once, ending at 6.
+  assert sorted(losses_by_step(workdir)) == list(range(1, 7))
+  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 6
+  assert os.listdir(workdir / 'checkpoints_set_aside') == ['4']  # Kept, not deleted.
