@@ -49,7 +49,8 @@ def random_embedder(embedding_dim=16):
     return (rng.standard_normal(leaf.shape) * np.sqrt(2 / fan_in)).astype(np.float32)
 
   variables = jax.tree_util.tree_map_with_path(draw, shapes)
-  return Embedder.from_model(network, dict(variables), frontend=frontend, tile_frames=tile_frames, batch_size=8)
+  return Embedder.from_model(network, dict(variables), frontend=frontend, tile_frames=tile_frames, batch_size=8,
+                             hop_frames=int(frontend.frame_rate))  # tiles on a 1-s grid
 
 
 @pytest.fixture(scope='module')
