@@ -21,7 +21,8 @@ What the embeddings are:
   axis, then the model's projection and L2 normalisation apply. The trunk's time axis has one position per 32
   frames (320 ms); running it on 8 copies of the clip shifted by 4 frames each gives one position every 40 ms, so
   the timestamps fall every 40 ms (HEAR asks for at most 50 ms), at the centres of those positions. The cost is
-  8 trunk passes over the clip, whatever its length, instead of one tile pass per timestamp.
+  8 trunk passes over the clip, whatever its length, instead of one tile pass per timestamp; the copies go through
+  one at a time, so a 20-minute sound (HEAR's longest) needs the activations of one copy only.
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ class HearModel:
     count = len(timestamps)
     out = np.zeros((len(audio), count, self.timestamp_embedding_size), np.float32)
     for i, samples in enumerate(audio):
-      features = self._position_features(self._variables, self._padded(self._log_mel(samples), count))
+      shifted = self._padded(self._log_mel(samples), count)
+      # One shifted copy at a time: the trunk's activations of one copy of a 20-minute sound take a few GB.
+      features = jnp.stack([self._position_features(self._variables, copy[None])[0] for copy in shifted])
       interleaved = jnp.swapaxes(features, 0, 1).reshape(-1, features.shape[-1])  # [shifts * J, C]: k = shifts j + s
       out[i] = np.asarray(self._window_embeddings(self._variables['params']['head'], interleaved, count))
     return out, np.broadcast_to(timestamps, (len(audio), count)).copy()

@@ -99,3 +99,14 @@ def test_cli_runs_the_subcommand_and_rejects_unknown_ones():
   assert result.returncode != 0 and 'usage: python -m dem_jax.bench' in result.stderr
   result = subprocess.run([dem_jax, 'trian'], capture_output=True, text=True, timeout=60)
   assert result.returncode != 0 and "unknown command 'trian'" in result.stderr
+
+
+def test_library_modules_define_no_flags_and_command_mains_import():
+  script = ('import dem_jax.embed, dem_jax.evaluate, dem_jax.hear, dem_jax.cli\n'
+            'from absl import flags\n'
+            "assert 'workdir' not in flags.FLAGS, 'a library module defined flags'\n"
+            'from dem_jax.commands.embed import main\n'
+            "assert 'workdir' in flags.FLAGS and callable(main)\n")
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
