@@ -121,13 +121,20 @@ class HearModel:
     if not tiles:
       return np.zeros((0, self.scene_embedding_size), np.float32)
     embeddings = self.embedder.embed_tiles(np.concatenate(tiles))  # one batched pass over every sound's tiles
-    return pool_per_clip(embeddings, np.concatenate(owner), len(audio))
+    return self._finite(pool_per_clip(embeddings, np.concatenate(owner), len(audio)))
+
+  def _finite(self, embeddings: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(embeddings)):
+      raise EmbedError(f'the model gives non-finite embeddings; its checkpoint (step {self.embedder.step}) may be '
+                       'damaged: load another step (WORKDIR/checkpoints/<step>).')
+    return embeddings
 
   def timestamps_ms(self, num_samples: int) -> np.ndarray:
     """[T] float32: the centre of each timestamp's window, every hop from the start to the end of the sound."""
     hop_samples = TIMESTAMP_HOP_FRAMES * self.frontend.hop_length
     count = max(1, num_samples // hop_samples + 1)
-    # Position m sits on log-Mel frame 4 m - 1 (see `_padded`), whose window is centred win_length / 2 later.
+    # Timestamp m's window is centred on log-Mel frame hop * m - 1 (see `_padded`), whose own analysis window is
+    # centred win_length / 2 samples after the frame's start.
     centre_frames = TIMESTAMP_HOP_FRAMES * np.arange(count) - 1
     return ((centre_frames * self.frontend.hop_length + self.frontend.win_length / 2)
             / self.frontend.sample_rate * 1000.0).astype(np.float32)
@@ -161,7 +168,7 @@ class HearModel:
       features = jnp.stack([self._position_features(self._variables, copy[None])[0] for copy in shifted])
       interleaved = jnp.swapaxes(features, 0, 1).reshape(-1, features.shape[-1])  # [shifts * J, C]: k = shifts j + s
       out[i] = np.asarray(self._window_embeddings(self._variables['params']['head'], interleaved, count))
-    return out, np.broadcast_to(timestamps, (len(audio), count)).copy()
+    return self._finite(out), np.broadcast_to(timestamps, (len(audio), count)).copy()
 
 
 def _torch_module_class():
