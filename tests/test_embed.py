@@ -111,3 +111,14 @@ def test_command_line_ends_bad_input_with_one_line(tmp_path):
     assert 'Traceback' not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('embed: ') and expected in last, (expected, result.stderr)
+
+
+def test_features_of_another_front_end_are_refused_naming_both_settings(embedder):
+  import types
+  from dem_jax.frontend import FrontEnd
+  same = types.SimpleNamespace(frontend=embedder.frontend, root='/data/feats')
+  embed.check_frontend(same, embedder)
+  for other, named in ((FrontEnd(n_mels=64), 'n_mels=64 in the features, 32 for the model'),
+                       (FrontEnd(n_mels=32, fmin=0.0), 'fmin=0.0 in the features, 50.0 for the model')):
+    with pytest.raises(EmbedError, match=named):
+      embed.check_frontend(types.SimpleNamespace(frontend=other, root='/data/feats'), embedder)
