@@ -2,7 +2,8 @@
 # dem_jax launcher: one entry point for setup, tests, the demo and every stage of the pipeline.
 #
 #   ./launch.sh setup                  create .venv (Python >= 3.12) and install dem_jax; quick when nothing changed
-#   ./launch.sh setup --gpu            the same, with jax[cuda12] for NVIDIA GPUs
+#   ./launch.sh setup --gpu            the same, with jax[cuda12] for NVIDIA GPUs; remembered by later commands
+#   ./launch.sh setup --cpu            back to the CPU-only install
 #   ./launch.sh test [PYTEST_ARGS]     setup, then the whole test suite
 #   ./launch.sh demo [WORKDIR]         setup, then the main job end to end on built-in sample data
 #   ./launch.sh sample_data --layout=dcase2018_task5 --out=DIR
@@ -11,6 +12,10 @@
 #   ./launch.sh evaluate --workdir=W [--features_dir=OUT] [--output_dir=O]
 #   ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
 #   ./launch.sh bench preprocess|train_step|embed [FLAGS]
+#
+# Versions come from constraints.txt. Every command checks the environment against a stamp (a hash of setup.cfg,
+# pyproject.toml, constraints.txt and the extras) without starting pip; pip runs only when something changed, under
+# a lock, so many processes started at once (srun) share one install and offline compute nodes work.
 #
 # Training uses every local accelerator by itself. Examples:
 #   One node, all its GPUs:
@@ -25,6 +30,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${DEM_JAX_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+STAMP="$VENV/.dem_jax_setup"  # "<hash of the install inputs> <extras>"
 
 find_python() {
   local candidates=("${DEM_JAX_PYTHON:-}" python3.13 python3.12 python3)
@@ -42,67 +48,109 @@ find_python() {
   return 1
 }
 
-setup() {
-  local extras="test"
-  if [ "${1:-}" = "--gpu" ] || [ -n "${DEM_JAX_GPU:-}" ]; then extras="test,cuda"; fi
-  local stamp="$VENV/.dem_jax_setup"
-  local want
-  want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $extras"
-  if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    return 0
-  fi
+# The extras an install gets: the tests, plots and TensorBoard always; oneDNN's CPU convolutions where its wheels
+# exist (Linux x86_64; elsewhere XLA's convolutions run); the CUDA build of jax for a GPU install.
+extras_for() {  # gpu|cpu
+  local extras="test,plots"
+  if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then extras="$extras,onednn"; fi
+  if [ "$1" = gpu ]; then extras="$extras,cuda"; fi
+  echo "$extras"
+}
+
+installed_extras() { [ -f "$STAMP" ] && cut -d' ' -f2 "$STAMP" || true; }
+
+is_gpu_env() { case ",$(installed_extras)," in *,cuda,*) return 0 ;; *) return 1 ;; esac; }
+
+wanted_stamp() {  # extras
+  echo "$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1) $1"
+}
+
+is_up_to_date() { [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(wanted_stamp "$1")" ]; }
+
+install() {  # extras; the caller holds the lock
   if [ ! -x "$PY" ]; then
     local base
     base="$(find_python)"
     echo "launch.sh: creating $VENV with $base" >&2
     "$base" -m venv "$VENV"
+    "$PY" -m pip install --disable-pip-version-check --upgrade pip > "$VENV/setup.log" 2>&1 || true
   fi
-  echo "launch.sh: installing dem_jax[$extras] into $VENV (log: $VENV/setup.log)" >&2
-  if ! { "$PY" -m pip install --disable-pip-version-check --upgrade pip &&
-         "$PY" -m pip install --disable-pip-version-check -e "$ROOT[$extras]"; } > "$VENV/setup.log" 2>&1; then
+  echo "launch.sh: installing dem_jax[$1] into $VENV (log: $VENV/setup.log)" >&2
+  rm -f "$STAMP"
+  if ! "$PY" -m pip install --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[$1]" \
+       >> "$VENV/setup.log" 2>&1; then
     tail -n 30 "$VENV/setup.log" >&2
     echo "launch.sh: installation failed; the full log is $VENV/setup.log" >&2
     return 1
   fi
   # The oneDNN convolutions for CPU (dem_jax/onednn.py); without them everything runs on XLA's, only slower.
-  if ! "$PY" -m dem_jax.onednn >> "$VENV/setup.log" 2>&1; then
+  if [[ ",$1," == *,onednn,* ]] && ! "$PY" -m dem_jax.onednn >> "$VENV/setup.log" 2>&1; then
     echo "launch.sh: oneDNN convolutions unavailable, CPU training uses XLA's (slower); see $VENV/setup.log" >&2
   fi
-  echo "$want" > "$stamp"
+  wanted_stamp "$1" > "$STAMP"
+}
+
+# Makes the environment current for `kind` (gpu|cpu|remembered). The check reads files only; pip runs under an
+# exclusive lock, and whoever waited for the lock checks again before installing.
+setup() {
+  local kind=remembered
+  case "${1:-}" in
+    --gpu) kind=gpu ;;
+    --cpu) kind=cpu ;;
+    "") ;;
+    *) echo "launch.sh: setup takes --gpu or --cpu, not '$1'." >&2; return 2 ;;
+  esac
+  if [ "$kind" = remembered ]; then
+    if [ -n "${DEM_JAX_GPU:-}" ] || is_gpu_env; then kind=gpu; else kind=cpu; fi
+  fi
+  local extras
+  extras="$(extras_for "$kind")"
+  is_up_to_date "$extras" && return 0
+  mkdir -p "$VENV"
+  if command -v flock > /dev/null; then
+    exec 9> "$VENV/.dem_jax_setup.lock"
+    flock 9
+  fi
+  is_up_to_date "$extras" || install "$extras"
+  if command -v flock > /dev/null; then exec 9>&-; fi
 }
 
 # CPU-only environments get one malloc arena that keeps freed memory (cpu_ops.retain_freed_memory says why: XLA:CPU
 # re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB). Set here, before the
-# process starts, so that every thread of it sees the setting. Only for the commands that run XLA.
+# process starts, so that every thread of it sees the setting. Only for the commands that run XLA on the CPU: never
+# in an environment set up with --gpu, whose processes allocate on the device.
 cpu_malloc_settings() {
-  if ! grep -q cuda "$VENV/.dem_jax_setup" 2>/dev/null; then
+  if ! is_gpu_env; then
     export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}" MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}"
     export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-8589934592}"
   fi
 }
 
-cmd="${1:-help}"
-[ $# -gt 0 ] && shift
-case "$cmd" in
-  setup) setup "$@" ;;
-  test)
-    setup
-    cpu_malloc_settings
-    cd "$ROOT"
-    exec "$PY" -m pytest "$@" ;;
-  demo)
-    setup
-    cpu_malloc_settings
-    exec "$PY" -m dem_jax.demo "$@" ;;
-  sample_data) setup; exec "$PY" -m preprocess.sample_data "$@" ;;
-  preprocess) setup; exec "$PY" -m preprocess "$@" ;;
-  train) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.train "$@" ;;
-  evaluate) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.evaluate "$@" ;;
-  embed) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.embed "$@" ;;
-  bench)
-    setup
-    [ "${1:-}" = preprocess ] || cpu_malloc_settings
-    exec "$PY" -m dem_jax.bench "$@" ;;
-  help|-h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2 ;;
-esac
+print_help() { sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; }
+
+main() {
+  local cmd="${1:-help}"
+  [ $# -gt 0 ] && shift
+  case "$cmd" in
+    setup) setup "$@" ;;
+    test)
+      setup
+      cpu_malloc_settings
+      cd "$ROOT"
+      exec "$PY" -m pytest "$@" ;;
+    demo) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.demo "$@" ;;
+    sample_data) setup; exec "$PY" -m preprocess.sample_data "$@" ;;
+    preprocess) setup; exec "$PY" -m preprocess "$@" ;;
+    train) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.train "$@" ;;
+    evaluate) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.evaluate "$@" ;;
+    embed) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.embed "$@" ;;
+    bench)
+      setup
+      [ "${1:-}" = preprocess ] || cpu_malloc_settings
+      exec "$PY" -m dem_jax.bench "$@" ;;
+    help|-h|--help) print_help ;;
+    *) echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2 ;;
+  esac
+}
+
+main "$@"

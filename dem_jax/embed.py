@@ -3,32 +3,43 @@ r"""Embeddings from a trained workdir: of feature-store clips, of audio files of
     from dem_jax.embed import Embedder
     embedder = Embedder('/scratch/dcase_run')              # latest checkpoint; Embedder(w, step=N) for another
     out = embedder.embed_file('kitchen.wav')              # {'embeddings': [n, E], 'timestamps': [n], 'clip_embedding': [E]}
+    out = embedder.embed_audio(samples, 44100)            # in-memory audio: any rate, [samples] or [samples, channels]
     table = embedder.embed_features(open_features('/data/features/dcase_dev'))
 
 Tiles are cut every `hop_seconds` (default: the tile length in seconds, the original's non-overlapping grid); a tile's
-timestamp is its start in seconds. Audio shorter than one tile is padded with silence to one tile. The pooled clip
-embedding is the mean of the tile embeddings, L2-normalised again.
+timestamp is its start in seconds, `centre_timestamps` its centre. Audio shorter than one tile is padded with silence
+to one tile. The pooled clip embedding is the mean of the tile embeddings, L2-normalised again. Audio whose log-Mel
+is not finite raises `EmbedError` rather than giving an embedding of garbage.
 
-Command line: embed a file or a folder (recursively), one .npz per input (embeddings, timestamps, clip_embedding):
+Command line: embed a file or a folder (recursively), one `<file name>.npz` per input (`x.wav` -> `x.wav.npz`, so
+`x.wav` and `x.flac` of one folder stay apart) holding embeddings, timestamps, centre_timestamps, clip_embedding:
 
     ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
+
+A file that cannot be embedded is reported and skipped; embed_summary.json in O lists what was written and skipped.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 
 import jax
 import ml_collections
 import numpy as np
+import soxr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dem_jax import audio
 from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import log_util
 from dem_jax import models
 from dem_jax.features import Clip, Features
 from dem_jax.frontend import FrontEnd, log_mel
+
+
+class EmbedError(ValueError):
+  """Audio or a setting that cannot give a trustworthy embedding; the message says why and what to do."""
 
 
 def tile_starts(num_frames: int, tile_frames: int, hop_frames: int) -> np.ndarray:
@@ -73,6 +84,11 @@ class TileEmbedder:
                             in_shardings=(NamedSharding(mesh, P()), self._batch_sharding),
                             out_shardings=self._batch_sharding)
 
+  @property
+  def variables(self) -> dict:
+    """The weights, replicated on every local device."""
+    return self._variables
+
   def set_variables(self, variables: dict) -> None:
     """New weights of the same shapes (no recompilation)."""
     self._variables = jax.device_put(variables, self._replicated)
@@ -97,7 +113,8 @@ class Embedder:
   def __init__(self, workdir: str, *, step: int | None = None, batch_size: int = 64, hop_seconds: float | None = None):
     self.workdir = os.path.abspath(workdir)
     self.info = checkpoint_lib.read_model_info(self.workdir)
-    checkpointer = checkpoint_lib.Checkpointer(self.workdir)
+    # Read-only: a reader must never clean up the folder a running training is saving into.
+    checkpointer = checkpoint_lib.Checkpointer(self.workdir, read_only=True)
     self.step = checkpointer.latest_step() if step is None else step
     saved = checkpointer.restore_raw(self.step)
     self.frontend = FrontEnd(**self.info['frontend'])
@@ -129,35 +146,88 @@ class Embedder:
   def hop_seconds(self) -> float:
     return self.hop_frames / self.frontend.frame_rate
 
+  @property
+  def tile_seconds(self) -> float:
+    """The stretch of audio one tile covers: from its first frame's first sample to its last frame's last."""
+    frontend = self.frontend
+    return ((self.tile_frames - 1) * frontend.hop_length + frontend.win_length) / frontend.sample_rate
+
   def tiles_of_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([n, T, M] tiles, [n] start seconds) of one clip's frames."""
     tiles, starts = cut_tiles(frames, self.tile_frames, self.hop_frames, np.log(self.frontend.log_offset))
     return tiles, starts / self.frontend.frame_rate
 
   def embed_frames(self, frames: np.ndarray) -> dict:
+    """Embeddings of one clip's log-Mel frames [frames, bands]; see `embed_audio` for what it returns."""
+    if not np.all(np.isfinite(frames)):
+      raise EmbedError('the log-Mel spectrogram holds NaN or infinite values (overflowing or corrupt samples); '
+                       'check the audio')
     tiles, times = self.tiles_of_frames(frames)
     embeddings = self.embed_tiles(tiles)
+    if not np.all(np.isfinite(embeddings)):
+      raise EmbedError(f'the model gives non-finite embeddings; its checkpoint (step {self.step}) may be damaged: '
+                       'try another with --step')
     return {'embeddings': embeddings, 'timestamps': times.astype(np.float32),
+            'centre_timestamps': (times + self.tile_seconds / 2).astype(np.float32),
             'clip_embedding': l2_normalise(embeddings.mean(axis=0))}
 
-  def embed_file(self, path: str) -> dict:
-    """Embeddings of an audio file of any length and format; raises audio.AudioError if it cannot be read."""
-    samples = audio.load_audio(path, self.frontend.sample_rate)
-    frames = log_mel(samples, self.frontend)
+  def embed_audio(self, samples: np.ndarray, sample_rate: int) -> dict:
+    """Embeddings of in-memory audio: [samples] or [samples, channels] (averaged to mono) at any `sample_rate`.
+
+    Returns {'embeddings': [n, E] (one per tile), 'timestamps': [n] tile starts and 'centre_timestamps': [n] tile
+    centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}.
+    """
+    samples = to_mono(samples)
+    if not np.all(np.isfinite(samples)):
+      raise EmbedError('the audio holds NaN or infinite samples')
+    if int(sample_rate) != self.frontend.sample_rate:
+      samples = soxr.resample(samples, int(sample_rate), self.frontend.sample_rate, quality='HQ')
+    frames = log_mel(np.asarray(samples, np.float32), self.frontend)
     if frames.shape[0] == 0:
-      raise audio.AudioError(path, 'shorter than one analysis window')
+      raise EmbedError(f'the audio is shorter than one analysis window ({self.frontend.win_length} samples at '
+                       f'{self.frontend.sample_rate} Hz)')
     return self.embed_frames(frames)
+
+  def embed_file(self, path: str) -> dict:
+    """Embeddings of an audio file of any length and format (see `embed_audio`); raises audio.AudioError naming
+    the file if it cannot be read or embedded."""
+    samples = audio.load_audio(path, self.frontend.sample_rate)
+    try:
+      return self.embed_audio(samples, self.frontend.sample_rate)
+    except EmbedError as e:
+      raise audio.AudioError(path, str(e)) from None
 
   def embed_features(self, features: Features, clips: list[Clip] | None = None) -> dict:
     """Per-tile embeddings of feature-store clips (default: all); see `embed_clips` for what it returns."""
-    if features.frontend != self.frontend:
-      raise ValueError(f'The features in {features.root} were made with another front end than this model was '
-                       'trained on; preprocess the data with the same settings.')
+    check_frontend(features, self)
     table = embed_clips(features, features.clips if clips is None else clips, {'model': self.embed_tiles},
                         tile_frames=self.tile_frames, hop_frames=self.hop_frames)
     table['embeddings'] = table.pop('model')
     table['clip_embeddings'] = pool_per_clip(table['embeddings'], table['clip_index'], len(table['clips']))
     return table
+
+
+def check_frontend(features: Features, embedder: 'Embedder') -> None:
+  """Raises EmbedError, naming both settings, when `features` were made with another front end than the model's."""
+  if features.frontend == embedder.frontend:
+    return
+  differences = ', '.join(f'{name}={getattr(features.frontend, name)!r} in the features, '
+                          f'{getattr(embedder.frontend, name)!r} for the model'
+                          for name in vars(embedder.frontend)
+                          if getattr(features.frontend, name) != getattr(embedder.frontend, name))
+  raise EmbedError(f'the features in {features.root} were made with other front-end settings than the model in '
+                   f'{embedder.workdir} was trained on ({differences}); preprocess the audio with the model\'s '
+                   'settings (its model.json, "frontend").')
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+  """float32 mono samples of [samples] or [samples, channels] audio (the channel mean)."""
+  samples = np.asarray(samples, dtype=np.float32)
+  if samples.ndim == 2:
+    return samples.mean(axis=1)
+  if samples.ndim != 1:
+    raise EmbedError(f'audio must be [samples] or [samples, channels]; got shape {samples.shape}')
+  return samples
 
 
 def pool_per_clip(embeddings: np.ndarray, clip_index: np.ndarray, num_clips: int) -> np.ndarray:
@@ -168,10 +238,11 @@ def pool_per_clip(embeddings: np.ndarray, clip_index: np.ndarray, num_clips: int
 
 
 def embed_clips(features: Features, clips: list[Clip], tile_fns: dict, *, tile_frames: int, hop_frames: int,
-                batch_clips: int = 64) -> dict:
+                batch_clips: int = 64, on_progress=None) -> dict:
   """Cuts every clip into tiles (every hop, as `tile_starts`) and applies each of `tile_fns` ([n, T, M] -> [n, D]).
 
-  The features are read once, whatever the number of functions (the model and its baselines). Returns
+  The features are read once, whatever the number of functions (the model and its baselines); `on_progress(n)` is
+  called after each batch of n clips. Returns
   {name: [N, D] for each function, 'clip_index': [N] (into `clips`), 'start_seconds': [N], 'clips': clips}.
   """
   fill = np.log(features.frontend.log_offset)
@@ -188,6 +259,8 @@ def embed_clips(features: Features, clips: list[Clip], tile_fns: dict, *, tile_f
     tiles = np.concatenate(tiles)
     for name, fn in tile_fns.items():
       outputs[name].append(np.asarray(fn(tiles), dtype=np.float32))
+    if on_progress is not None:
+      on_progress(len(chunk))
   result = {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in outputs.items()}
   result['clip_index'] = np.concatenate(clip_index) if clip_index else np.zeros(0, np.int64)
   result['start_seconds'] = np.concatenate(starts) if starts else np.zeros(0)
@@ -199,7 +272,7 @@ def find_audio_files(path: str) -> list[str]:
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'--input={path} is neither a file nor a folder.')
+    raise EmbedError(f'--input={path} does not exist; name an audio file or a folder of them.')
   found = []
   for dirpath, dirnames, filenames in os.walk(path):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
@@ -207,55 +280,69 @@ def find_audio_files(path: str) -> list[str]:
   return found
 
 
-def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, show_progress: bool = True) -> dict:
-  """Embeds every audio file under `input_path` into `output_dir`/<relative path>.npz; returns a summary
-  {'written': [...], 'failures': [{'path', 'reason'}]}. A file that cannot be read is reported and skipped."""
-  import tqdm  # Only the command line shows a bar.
+def output_name(path: str, root: str) -> str:
+  """`path`'s output, relative to the output folder: its path under `root` with '.npz' added (x.wav -> x.wav.npz),
+  so files that differ only in their extension never share one."""
+  return os.path.relpath(path, root) + '.npz'
+
+
+def prepare_output_dir(output_dir: str) -> None:
+  """Creates `output_dir` or raises EmbedError naming the problem: a file in the way, or no permission to write."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise EmbedError(f'--output_dir={output_dir} is a file; name a folder (it is created if missing).')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    probe = os.path.join(output_dir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise EmbedError(f'cannot write to --output_dir={output_dir} ({e.strerror}); name a folder you can write to.') \
+        from None
+
+
+def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, show_progress: bool | None = None) -> dict:
+  """Embeds every audio file under `input_path` into `output_dir`/<relative path>.npz (see `output_name`); returns
+  {'written': [...], 'failures': [{'path', 'reason'}], 'checkpoint_step'}. A file that cannot be read or embedded is
+  reported and skipped. Progress: a bar on a terminal, a log line every 30 s otherwise (`show_progress` forces)."""
   files = find_audio_files(input_path)
+  prepare_output_dir(output_dir)
   root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
   written, failures = [], []
-  for path in tqdm.tqdm(files, unit='file', disable=not show_progress):
-    target = os.path.join(output_dir, os.path.splitext(os.path.relpath(path, root))[0] + '.npz')
+  progress = log_util.Progress('embed', len(files), unit='file', interactive=show_progress)
+  for path in files:
+    target = os.path.join(output_dir, output_name(path, root))
     try:
       result = embedder.embed_file(path)
     except audio.AudioError as e:
       failures.append({'path': path, 'reason': e.reason})
-      continue
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    np.savez(target, embeddings=result['embeddings'], timestamps=result['timestamps'],
-             clip_embedding=result['clip_embedding'], hop_seconds=embedder.hop_seconds)
-    written.append(target)
+    else:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      np.savez(target, embeddings=result['embeddings'], timestamps=result['timestamps'],
+               centre_timestamps=result['centre_timestamps'], clip_embedding=result['clip_embedding'],
+               hop_seconds=embedder.hop_seconds)
+      written.append(target)
+    progress.update()
+  progress.close()
   return {'written': written, 'failures': failures, 'checkpoint_step': embedder.step}
 
 
-def main(argv):
-  del argv
-  import json
-  from absl import flags
-  FLAGS = flags.FLAGS
-  from dem_jax import cpu_ops
-  from dem_jax import log_util
-  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
-  log_util.quiet_library_logs()
-  embedder = Embedder(FLAGS.workdir, step=FLAGS.step, hop_seconds=FLAGS.hop_seconds)
-  summary = embed_paths(embedder, FLAGS.input, FLAGS.output_dir, show_progress=sys.stderr.isatty())
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  with open(os.path.join(FLAGS.output_dir, 'embed_summary.json'), 'w') as f:
+def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = None,
+        hop_seconds: float | None = None) -> dict:
+  """The command line's work: embeds, writes output_dir/embed_summary.json, returns the summary."""
+  if not os.path.exists(input_path):
+    raise EmbedError(f'--input={input_path} does not exist; name an audio file or a folder of them.')
+  prepare_output_dir(output_dir)
+  embedder = Embedder(workdir, step=step, hop_seconds=hop_seconds)
+  summary = embed_paths(embedder, input_path, output_dir)
+  with open(os.path.join(output_dir, 'embed_summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
-  for failure in summary['failures']:
-    print(f'skipped {failure["path"]}: {failure["reason"]}', file=sys.stderr)
-  print(json.dumps({'written': len(summary['written']), 'failures': len(summary['failures']),
-                    'output_dir': os.path.abspath(FLAGS.output_dir)}))
-  if not summary['written']:
-    sys.exit('embed: no file could be embedded.')
+  return summary
 
 
 if __name__ == '__main__':
+  # The command line, its flags and main live in dem_jax.commands.embed, so that importing this library module
+  # defines no flags.
   from absl import app
-  from absl import flags
-  flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
-  flags.DEFINE_string('input', None, 'An audio file or a folder (searched recursively).', required=True)
-  flags.DEFINE_string('output_dir', None, 'Where the .npz files go (mirroring the input tree).', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_float('hop_seconds', None, 'Tile hop in seconds (default: the tile length).')
-  app.run(main)
+  from dem_jax.commands import embed as command
+  app.run(command.main)

@@ -1,6 +1,7 @@
 """Figures of the learnt space a person wants to look at: 2-D maps, confusion matrices, cluster make-up.
 
-Each function writes one PNG (parent folders created) and returns its path. Figures are drawn on a bare
+Each function returns its matplotlib `Figure` (a notebook shows it; `MetricWriter.write_figures` puts it in
+TensorBoard) and, given a `path`, also writes it there as a PNG (parent folders created). Figures are drawn on a bare
 `Figure` with the Agg canvas rather than through pyplot, so importing this module never switches a notebook's
 backend and no figure is left open.
 """
@@ -28,13 +29,14 @@ def _new_figure(width: float, height: float) -> Figure:
   return fig
 
 
-def _save(fig: Figure, path: str) -> str:
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _finish(fig: Figure, path: str | None) -> Figure:
   fig.tight_layout()
-  # No bbox_inches='tight': the PNG keeps the figure's size, figsize x dpi, whatever the labels.
-  fig.savefig(path, dpi=DPI, format='png')
-  return path
+  if path is not None:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # No bbox_inches='tight': the PNG keeps the figure's size, figsize x dpi, whatever the labels.
+    fig.savefig(path, dpi=DPI, format='png')
+  return fig
 
 
 def _label_colors(num_labels: int) -> list:
@@ -50,13 +52,13 @@ def plot_embedding_map(
     x,
     labels,
     label_names: Sequence[str],
-    path: str,
+    path: str | None = None,
     *,
     method: str = 'tsne',
     title: str = 'Embedding map',
     max_points: int = 3000,
     seed: int = 0,
-) -> str:
+) -> Figure:
   """2-D map (t-SNE or PCA) of embeddings [N, D], one colour per label, on at most max_points random points."""
   x = np.asarray(x, dtype=np.float64)
   labels = np.asarray(labels)
@@ -98,17 +100,17 @@ def plot_embedding_map(
   ax.set_ylabel(axis_names[1])
   ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.01, 1.0), markerscale=2, fontsize='small',
             frameon=False)
-  return _save(fig, path)
+  return _finish(fig, path)
 
 
 def plot_confusion_matrix(
     cm,
     label_names: Sequence[str],
-    path: str,
+    path: str | None = None,
     *,
     title: str = 'Confusion matrix',
     normalize: bool = True,
-) -> str:
+) -> Figure:
   """Confusion matrix [K, K] (rows true, columns predicted) with the value in each cell.
 
   normalize=True divides each row by its count, so a cell reads as the share of that true class.
@@ -140,16 +142,16 @@ def plot_confusion_matrix(
   ax.set_xlabel('Predicted label')
   ax.set_ylabel('True label')
   ax.set_title(title)
-  return _save(fig, path)
+  return _finish(fig, path)
 
 
 def plot_cluster_composition(
     composition,
     label_names: Sequence[str],
-    path: str,
+    path: str | None = None,
     *,
     title: str = 'k-Means cluster composition',
-) -> str:
+) -> Figure:
   """Stacked bars, one per cluster, split by label; composition is [clusters, labels] counts."""
   composition = np.asarray(composition, dtype=np.float64)
   if composition.ndim != 2 or composition.shape[1] != len(label_names):
@@ -168,4 +170,4 @@ def plot_cluster_composition(
   ax.set_ylabel('tiles')
   ax.set_title(title)
   ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize='small', frameon=False)
-  return _save(fig, path)
+  return _finish(fig, path)

@@ -1,5 +1,7 @@
 """Embedding, the report command, the embed command and the notebook, on a tiny trained workdir."""
 
+import glob
+import inspect
 import json
 import os
 import subprocess
@@ -9,11 +11,21 @@ import numpy as np
 import pytest
 import soundfile
 
+from dem_jax import checkpoint as checkpoint_lib
 from dem_jax.embed import Embedder, tile_starts
 from dem_jax.features import open_features
 from preprocess import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Readers (Embedder, evaluate, embed) open checkpoints with Checkpointer(workdir, read_only=True).
+needs_read_only_checkpointer = pytest.mark.skipif(
+    'read_only' not in inspect.signature(checkpoint_lib.Checkpointer.__init__).parameters,
+    reason='Checkpointer(workdir, read_only=True) is not in dem_jax.checkpoint yet')
+
+
+def probing_env(**extra):
+  """The environment without JAX_PLATFORMS, so that jax probes its backends as on a user's machine."""
+  return {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'} | extra
 
 
 def test_tile_starts_cover_the_clip_on_the_hop():
@@ -22,6 +34,7 @@ def test_tile_starts_cover_the_clip_on_the_hop():
   assert tile_starts(1000, 100, 300).tolist() == [0, 300, 600, 900]
 
 
+@needs_read_only_checkpointer
 def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_features, dcase_dir):
   embedder = Embedder(tiny_workdir)
   features = open_features(dcase_features)
@@ -40,12 +53,14 @@ def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_fea
   assert np.all(cosine > 0.999)
 
 
+@needs_read_only_checkpointer
 def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_features, tmp_path):
   out = tmp_path / 'report'
   result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={tiny_workdir}',
                            f'--features_dir={dcase_features}', f'--output_dir={out}'],
-                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_NUM_CPU_DEVICES='2'))
+                          cwd=ROOT, capture_output=True, text=True, env=probing_env(JAX_NUM_CPU_DEVICES='2'))
   assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Unable to initialize backend' not in result.stderr, result.stderr[-3000:]
   assert 'log-Mel' in result.stdout and 'Random-init' in result.stdout and 'report.md' in result.stdout
   report = json.load(open(out / 'report.json'))
   assert report['checkpoint_step'] == 20
@@ -66,8 +81,18 @@ def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_featu
   assert '## Per fold' in markdown and '_std' not in markdown
   for name in ('embedding_map.png', 'confusion_matrix.png', 'cluster_composition.png'):
     assert (out / name).stat().st_size > 10_000 and name in markdown
+  # The same figures and the labelled held-out tiles in the workdir's TensorBoard, at the checkpoint's step.
+  (metadata,) = glob.glob(os.path.join(tiny_workdir, 'tensorboard', '00020', '*', 'metadata.tsv'))
+  with open(metadata) as f:
+    labels = f.read().split()
+  assert len(labels) == report['settings']['num_tiles']  # every tile is held out in one of the 4 folds
+  assert set(labels) == {c.label for c in open_features(dcase_features).clips}
+  events = ''.join(open(p, 'rb').read().decode('latin-1')
+                   for p in glob.glob(os.path.join(tiny_workdir, 'tensorboard', 'events.out.tfevents.*')))
+  assert all(f'eval/{name}' in events for name in ('embedding_map', 'confusion_matrix', 'cluster_composition'))
 
 
+@needs_read_only_checkpointer
 def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   data = tmp_path / 'in'
   (data / 'sub').mkdir(parents=True)
@@ -77,17 +102,19 @@ def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   (data / 'broken.wav').write_text('not audio')
   out = tmp_path / 'out'
   result = subprocess.run([sys.executable, '-m', 'dem_jax.embed', f'--workdir={tiny_workdir}', f'--input={data}',
-                           f'--output_dir={out}'], cwd=ROOT, capture_output=True, text=True)
+                           f'--output_dir={out}'], cwd=ROOT, capture_output=True, text=True, env=probing_env())
   assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Unable to initialize backend' not in result.stderr, result.stderr[-3000:]
   assert 'broken.wav' in result.stderr
-  long = np.load(out / 'long.npz')
+  long = np.load(out / 'long.wav.npz')
   assert long['embeddings'].shape == (6, 32) and long['timestamps'].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-  short = np.load(out / 'sub' / 'short.npz')  # 1/8 s: padded with silence to one tile.
+  short = np.load(out / 'sub' / 'short.flac.npz')  # 1/8 s: padded with silence to one tile.
   assert short['embeddings'].shape == (1, 32) and short['clip_embedding'].shape == (32,)
   summary = json.load(open(out / 'embed_summary.json'))
   assert [os.path.basename(f['path']) for f in summary['failures']] == ['broken.wav']
 
 
+@needs_read_only_checkpointer
 def test_notebook_runs_end_to_end(tiny_workdir, dcase_features, tmp_path):
   import nbclient
   import nbformat

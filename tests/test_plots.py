@@ -29,10 +29,12 @@ def test_embedding_map_is_a_png_of_the_figure_size(tmp_path, method):
   x, y = blobs()
   # One thread: on a busy 2-core box, t-SNE's OpenMP barriers beside BLAS threads can cost seconds.
   with threadpoolctl.threadpool_limits(1):
-    path = plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'maps' / f'{method}.png'), method=method,
-                                    title='fold 1', max_points=40)
-  assert path == str(tmp_path / 'maps' / f'{method}.png')  # parent folder created
-  assert png_size(path) == (9 * plots.DPI, int(6.5 * plots.DPI))
+    fig = plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'maps' / f'{method}.png'), method=method,
+                                   title='fold 1', max_points=40)
+  # The parent folder is created; the figure comes back for a notebook, of the PNG's size.
+  assert png_size(tmp_path / 'maps' / f'{method}.png') == (9 * plots.DPI, int(6.5 * plots.DPI))
+  assert tuple(fig.get_size_inches() * fig.dpi) == (9 * plots.DPI, 6.5 * plots.DPI)
+  assert fig.axes[0].get_xlabel().startswith('t-SNE 1' if method == 'tsne' else 'PC 1')
 
 
 def test_embedding_map_rejects_an_unknown_method(tmp_path):
@@ -42,18 +44,21 @@ def test_embedding_map_rejects_an_unknown_method(tmp_path):
 
 
 def test_confusion_matrix_png_grows_with_the_number_of_classes(tmp_path):
-  small = plots.plot_confusion_matrix(np.eye(4) * 3, NAMES, str(tmp_path / 'cm4.png'))
+  small = str(tmp_path / 'cm4.png')
+  plots.plot_confusion_matrix(np.eye(4) * 3, NAMES, small)
   names = [f'class_{i}' for i in range(12)]
   cm = np.random.default_rng(0).integers(0, 9, (12, 12))
   cm[5] = 0  # a class with no test clips must not break the row normalisation
-  large = plots.plot_confusion_matrix(cm, names, str(tmp_path / 'cm12.png'), normalize=True)
+  large = str(tmp_path / 'cm12.png')
+  plots.plot_confusion_matrix(cm, names, large, normalize=True)
   assert png_size(small) == (900, 720)
   assert png_size(large) == (int(13.5 * plots.DPI), 12 * plots.DPI)
 
 
 def test_cluster_composition_png_and_shape_check(tmp_path):
   composition = [[10, 0, 0, 2], [0, 8, 1, 0], [0, 0, 9, 9]]
-  path = plots.plot_cluster_composition(composition, NAMES, str(tmp_path / 'comp.png'), title='k-Means, fold 1')
+  path = str(tmp_path / 'comp.png')
+  plots.plot_cluster_composition(composition, NAMES, path, title='k-Means, fold 1')
   assert png_size(path) == (960, 720)
   with pytest.raises(ValueError, match='composition'):
     plots.plot_cluster_composition(composition, NAMES[:3], str(tmp_path / 'bad.png'))
@@ -65,3 +70,12 @@ def test_plotting_leaves_no_pyplot_figure_open(tmp_path):
   plots.plot_embedding_map(x, y, NAMES, str(tmp_path / 'm.png'), method='pca')
   plots.plot_confusion_matrix(np.eye(4), NAMES, str(tmp_path / 'cm.png'))
   assert pyplot.get_fignums() == []  # a notebook looping over folds would otherwise pile them up
+
+
+def test_without_a_path_a_figure_comes_back_and_nothing_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  fig = plots.plot_confusion_matrix(np.array([[3, 1], [0, 4]]), NAMES[:2], title='probe')
+  assert fig.axes[0].get_title() == 'probe'
+  cells = sorted(t.get_text() for t in fig.axes[0].texts)
+  assert cells == ['0.00', '0.25', '0.75', '1.00']
+  assert list(tmp_path.iterdir()) == []

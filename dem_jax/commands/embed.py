@@ -1,0 +1,43 @@
+"""Embed an audio file or a folder with a trained model: `./launch.sh embed --workdir=W --input=IN --output_dir=O`.
+
+Prints one JSON line (files written, skipped, the output folder); each skipped file goes to stderr with its reason.
+Exit status: 0 when at least one file was embedded; 1 with one line naming the problem otherwise.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
+_INPUT = flags.DEFINE_string('input', None, 'An audio file or a folder (searched recursively).', required=True)
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the .npz files go (mirroring the input tree).',
+                                  required=True)
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_HOP_SECONDS = flags.DEFINE_float('hop_seconds', None, 'Tile hop in seconds (default: the tile length).')
+
+
+def main(argv):
+  del argv
+  from dem_jax import cpu_ops
+  from dem_jax import log_util
+  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
+  log_util.quiet_console()
+  from dem_jax import embed
+  try:
+    summary = embed.run(_WORKDIR.value, _INPUT.value, _OUTPUT_DIR.value, step=_STEP.value,
+                        hop_seconds=_HOP_SECONDS.value)
+  except (embed.EmbedError, FileNotFoundError) as e:
+    sys.exit(f'embed: {e}')
+  for failure in summary['failures']:
+    print(f'skipped {failure["path"]}: {failure["reason"]}', file=sys.stderr)
+  print(json.dumps({'written': len(summary['written']), 'failures': len(summary['failures']),
+                    'output_dir': os.path.abspath(_OUTPUT_DIR.value)}))
+  if not summary['written']:
+    sys.exit('embed: no file could be embedded; the reasons are above and in embed_summary.json.')
+
+
+if __name__ == '__main__':
+  app.run(main)

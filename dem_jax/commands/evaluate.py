@@ -1,0 +1,42 @@
+"""Judge a trained model: `./launch.sh evaluate --workdir=W [--features_dir=F] [--output_dir=O] [--step=N]`.
+
+Prints the summary table and where the report is. Exit status: 0 with a report; 1 with one line naming the problem
+(not a workdir, features made with other settings, an output folder that cannot be written) otherwise.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
+_FEATURES_DIR = flags.DEFINE_string('features_dir', None,
+                                    'Features to evaluate on (default: those the model trained on).')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the report goes (default: WORKDIR/eval_<step>).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_RETRIEVAL_K = flags.DEFINE_integer('retrieval_k', 5, 'k of precision@k.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the probe, k-Means, t-SNE and the random-init baseline.')
+_PLOT = flags.DEFINE_bool('plot', True, 'Draw the figures (PNGs beside the report, images in TensorBoard).')
+
+
+def main(argv):
+  del argv
+  from dem_jax import cpu_ops
+  from dem_jax import log_util
+  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
+  log_util.quiet_console()
+  from dem_jax import evaluate
+  from dem_jax import report_markdown
+  from dem_jax.features import FeaturesError
+  try:
+    report = evaluate.evaluate(_WORKDIR.value, features_dir=_FEATURES_DIR.value, output_dir=_OUTPUT_DIR.value,
+                               step=_STEP.value, retrieval_k=_RETRIEVAL_K.value, seed=_SEED.value, plot=_PLOT.value)
+  except (ValueError, FileNotFoundError, FeaturesError) as e:
+    sys.exit(f'evaluate: {e}')
+  print(report_markdown.format_summary_table(report))
+  print(f'report: {os.path.join(report["output_dir"], "report.md")}')
+
+
+if __name__ == '__main__':
+  app.run(main)
