@@ -22,9 +22,7 @@ import jax
 import numpy as np
 
 from dem_jax import checkpoint as checkpoint_lib
-from dem_jax import cpu_ops
 from dem_jax import input_pipeline
-from dem_jax import log_util
 from dem_jax import losses
 from dem_jax import models
 from dem_jax import probes
@@ -256,8 +254,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info('Compiled the training loop (%d steps per call) in %.1f s.', steps_per_call, time.time() - t0)
 
   # ---- Loop -------------------------------------------------------------------------------------------------
-  writer = MetricWriter(workdir, enabled=is_chief)
-  writer.truncate_after(start_step)
+  writer = MetricWriter(workdir, enabled=is_chief, purge_step=start_step)
+  writer.write_hparams(_hparams(config), metrics={'train/loss': float('nan'), 'eval/loss': float('nan')})
   embedder = None
 
   def evaluate(state_on_device) -> dict:
@@ -362,6 +360,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return last_metrics
 
 
+def _hparams(config) -> dict:
+  """The settings worth comparing runs by, for TensorBoard's hparams view (MetricWriter flattens them)."""
+  keep = ('seed', 'batch_size', 'num_steps', 'train_minutes', 'parallel', 'model', 'loss', 'optimizer', 'data')
+  return {k: v for k, v in config.to_dict().items() if k in keep}
+
+
 def _agreed(flag: bool) -> bool:
   """Process 0's value of `flag` on every process (a stop decision must be the same everywhere)."""
   if jax.process_count() == 1:
@@ -370,38 +374,9 @@ def _agreed(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  FLAGS = flags.FLAGS
-  cpu_ops.retain_freed_memory_on_cpu()  # The step frees and re-allocates the same large buffers every time.
-  if FLAGS.distributed:
-    kwargs = {}
-    if FLAGS.coordinator_address:
-      kwargs = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                    process_id=FLAGS.process_id)
-    jax.distributed.initialize(**kwargs)
-  logging.getLogger().setLevel(logging.INFO)
-  log_util.quiet_library_logs()
-  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
-  try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (TrainingError, ValueError, FeaturesError) as e:
-    raise SystemExit(f'train: {e}') from None
-
-
 if __name__ == '__main__':
+  # The command line, its flags and main live in dem_jax.commands.train, so that importing this library module
+  # defines no flags.
   from absl import app
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Training config (a Python file with get_config).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the config go here; a run resumes from it.',
-                      required=True)
-  flags.DEFINE_bool('distributed', False, 'Multi-host: call jax.distributed.initialize() (cluster env or flags).')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (else from the cluster environment).')
-  flags.DEFINE_integer('num_processes', None, 'Processes in all (with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  from dem_jax.commands import train as command
+  app.run(command.main)
