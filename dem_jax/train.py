@@ -95,16 +95,16 @@ def _dispatches(start: int, stop: int, size: int, boundaries: list[int]):
     step += n
 
 
-def _resumed_seconds(workdir: str, step: int) -> float:
-  """Training seconds spent up to `step` by earlier processes of this run (0 for a new run)."""
+def _resumed_value(workdir: str, step: int, key: str, default: float) -> float:
+  """The last value of `key` that earlier processes of this run logged up to `step` (`default` for a new run)."""
   if not step:
-    return 0.0
+    return default
   try:
     records = read_metrics(workdir)
   except (FileNotFoundError, ValueError):
-    return 0.0
-  spent = [r['train/train_seconds'] for r in records if r['step'] <= step and 'train/train_seconds' in r]
-  return float(spent[-1]) if spent else 0.0
+    return default
+  values = [r[key] for r in records if r['step'] <= step and key in r]
+  return float(values[-1]) if values else default
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -194,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = int(state.step)
     checkpointer.set_aside_after(start_step)  # Damaged later steps: kept aside, so training can save them anew.
     logging.info('Resumed from the checkpoint of step %d in %s.', start_step, checkpointer.directory)
-  spent_s = _resumed_seconds(workdir, start_step)
+  spent_s = _resumed_value(workdir, start_step, 'train/train_seconds', 0.0)
   if budget_s and spent_s >= budget_s and start_step < num_steps:
     raise TrainingError(f'The time budget (config.train_minutes={config.train_minutes}) is spent: this run trained '
                         f'{spent_s / 60:.1f} min to step {start_step}. Raise config.train_minutes, or set it to 0 to '
@@ -290,7 +290,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   plan = list(_dispatches(start_step, num_steps, steps_per_call, boundaries))
   last_metrics, files_written = {}, False
   run_start, window_start, window_steps, paused_s = time.time(), time.time(), 0, 0.0
-  total_steps = schedule_length(start_step, 0.0)
+  # Under a budget the schedule's length is re-estimated at every log line; a resumed run starts from the last one.
+  total_steps = int(_resumed_value(workdir, start_step, 'train/schedule_steps', schedule_length(start_step, 0.0)))
   try:
     for index, (step, n) in enumerate(plan):
       if loader is not None:
@@ -331,7 +332,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         rate = window_steps / window_s if window_s > 0 else 0.0
         total_steps = schedule_length(done, (done - start_step) / max(elapsed_s - spent_s, 1e-9))
         last_metrics = {k: v / max(values['count'], 1) for k, v in values['sums'].items()}
-        last_metrics |= {'learning_rate': float(step_lib.learning_rate_at(config.optimizer, done - 1, total_steps)), 'steps_per_s': rate, 'train_seconds': elapsed_s,
+        lr = float(step_lib.learning_rate_at(config.optimizer, done - 1, total_steps))
+        last_metrics |= {'learning_rate': lr, 'steps_per_s': rate, 'train_seconds': elapsed_s,
                          'schedule_steps': total_steps}
         writer.write(done, last_metrics, prefix='train/')
         if is_chief:
