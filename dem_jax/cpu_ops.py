@@ -1,8 +1,10 @@
 """Convolution and max-pooling forms that run fast on XLA:CPU, chosen per layer by `conv_impl`.
 
 On CPU, 'auto' runs every convolution on oneDNN through XLA FFI custom calls (`dem_jax.onednn`): the triplet step
-then matches or beats PyTorch eager on the same machine. Where that library cannot be built or loaded (no C++
-compiler, not Linux x86_64, DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA forms below.
+then matches or beats PyTorch eager on the same machine. bfloat16 activations run on oneDNN's bfloat16 kernels where
+the CPU has them (AVX512-BF16 or AMX), and elsewhere on its float32 kernels (converted around each convolution; one
+log line says so). Where the library cannot be built or loaded (no C++ compiler, not Linux x86_64,
+DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA forms below.
 
 Why those exist: the straightforward Flax ResNet ran its triplet step on CPU ~15x slower than PyTorch eager. Three
 XLA:CPU behaviours account for it (measured with jaxlib 0.12 on a 2-core AVX-512 x86 VM):
@@ -131,9 +133,10 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
   """The implementation one layer runs: 'xla', 'xla_cpu', 'im2col' or 'onednn'.
 
   'xla', 'im2col' and 'onednn' are taken as asked (for comparisons). 'auto' is 'xla' off CPU. On CPU it is
-  'onednn' for float32 where `dem_jax.onednn` is available; otherwise 'im2col' where the input or the output map
-  (the latter is what the backward convolution slides over) has at most SMALL_MAP_POSITIONS positions, and
-  'xla_cpu' elsewhere.
+  'onednn' for float32 and bfloat16 where `dem_jax.onednn` is available (bfloat16 without native kernels still runs
+  there in float32: XLA:CPU's own bfloat16 convolution is several times slower); otherwise 'im2col' where the input
+  or the output map (the latter is what the backward convolution slides over) has at most SMALL_MAP_POSITIONS
+  positions, and 'xla_cpu' elsewhere.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
@@ -144,7 +147,7 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
     return conv_impl
   if backend != 'cpu':
     return 'xla'
-  if jnp.dtype(dtype) == jnp.float32 and _onednn_available():
+  if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and _onednn_available():
     return 'onednn'
   positions = min(math.prod(input_hw), math.prod(output_hw))
   return 'im2col' if positions <= SMALL_MAP_POSITIONS else 'xla_cpu'
@@ -159,17 +162,40 @@ def _onednn_available() -> bool:
   return reason is None
 
 
+@functools.cache
+def onednn_bf16_available() -> bool:
+  """Whether oneDNN runs bfloat16 convolutions natively here; logs why not, once."""
+  reason = onednn.bf16_unavailable_reason()
+  if reason is not None:
+    logging.warning('bfloat16 convolutions run on oneDNN in float32 (converted around each one): %s', reason)
+  return reason is None
+
+
+def conv2d_onednn_any_dtype(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                            padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+  """`onednn.conv2d_onednn`, with bfloat16 computed in float32 where the CPU lacks bfloat16 kernels."""
+  if x.dtype == jnp.bfloat16 and not onednn_bf16_available():
+    return onednn.conv2d_onednn(x.astype(jnp.float32), kernel.astype(jnp.float32), strides, padding).astype(x.dtype)
+  return onednn.conv2d_onednn(x, kernel, strides, padding)
+
+
 _CONV_FNS = {'xla': conv2d_xla, 'xla_cpu': conv2d_xla_cpu, 'im2col': conv2d_im2col,
-             'onednn': onednn.conv2d_onednn}
+             'onednn': conv2d_onednn_any_dtype}
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
            padding: Padding = ((0, 0), (0, 0)), conv_impl: str = 'auto') -> jax.Array:
-  """2-D convolution (NHWC input, HWIO kernel, explicit padding) by the implementation this layer resolves to."""
+  """2-D convolution (NHWC input, HWIO kernel, explicit padding) by the implementation this layer resolves to.
+
+  Computes in x's dtype. A float32 kernel with bfloat16 input goes to oneDNN as it is (converted inside, its
+  gradient kept in float32); the other implementations get it cast to x's dtype.
+  """
   strides = tuple(strides)
   padding = tuple(tuple(p) for p in padding)
   out_hw = [(x.shape[1 + d] + sum(padding[d]) - kernel.shape[d]) // strides[d] + 1 for d in range(2)]
   impl = resolve_conv_impl(conv_impl, x.shape[1:3], out_hw, dtype=x.dtype)
+  if impl != 'onednn':
+    kernel = kernel.astype(x.dtype)
   return _CONV_FNS[impl](x, kernel, strides, padding)
 
 

@@ -41,8 +41,9 @@ class Conv(nn.Module):
     # Symmetric padding k // 2, as torchvision's ResNet (and the PyTorch reference benchmark): with stride 2 on an
     # even size, 'SAME' would pad (0, 1) instead and sample a shifted grid.
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    return cpu_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
-                           conv_impl=self.conv_impl)
+    # The float32 kernel goes in as it is: cpu_ops casts it to the computation dtype, or oneDNN does so itself
+    # and returns its gradient summed in float32.
+    return cpu_ops.conv2d(x.astype(self.dtype), kernel, self.strides, padding, conv_impl=self.conv_impl)
 
 
 class BasicBlock(nn.Module):

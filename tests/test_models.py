@@ -165,10 +165,69 @@ def test_cpu_convolutions_match_xla_convolution_and_its_gradients(impl, x_shape,
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)
 
 
+needs_onednn_bf16 = pytest.mark.skipif(not onednn.bf16_available(), reason='no oneDNN bfloat16 kernels on this CPU')
+BF16_ULP = 2.0**-7  # bfloat16 keeps 8 significant bits: one rounding is off by at most half of this, relatively
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
+def test_bfloat16_onednn_convolution_rounds_the_float32_result_once(x_shape, k_shape, strides, padding):
+  """bfloat16 activations with a float32 kernel: the output and input gradient are the float32 convolution of the
+  same bfloat16 values rounded once to bfloat16; the kernel gradient is float32, summed in float32."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  conv = lambda impl: jax.jit(lambda x, k: jax.vjp(lambda x, k: impl(x, k, strides, padding), x, k))
+  y, vjp = conv(onednn.conv2d_onednn)(x, k)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+  dx, dk = vjp(dy)
+  # What oneDNN sees: the kernel converted to bfloat16 (and nothing else rounded before the output).
+  y_ref, vjp_ref = conv(cpu_ops.conv2d_xla)(x.astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32))
+  dx_ref, dk_ref = vjp_ref(dy.astype(jnp.float32))
+  assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  for got, want in ((y, y_ref), (dx, dx_ref)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=BF16_ULP, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * np.abs(dk_ref).max())
+
+
+def test_bfloat16_without_native_kernels_runs_onednn_in_float32(monkeypatch):
+  monkeypatch.setattr(cpu_ops, 'onednn_bf16_available', lambda: False)
+  x, k = jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 3), jnp.float32)
+  y = jax.jit(lambda x, k: cpu_ops.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), conv_impl='onednn'))(x, k)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y[0, :, :, 0], [[8, 12, 12, 8], [12, 18, 18, 12], [12, 18, 18, 12], [8, 12, 12, 8]])
+
+
+@needs_onednn_bf16
+def test_bfloat16_model_on_onednn_is_as_close_to_float32_as_xla_bfloat16(variables):
+  """Whole-model loss and parameter gradients in bfloat16 against float32 (BatchNorm in training mode, where the
+  gradients cancel most and rounding shows most). Stated tolerance: loss within 1%, gradients within 30% relative
+  L2 error overall and no further from float32 than XLA's own bfloat16 convolution gets."""
+  def loss_and_grad(impl, dtype):
+    model = tiny(impl, dtype=dtype)
+
+    def loss(params):
+      z, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, TILES, train=True,
+                         mutable=['batch_stats'])
+      return jnp.sum(z * jnp.arange(8.0))
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables['params'])
+    return value, np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]), jax.tree.leaves(grads)
+
+  value_ref, grads_ref, _ = loss_and_grad('onednn', jnp.float32)
+  value, grads, leaves = loss_and_grad('onednn', jnp.bfloat16)
+  _, grads_xla, _ = loss_and_grad('xla', jnp.bfloat16)
+  assert all(g.dtype == jnp.float32 for g in leaves)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-2)
+  error = lambda g: np.linalg.norm(g - grads_ref) / np.linalg.norm(grads_ref)
+  assert error(grads) < 0.3
+  assert error(grads) <= error(grads_xla)
+
+
 def test_auto_uses_xla_off_cpu_and_onednn_on_cpu():
   assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='gpu') == 'xla'
   assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'onednn'
   assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'onednn'
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.bfloat16) == 'onednn'
   assert cpu_ops.resolve_conv_impl('im2col', (16, 32), (16, 32), backend='gpu') == 'im2col'
   assert cpu_ops.resolve_conv_impl('xla', (2, 4), (2, 4), backend='cpu') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
@@ -178,13 +237,13 @@ def test_auto_uses_xla_off_cpu_and_onednn_on_cpu():
 
 
 def test_auto_without_onednn_uses_im2col_only_on_small_maps(monkeypatch):
-  """The fallback where oneDNN is unavailable (and for bfloat16, which it does not compute)."""
+  """The fallback where oneDNN is unavailable (and for float16, which it does not compute)."""
   monkeypatch.setattr(cpu_ops, '_onednn_available', lambda: False)
   assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
   assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
   assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
   monkeypatch.undo()
-  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.bfloat16) == 'xla_cpu'
+  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.float16) == 'xla_cpu'
 
 
 def test_xla_cpu_convolution_has_the_gradients_of_xla():
