@@ -147,14 +147,15 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
     return conv_impl
   if backend != 'cpu':
     return 'xla'
-  if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and _onednn_available():
+  if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and onednn_available():
     return 'onednn'
   positions = min(math.prod(input_hw), math.prod(output_hw))
   return 'im2col' if positions <= SMALL_MAP_POSITIONS else 'xla_cpu'
 
 
 @functools.cache
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+  """Whether the oneDNN convolutions load here; logs why not, once."""
   reason = onednn.unavailable_reason()
   if reason is not None:
     logging.warning("conv_impl='auto' runs XLA's convolutions on CPU (about 25%% slower than oneDNN's in a ResNet18 "
@@ -199,21 +200,57 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   return _CONV_FNS[impl](x, kernel, strides, padding)
 
 
+def _pool_taps(x: jax.Array, window: int, stride: int, pad: int):
+  """x padded with -inf, the output size, and a function giving the strided slice of window position (i, j)."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  oh, ow = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
+  tap = lambda i, j: lax.slice(padded, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                               (1, stride, stride, 1))
+  return padded, (oh, ow), tap
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
   """Max-pooling over NHWC as an elementwise maximum of strided slices (the values of reduce_window's).
 
-  Where several window elements tie for the maximum, the gradient is shared between them instead of going to one.
+  Where several window elements tie for the maximum (all zeros after a ReLU, say), the gradient is shared equally
+  between them instead of going to one.
   """
-  n, h, w, c = x.shape
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  oh, ow = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
+  _, _, tap = _pool_taps(x, window, stride, pad)
   out = None
   for i in range(window):
     for j in range(window):
-      tap = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                      (1, stride, stride, 1))
-      out = tap if out is None else jnp.maximum(out, tap)
+      out = tap(i, j) if out is None else jnp.maximum(out, tap(i, j))
   return out
+
+
+def _max_pool_slices_fwd(x, window, stride, pad):
+  out = max_pool_slices(x, window, stride, pad)
+  return out, (x, out)
+
+
+def _max_pool_slices_bwd(window, stride, pad, residuals, dy):
+  # Written out rather than left to autodiff: the derivative of the chain of maxima makes XLA recompute the chain
+  # once per window position inside one fusion, which in bfloat16 took longer than all convolutions together.
+  x, out = residuals
+  padded, (oh, ow), tap = _pool_taps(x, window, stride, pad)
+  hits = [[tap(i, j) == out for j in range(window)] for i in range(window)]
+  count = sum(hit.astype(jnp.float32) for row in hits for hit in row)
+  share = lax.optimization_barrier(dy.astype(jnp.float32) / count)  # once, not once per window position
+  dx = None
+  for i in range(window):
+    for j in range(window):
+      # Each output position sends its share back to the input element window position (i, j) read.
+      part = lax.pad(jnp.where(hits[i][j], share, 0.0), jnp.float32(0), (
+          (0, 0, 0), (i, padded.shape[1] - i - (oh - 1) * stride - 1, stride - 1),
+          (j, padded.shape[2] - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+      dx = part if dx is None else dx + part
+  h, w = x.shape[1:3]
+  return (dx[:, pad:pad + h, pad:pad + w].astype(x.dtype),)
+
+
+max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
 
 
 def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:

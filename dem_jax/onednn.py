@@ -292,6 +292,11 @@ def _conv2d_onednn_fwd(x, kernel, strides, padding):
 def _conv2d_onednn_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   dx = _call('backward_data', x.shape, x.dtype, dy, kernel, strides, padding)
+  if kernel.shape[:2] == (1, 1) and tuple(strides) != (1, 1) and not any(map(any, padding)):
+    # A strided 1x1 convolution reads only every stride-th position: its kernel gradient is that of a stride-1
+    # convolution over those positions, which oneDNN computes several times faster (most of all in bfloat16).
+    x = x[:, :(dy.shape[1] - 1) * strides[0] + 1:strides[0], :(dy.shape[2] - 1) * strides[1] + 1:strides[1]]
+    strides = (1, 1)
   dkernel = _call('backward_weights', kernel.shape, kernel.dtype, x, dy, strides, padding)
   return dx, dkernel
 

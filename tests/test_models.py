@@ -238,7 +238,7 @@ def test_auto_uses_xla_off_cpu_and_onednn_on_cpu():
 
 def test_auto_without_onednn_uses_im2col_only_on_small_maps(monkeypatch):
   """The fallback where oneDNN is unavailable (and for float16, which it does not compute)."""
-  monkeypatch.setattr(cpu_ops, '_onednn_available', lambda: False)
+  monkeypatch.setattr(cpu_ops, 'onednn_available', lambda: False)
   assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
   assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
   assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
@@ -265,6 +265,16 @@ def test_max_pool_from_slices_matches_reduce_window():
   np.testing.assert_allclose(loss(cpu_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_shares_the_gradient_between_tied_maxima(dtype):
+  """All zeros (as after a ReLU): each output's gradient is split equally among the input elements of its window."""
+  dx = jax.grad(lambda x: jnp.sum(cpu_ops.max_pool_slices(x).astype(jnp.float32)))(jnp.zeros((1, 4, 4, 1), dtype))
+  assert dx.dtype == dtype
+  np.testing.assert_allclose(np.sum(np.asarray(dx, np.float32)), 4.0, rtol=1e-2)  # 2 x 2 outputs, nothing lost
+  # Input (1, 1) lies in all four windows, of 4, 6, 6 and 9 elements (the rest is padding).
+  np.testing.assert_allclose(float(dx[0, 1, 1, 0]), 1 / 4 + 2 / 6 + 1 / 9, rtol=1e-2)
+
+
 def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
   """launch.sh sets the malloc variables before the process starts; the in-process call must not undo them."""
   calls = []
@@ -284,3 +294,19 @@ def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
   monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', str(8 << 30))
   assert cpu_ops.retain_freed_memory()
   assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0)])
+
+
+def test_auto_dtype_is_bfloat16_off_cpu_and_where_onednn_runs_it_natively(monkeypatch):
+  assert models.resolve_dtype('auto', backend='gpu') == jnp.bfloat16
+  assert models.resolve_dtype('float32', backend='gpu') == jnp.float32
+  monkeypatch.setattr(cpu_ops, 'onednn_available', lambda: True)
+  monkeypatch.setattr(cpu_ops, 'onednn_bf16_available', lambda: True)
+  assert models.resolve_dtype('auto', backend='cpu') == jnp.bfloat16
+  assert models.resolve_dtype('auto', 'xla', backend='cpu') == jnp.float32  # XLA:CPU's bfloat16 convolution is slow
+  assert models.resolve_dtype('bfloat16', 'xla', backend='cpu') == jnp.bfloat16  # as asked
+  monkeypatch.setattr(cpu_ops, 'onednn_bf16_available', lambda: False)
+  assert models.resolve_dtype('auto', backend='cpu') == jnp.float32
+  config = ml_collections.ConfigDict(dict(name='resnet18', dtype='auto'))
+  assert models.create_model(config).dtype == jnp.float32
+  with pytest.raises(ValueError, match=r"config.model.dtype='float16'; choose one of \('auto'"):
+    models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='float16')))

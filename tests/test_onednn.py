@@ -35,7 +35,7 @@ def test_turned_off_by_the_environment_variable(monkeypatch):
 def test_unavailable_library_is_reported_with_its_reason(monkeypatch, caplog):
   monkeypatch.setattr(onednn, '_state', {'error': onednn.OnednnUnavailable('no compiler here')})
   with caplog.at_level('WARNING'):
-    assert cpu_ops._onednn_available.__wrapped__() is False
+    assert cpu_ops.onednn_available.__wrapped__() is False
   assert 'no compiler here' in caplog.text and "XLA's convolutions" in caplog.text
   with pytest.raises(onednn.OnednnUnavailable, match='no compiler here'):
     onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 
 from dem_jax import cpu_ops
+from dem_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_TORCH_PYTHON = REPO_ROOT / '.venv-torch' / 'bin' / 'python'
@@ -37,7 +38,9 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   p.add_argument('--conv_impl', default='auto',
                  help="comma-separated conv_impl values to time, e.g. 'auto,onednn,im2col,xla'; the first is the "
                  'headline')
-  p.add_argument('--dtype', default='float32')
+  p.add_argument('--dtype', default='float32', choices=models.DTYPES,
+                 help="computation dtype of the JAX model ('auto': as models.resolve_dtype picks here); bfloat16 also "
+                 'runs the PyTorch reference with bfloat16 autocast and channels_last')
   p.add_argument('--parallel', default='jit', choices=('jit', 'pmap'), help='how the step is compiled')
   p.add_argument('--reference', default='torch', choices=('torch', 'none'))
   p.add_argument('--torch_python', default='',
@@ -51,6 +54,7 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   for c in flags.conv_impls:
     if c not in cpu_ops.CONV_IMPLS:
       p.error(f'--conv_impl: {c!r} is not one of {cpu_ops.CONV_IMPLS}')
+  flags.dtype = models.resolve_dtype(flags.dtype, flags.conv_impls[0]).name
   return flags
 
 
@@ -75,7 +79,7 @@ class TorchReference:
   def __init__(self, python: str, mode: str, flags: argparse.Namespace):
     cmd = [python, str(TORCH_REFERENCE), f'--mode={mode}', f'--model={flags.model}', f'--batch={flags.batch}',
            f'--frames={flags.frames}', f'--mels={flags.mels}', f'--width={flags.width}', f'--threads={os.cpu_count()}',
-           '--serve'] + (['--retain_memory'] if flags.retain_memory else [])
+           f'--dtype={flags.dtype}', '--serve'] + (['--retain_memory'] if flags.retain_memory else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = self._read()
 

@@ -60,6 +60,7 @@ struct Geometry {
 
 struct Primitives {
   memory::desc user_weights;  // HWIO, as the kernel lives in XLA
+  memory::desc user_src, user_dst;  // NHWC, as activations live in XLA
   dnnl::convolution_forward::primitive_desc forward_pd;
   dnnl::convolution_forward forward;
   dnnl::convolution_backward_data::primitive_desc backward_data_pd;
@@ -93,9 +94,23 @@ const Primitives& GetPrimitives(const Geometry& g) {
       Engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_before, pad_after,
       p->forward_pd);
   p->backward_data = dnnl::convolution_backward_data(p->backward_data_pd);
+  p->user_src = src;
+  p->user_dst = dst;
   p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, src, any_diff_weights, dst, strides, pad_before, pad_after,
       p->forward_pd);
+  const bool strided = g.stride_h > 1 || g.stride_w > 1;
+  if (g.activations == Type::bf16 && strided && g.c > 1 &&
+      std::string(p->backward_weights_pd.impl_info_str()).rfind("brg", 0) != 0) {
+    // Without a brgemm kernel for it, oneDNN's bfloat16 kernel gradient of a strided layer reads NHWC activations
+    // 10-50x slower than its blocked layout; reordering both activations into that layout costs far less. (Not
+    // for the one-channel stem, whose NHWC kernel is the faster.)
+    const memory::desc any_src({g.n, g.c, g.h, g.w}, g.activations, Tag::any);
+    const memory::desc any_dst({g.n, g.o, g.oh, g.ow}, g.activations, Tag::any);
+    p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, any_src, any_diff_weights, any_dst, strides, pad_before,
+        pad_after, p->forward_pd);
+  }
   p->backward_weights = dnnl::convolution_backward_weights(p->backward_weights_pd);
   slot = std::move(p);
   return *slot;
@@ -139,10 +154,10 @@ ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& x_buffer, const ffi::A
   return g;
 }
 
-// The kernel in the layout `want`: the HWIO buffer itself, or a reordered copy.
-memory KernelAs(const memory::desc& want, const Primitives& p, void* data, dnnl::stream& stream) {
-  memory user(p.user_weights, Engine(), data);
-  if (want == p.user_weights) return user;
+// The buffer `data` laid out as `have`, in the layout `want`: the buffer itself, or a reordered copy.
+memory As(const memory::desc& want, const memory::desc& have, void* data, dnnl::stream& stream) {
+  memory user(have, Engine(), data);
+  if (want == have) return user;
   memory blocked(want, Engine());
   dnnl::reorder(user, blocked).execute(stream, user, blocked);
   return blocked;
@@ -170,7 +185,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::Any
   return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
     memory src(p.forward_pd.src_desc(), Engine(), x.untyped_data());
     memory dst(p.forward_pd.dst_desc(), Engine(), y->untyped_data());
-    memory weights = KernelAs(p.forward_pd.weights_desc(), p, kernel.untyped_data(), stream);
+    memory weights = As(p.forward_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
     p.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
   });
 }
@@ -181,7 +196,7 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ff
   return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
     memory diff_dst(p.backward_data_pd.diff_dst_desc(), Engine(), dy.untyped_data());
     memory diff_src(p.backward_data_pd.diff_src_desc(), Engine(), dx->untyped_data());
-    memory weights = KernelAs(p.backward_data_pd.weights_desc(), p, kernel.untyped_data(), stream);
+    memory weights = As(p.backward_data_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
     p.backward_data.execute(
         stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
   });
@@ -192,8 +207,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
                            int64_t pad_right) {
   auto g = MakeGeometry(x, *dkernel, dy, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
   return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
-    memory src(p.backward_weights_pd.src_desc(), Engine(), x.untyped_data());
-    memory diff_dst(p.backward_weights_pd.diff_dst_desc(), Engine(), dy.untyped_data());
+    memory src = As(p.backward_weights_pd.src_desc(), p.user_src, x.untyped_data(), stream);
+    memory diff_dst = As(p.backward_weights_pd.diff_dst_desc(), p.user_dst, dy.untyped_data(), stream);
     memory user(p.user_weights, Engine(), dkernel->untyped_data());
     const memory::desc want = p.backward_weights_pd.diff_weights_desc();
     memory diff_weights = want == p.user_weights ? user : memory(want, Engine());
