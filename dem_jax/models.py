@@ -3,7 +3,7 @@
 The network is the original system's ResNet18 (7x7/2 stem, 3x3/2 max-pool, basic blocks [2, 2, 2, 2] with
 64-128-256-512 channels, global average pooling, dropout, dense projection, L2 normalisation), read as a one-channel
 image: time is the height, mel bands the width. Parameter names and shapes do not depend on `conv_impl`, so a
-checkpoint trained with XLA's convolution on GPU loads unchanged into the CPU path (`cpu_ops`), and back.
+checkpoint trained with XLA's convolution on GPU loads unchanged into the CPU path (`ops.conv`), and back.
 """
 
 import functools
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dem_jax import cpu_ops
+from dem_jax.ops import conv as conv_ops
 
 STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
 BASE_CHANNELS = (64, 128, 256, 512)
@@ -24,7 +24,7 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class Conv(nn.Module):
-  """Bias-free 2-D convolution on NHWC input whose algorithm is chosen per layer (see `cpu_ops`).
+  """Bias-free 2-D convolution on NHWC input whose algorithm is chosen per layer (see `ops.conv`).
 
   Its one parameter, 'kernel' [KH, KW, C, features], is shaped as in `flax.linen.Conv`.
   """
@@ -41,9 +41,9 @@ class Conv(nn.Module):
     # Symmetric padding k // 2, as torchvision's ResNet (and the PyTorch reference benchmark): with stride 2 on an
     # even size, 'SAME' would pad (0, 1) instead and sample a shifted grid.
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    # The float32 kernel goes in as it is: cpu_ops casts it to the computation dtype, or oneDNN does so itself
+    # The float32 kernel goes in as it is: ops.conv casts it to the computation dtype, or oneDNN does so itself
     # and returns its gradient summed in float32.
-    return cpu_ops.conv2d(x.astype(self.dtype), kernel, self.strides, padding, conv_impl=self.conv_impl)
+    return conv_ops.conv2d(x.astype(self.dtype), kernel, self.strides, padding, conv_impl=self.conv_impl)
 
 
 class BasicBlock(nn.Module):
@@ -74,7 +74,7 @@ class ResNet(nn.Module):
     embedding_dim: output size.
     dropout_rate: dropout before the projection, while training.
     band_mean, band_std: per-mel-band statistics (M floats each) to standardise the input with, or None.
-    conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `cpu_ops.resolve_conv_impl`).
+    conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `ops.conv.resolve_conv_impl`).
     dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
     axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None otherwise.
   """
@@ -111,7 +111,7 @@ class ResNet(nn.Module):
 
     x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
-    x = cpu_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
+    x = conv_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
@@ -142,7 +142,8 @@ def resolve_dtype(dtype: str, conv_impl: str = 'auto', backend: str | None = Non
     return jnp.dtype(dtype)
   if (backend or jax.default_backend()) != 'cpu':
     return jnp.dtype(jnp.bfloat16)
-  native_bf16 = conv_impl in ('auto', 'onednn') and cpu_ops.onednn_available() and cpu_ops.onednn_bf16_available()
+  native_bf16 = (conv_impl in ('auto', 'onednn') and conv_ops.onednn_available() and
+                 conv_ops.onednn_bf16_available())
   return jnp.dtype(jnp.bfloat16 if native_bf16 else jnp.float32)
 
 

@@ -14,8 +14,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dem_jax import cpu_ops  # noqa: E402
-from dem_jax import onednn  # noqa: E402
+from dem_jax import cpu_ops as former_cpu_ops  # noqa: E402
+from dem_jax import onednn as former_onednn  # noqa: E402
+from dem_jax import process  # noqa: E402
+from dem_jax.ops import conv as conv_ops  # noqa: E402
+from dem_jax.ops import onednn  # noqa: E402
 
 
 @pytest.mark.skipif(not (sys.platform.startswith('linux') and platform.machine() == 'x86_64'),
@@ -35,7 +38,7 @@ def test_turned_off_by_the_environment_variable(monkeypatch):
 def test_unavailable_library_is_reported_with_its_reason(monkeypatch, caplog):
   monkeypatch.setattr(onednn, '_state', {'error': onednn.OnednnUnavailable('no compiler here')})
   with caplog.at_level('WARNING'):
-    assert cpu_ops.onednn_available.__wrapped__() is False
+    assert conv_ops.onednn_available.__wrapped__() is False
   assert 'no compiler here' in caplog.text and "XLA's convolutions" in caplog.text
   with pytest.raises(onednn.OnednnUnavailable, match='no compiler here'):
     onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))
@@ -73,7 +76,7 @@ def test_runs_on_every_device_under_pmap():
   x = rng.standard_normal((4, 2, 6, 5, 3)).astype(np.float32)
   k = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
   conv = lambda f: jax.pmap(lambda x: f(x, k, (1, 1), ((1, 1), (1, 1))))(x)
-  np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(cpu_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(conv_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
 
 
 def test_unwritable_cache_folder_means_unavailable_not_a_crash(monkeypatch):
@@ -146,3 +149,10 @@ def test_library_missing_a_handler_makes_the_path_unavailable_instead_of_raising
   assert not onednn.available()
   assert 'lacks DemOnednnConvForward, DemOnednnConvBackwardData' in onednn.unavailable_reason()
   assert 'delete it to have it rebuilt' in onednn.unavailable_reason()
+
+
+def test_former_module_names_still_import_the_same_functions():
+  assert former_cpu_ops.retain_freed_memory_on_cpu is process.retain_freed_memory_on_cpu
+  assert former_cpu_ops.conv2d is conv_ops.conv2d and former_cpu_ops.max_pool is conv_ops.max_pool
+  assert former_onednn.conv2d_onednn is onednn.conv2d_onednn
+  assert former_onednn.unavailable_reason is onednn.unavailable_reason

@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 
-from dem_jax import cpu_ops
+from dem_jax.ops import conv as conv_ops
 from dem_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -47,13 +47,13 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
                  help=f'interpreter with torch for the reference (default: {DEFAULT_TORCH_PYTHON} if present, '
                  'else this one if it has torch)')
   p.add_argument('--retain_memory', type=int, default=1,
-                 help='1: keep freed host memory in the malloc heap (cpu_ops.retain_freed_memory), in both the '
+                 help='1: keep freed host memory in the malloc heap (process.retain_freed_memory), in both the '
                  'JAX and the PyTorch process')
   flags = p.parse_args(argv)
   flags.conv_impls = [c for c in flags.conv_impl.split(',') if c]
   for c in flags.conv_impls:
-    if c not in cpu_ops.CONV_IMPLS:
-      p.error(f'--conv_impl: {c!r} is not one of {cpu_ops.CONV_IMPLS}')
+    if c not in conv_ops.CONV_IMPLS:
+      p.error(f'--conv_impl: {c!r} is not one of {conv_ops.CONV_IMPLS}')
   flags.dtype = models.resolve_dtype(flags.dtype, flags.conv_impls[0]).name
   return flags
 
@@ -165,7 +165,7 @@ def timed_candidate(one_call: Callable[[], object]) -> tuple[Callable[[int], flo
   t0 = time.perf_counter()
   jax.block_until_ready(one_call())
   compile_s = time.perf_counter() - t0
-  for _ in range(3):  # the malloc heap grows to its peak over the first steps (cpu_ops.retain_freed_memory)
+  for _ in range(3):  # the malloc heap grows to its peak over the first steps (process.retain_freed_memory)
     out = one_call()
   jax.block_until_ready(out)
 

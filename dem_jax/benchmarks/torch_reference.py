@@ -75,7 +75,7 @@ def triplet_loss(za, zn, zd, margin=1.0):
 
 
 def retain_freed_memory():
-  """Same malloc setting as dem_jax.cpu_ops.retain_freed_memory, so both sides of a comparison run alike."""
+  """Same malloc setting as dem_jax.process.retain_freed_memory, so both sides of a comparison run alike."""
   import ctypes
   libc = ctypes.CDLL('libc.so.6')
   # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD; what the environment set (launch.sh) stays, as on the JAX side.
