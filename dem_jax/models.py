@@ -129,22 +129,17 @@ ResNet34 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet34'])
 DTYPES = ('auto', 'float32', 'bfloat16')
 
 
-def resolve_dtype(dtype: str, conv_impl: str = 'auto', backend: str | None = None) -> jnp.dtype:
+def resolve_dtype(dtype: str, backend: str | None = None) -> jnp.dtype:
   """The computation dtype `config.model.dtype` names: 'float32', 'bfloat16', or 'auto'.
 
-  'auto' is bfloat16 on GPU/TPU, and on a CPU where oneDNN runs bfloat16 convolutions natively (AVX512-BF16 or AMX),
-  where the training step and the forward pass are faster in bfloat16 (README, "CPU speed"); float32 on other CPUs,
-  where bfloat16 would be converted to float32 around every convolution and so only be slower.
+  'auto' is bfloat16 on GPU/TPU and float32 on CPU: on an AVX512-BF16 CPU with this oneDNN, the bfloat16 training
+  step took about twice the CPU time of the float32 one (its forward pass alone ran 1.4x faster; README, "CPU speed").
   """
   if dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r}; choose one of {DTYPES}.')
   if dtype != 'auto':
     return jnp.dtype(dtype)
-  if (backend or jax.default_backend()) != 'cpu':
-    return jnp.dtype(jnp.bfloat16)
-  native_bf16 = (conv_impl in ('auto', 'onednn') and conv_ops.onednn_available() and
-                 conv_ops.onednn_bf16_available())
-  return jnp.dtype(jnp.bfloat16 if native_bf16 else jnp.float32)
+  return jnp.dtype(jnp.float32 if (backend or jax.default_backend()) == 'cpu' else jnp.bfloat16)
 
 
 def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[float] | None = None,
@@ -156,7 +151,6 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
   """
   if model_config.name not in STAGE_SIZES:
     raise ValueError(f'config.model.name={model_config.name!r}; choose one of {sorted(STAGE_SIZES)}.')
-  conv_impl = model_config.get('conv_impl', 'auto')
   return ResNet(
       stage_sizes=STAGE_SIZES[model_config.name],
       width=float(model_config.get('width', 1.0)),
@@ -164,6 +158,6 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
       dropout_rate=float(model_config.get('dropout_rate', 0.5)),
       band_mean=None if band_mean is None else tuple(float(v) for v in band_mean),
       band_std=None if band_std is None else tuple(float(v) for v in band_std),
-      conv_impl=conv_impl,
-      dtype=resolve_dtype(model_config.get('dtype', 'float32'), conv_impl),
+      conv_impl=model_config.get('conv_impl', 'auto'),
+      dtype=resolve_dtype(model_config.get('dtype', 'float32')),
       axis_name=axis_name)
