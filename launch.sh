@@ -83,8 +83,8 @@ install() {  # extras; the caller holds the lock
     echo "launch.sh: installation failed; the full log is $VENV/setup.log" >&2
     return 1
   fi
-  # The oneDNN convolutions for CPU (dem_jax/onednn.py); without them everything runs on XLA's, only slower.
-  if [[ ",$1," == *,onednn,* ]] && ! "$PY" -m dem_jax.onednn >> "$VENV/setup.log" 2>&1; then
+  # The oneDNN convolutions for CPU (dem_jax/ops/onednn.py); without them everything runs on XLA's, only slower.
+  if [[ ",$1," == *,onednn,* ]] && ! "$PY" -m dem_jax.ops.onednn >> "$VENV/setup.log" 2>&1; then
     echo "launch.sh: oneDNN convolutions unavailable, CPU training uses XLA's (slower); see $VENV/setup.log" >&2
   fi
   wanted_stamp "$1" > "$STAMP"
@@ -115,7 +115,7 @@ setup() {
   if command -v flock > /dev/null; then exec 9>&-; fi
 }
 
-# CPU-only environments get one malloc arena that keeps freed memory (cpu_ops.retain_freed_memory says why: XLA:CPU
+# CPU-only environments get one malloc arena that keeps freed memory (dem_jax.process.retain_freed_memory says why: XLA:CPU
 # re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB). Set here, before the
 # process starts, so that every thread of it sees the setting. Only for the commands that run XLA on the CPU: never
 # in an environment set up with --gpu, whose processes allocate on the device.

@@ -32,8 +32,8 @@ def get_config(arg=None):
   config.model.width = 1.0  # Channel multiplier: 1.0 is 64-128-256-512.
   config.model.embedding_dim = 128
   config.model.dropout_rate = 0.5
-  config.model.conv_impl = 'auto'  # oneDNN on CPU (dem_jax.onednn), XLA's convolution on GPU/TPU.
-  config.model.dtype = 'float32'
+  config.model.conv_impl = 'auto'  # oneDNN on CPU (dem_jax.ops.onednn), XLA's convolution on GPU/TPU.
+  config.model.dtype = 'auto'  # bfloat16 on GPU/TPU (parameters, statistics and loss stay float32), float32 on CPU.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = 'triplet'  # 'triplet' (squared distances, mean over active) or 'tile2vec'.

@@ -43,7 +43,7 @@ def cpu_malloc_environment(command: str, args: list[str], environ: dict[str, str
   """`environ` with glibc's malloc set to one arena that keeps freed memory, for XLA on the CPU.
 
   XLA:CPU re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB
-  (cpu_ops.retain_freed_memory says more). Values already set are kept; GPU installs are left alone.
+  (dem_jax.process.retain_freed_memory says more). Values already set are kept; GPU installs are left alone.
   """
   env = dict(environ)
   if gpu or command not in XLA_COMMANDS or (command == 'bench' and args[:1] == ['preprocess']):

@@ -65,9 +65,9 @@ def run_demo(workdir: str) -> dict:
 def main(argv: list[str]) -> None:
   if len(argv) > 1 or (argv and argv[0].startswith('-')):
     sys.exit('usage: ./launch.sh demo [WORKDIR]')
-  from dem_jax import cpu_ops
+  from dem_jax import process
   from dem_jax import log_util
-  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
+  process.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   logging.basicConfig(level=logging.INFO, format='%(message)s')
   log_util.quiet_library_logs()
   run_demo(argv[0] if argv else 'demo_workdir')

@@ -3,7 +3,7 @@
 The network is the original system's ResNet18 (7x7/2 stem, 3x3/2 max-pool, basic blocks [2, 2, 2, 2] with
 64-128-256-512 channels, global average pooling, dropout, dense projection, L2 normalisation), read as a one-channel
 image: time is the height, mel bands the width. Parameter names and shapes do not depend on `conv_impl`, so a
-checkpoint trained with XLA's convolution on GPU loads unchanged into the CPU path (`cpu_ops`), and back.
+checkpoint trained with XLA's convolution on GPU loads unchanged into the CPU path (`ops.conv`), and back.
 """
 
 import functools
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dem_jax import cpu_ops
+from dem_jax.ops import conv as conv_ops
 
 STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
 BASE_CHANNELS = (64, 128, 256, 512)
@@ -24,7 +24,7 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class Conv(nn.Module):
-  """Bias-free 2-D convolution on NHWC input whose algorithm is chosen per layer (see `cpu_ops`).
+  """Bias-free 2-D convolution on NHWC input whose algorithm is chosen per layer (see `ops.conv`).
 
   Its one parameter, 'kernel' [KH, KW, C, features], is shaped as in `flax.linen.Conv`.
   """
@@ -41,8 +41,9 @@ class Conv(nn.Module):
     # Symmetric padding k // 2, as torchvision's ResNet (and the PyTorch reference benchmark): with stride 2 on an
     # even size, 'SAME' would pad (0, 1) instead and sample a shifted grid.
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    return cpu_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
-                           conv_impl=self.conv_impl)
+    # The float32 kernel goes in as it is: ops.conv casts it to the computation dtype, or oneDNN does so itself
+    # and returns its gradient summed in float32.
+    return conv_ops.conv2d(x.astype(self.dtype), kernel, self.strides, padding, conv_impl=self.conv_impl)
 
 
 class BasicBlock(nn.Module):
@@ -73,7 +74,7 @@ class ResNet(nn.Module):
     embedding_dim: output size.
     dropout_rate: dropout before the projection, while training.
     band_mean, band_std: per-mel-band statistics (M floats each) to standardise the input with, or None.
-    conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `cpu_ops.resolve_conv_impl`).
+    conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `ops.conv.resolve_conv_impl`).
     dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
     axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None otherwise.
   """
@@ -110,7 +111,7 @@ class ResNet(nn.Module):
 
     x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
-    x = cpu_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
+    x = conv_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
@@ -125,11 +126,28 @@ ResNet18 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet18'])
 ResNet34 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet34'])
 
 
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def resolve_dtype(dtype: str, backend: str | None = None) -> jnp.dtype:
+  """The computation dtype `config.model.dtype` names: 'float32', 'bfloat16', or 'auto'.
+
+  'auto' is bfloat16 on GPU/TPU and float32 on CPU: on an AVX512-BF16 CPU with this oneDNN, the bfloat16 training
+  step took about twice the CPU time of the float32 one (its forward pass alone ran 1.4x faster; README, "CPU speed").
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={dtype!r}; choose one of {DTYPES}.')
+  if dtype != 'auto':
+    return jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32 if (backend or jax.default_backend()) == 'cpu' else jnp.bfloat16)
+
+
 def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[float] | None = None,
                  band_std: Sequence[float] | None = None, axis_name: str | None = None) -> nn.Module:
   """Builds the encoder named by `model_config.name` ('resnet18' | 'resnet34').
 
-  Reads name, width, embedding_dim, dropout_rate, conv_impl and dtype ('float32' | 'bfloat16').
+  Reads name, width, embedding_dim, dropout_rate, conv_impl and dtype ('auto' | 'float32' | 'bfloat16'; see
+  `resolve_dtype`).
   """
   if model_config.name not in STAGE_SIZES:
     raise ValueError(f'config.model.name={model_config.name!r}; choose one of {sorted(STAGE_SIZES)}.')
@@ -141,5 +159,5 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
       band_mean=None if band_mean is None else tuple(float(v) for v in band_mean),
       band_std=None if band_std is None else tuple(float(v) for v in band_std),
       conv_impl=model_config.get('conv_impl', 'auto'),
-      dtype=jnp.dtype(model_config.get('dtype', 'float32')),
+      dtype=resolve_dtype(model_config.get('dtype', 'float32')),
       axis_name=axis_name)

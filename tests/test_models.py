@@ -12,9 +12,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dem_jax import cpu_ops  # noqa: E402
+from dem_jax.ops import conv as conv_ops  # noqa: E402
 from dem_jax import models  # noqa: E402
-from dem_jax import onednn  # noqa: E402
+from dem_jax import process  # noqa: E402
+from dem_jax.ops import onednn  # noqa: E402
 
 # [B, T, M] = 64 x 32: the stem sees 64 x 32 positions, the last stage 2 x 1, so 'auto' mixes both convolutions.
 TILES = np.random.default_rng(0).standard_normal((4, 64, 32)).astype(np.float32)
@@ -155,8 +156,8 @@ def test_cpu_convolutions_match_xla_convolution_and_its_gradients(impl, x_shape,
     def value_and_grads(conv):
       f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))  # sin: a cotangent that varies per output
       return conv(x, k, strides, padding), jax.grad(f, argnums=(0, 1))(x, k)
-    conv = {'im2col': cpu_ops.conv2d_im2col, 'onednn': onednn.conv2d_onednn}[impl]
-    return value_and_grads(conv), value_and_grads(cpu_ops.conv2d_xla)
+    conv = {'im2col': conv_ops.conv2d_im2col, 'onednn': onednn.conv2d_onednn}[impl]
+    return value_and_grads(conv), value_and_grads(conv_ops.conv2d_xla)
 
   (y, (dx, dk)), (y_ref, (dx_ref, dk_ref)) = both(x, k)
   assert y.shape == y_ref.shape
@@ -165,26 +166,85 @@ def test_cpu_convolutions_match_xla_convolution_and_its_gradients(impl, x_shape,
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)
 
 
+needs_onednn_bf16 = pytest.mark.skipif(not onednn.bf16_available(), reason='no oneDNN bfloat16 kernels on this CPU')
+BF16_ULP = 2.0**-7  # bfloat16 keeps 8 significant bits: one rounding is off by at most half of this, relatively
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
+def test_bfloat16_onednn_convolution_rounds_the_float32_result_once(x_shape, k_shape, strides, padding):
+  """bfloat16 activations with a float32 kernel: the output and input gradient are the float32 convolution of the
+  same bfloat16 values rounded once to bfloat16; the kernel gradient is float32, summed in float32."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  conv = lambda impl: jax.jit(lambda x, k: jax.vjp(lambda x, k: impl(x, k, strides, padding), x, k))
+  y, vjp = conv(onednn.conv2d_onednn)(x, k)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+  dx, dk = vjp(dy)
+  # What oneDNN sees: the kernel converted to bfloat16 (and nothing else rounded before the output).
+  y_ref, vjp_ref = conv(conv_ops.conv2d_xla)(x.astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32))
+  dx_ref, dk_ref = vjp_ref(dy.astype(jnp.float32))
+  assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  for got, want in ((y, y_ref), (dx, dx_ref)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=BF16_ULP, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * np.abs(dk_ref).max())
+
+
+def test_bfloat16_without_native_kernels_runs_onednn_in_float32(monkeypatch):
+  monkeypatch.setattr(conv_ops, 'onednn_bf16_available', lambda: False)
+  x, k = jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 3), jnp.float32)
+  y = jax.jit(lambda x, k: conv_ops.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), conv_impl='onednn'))(x, k)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y[0, :, :, 0], [[8, 12, 12, 8], [12, 18, 18, 12], [12, 18, 18, 12], [8, 12, 12, 8]])
+
+
+@needs_onednn_bf16
+def test_bfloat16_model_on_onednn_is_as_close_to_float32_as_xla_bfloat16(variables):
+  """Whole-model loss and parameter gradients in bfloat16 against float32 (BatchNorm in training mode, where the
+  gradients cancel most and rounding shows most). Stated tolerance: loss within 1%, gradients within 30% relative
+  L2 error overall and no further from float32 than XLA's own bfloat16 convolution gets."""
+  def loss_and_grad(impl, dtype):
+    model = tiny(impl, dtype=dtype)
+
+    def loss(params):
+      z, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, TILES, train=True,
+                         mutable=['batch_stats'])
+      return jnp.sum(z * jnp.arange(8.0))
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables['params'])
+    return value, np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]), jax.tree.leaves(grads)
+
+  value_ref, grads_ref, _ = loss_and_grad('onednn', jnp.float32)
+  value, grads, leaves = loss_and_grad('onednn', jnp.bfloat16)
+  _, grads_xla, _ = loss_and_grad('xla', jnp.bfloat16)
+  assert all(g.dtype == jnp.float32 for g in leaves)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-2)
+  error = lambda g: np.linalg.norm(g - grads_ref) / np.linalg.norm(grads_ref)
+  assert error(grads) < 0.3
+  assert error(grads) <= error(grads_xla)
+
+
 def test_auto_uses_xla_off_cpu_and_onednn_on_cpu():
-  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='gpu') == 'xla'
-  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'onednn'
-  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'onednn'
-  assert cpu_ops.resolve_conv_impl('im2col', (16, 32), (16, 32), backend='gpu') == 'im2col'
-  assert cpu_ops.resolve_conv_impl('xla', (2, 4), (2, 4), backend='cpu') == 'xla'
+  assert conv_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='gpu') == 'xla'
+  assert conv_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'onednn'
+  assert conv_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'onednn'
+  assert conv_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.bfloat16) == 'onednn'
+  assert conv_ops.resolve_conv_impl('im2col', (16, 32), (16, 32), backend='gpu') == 'im2col'
+  assert conv_ops.resolve_conv_impl('xla', (2, 4), (2, 4), backend='cpu') == 'xla'
   with pytest.raises(ValueError, match='conv_impl'):
-    cpu_ops.resolve_conv_impl('cudnn', (2, 4), (2, 4))
+    conv_ops.resolve_conv_impl('cudnn', (2, 4), (2, 4))
   with pytest.raises(ValueError, match="'onednn' runs on CPU only"):
-    cpu_ops.resolve_conv_impl('onednn', (2, 4), (2, 4), backend='gpu')
+    conv_ops.resolve_conv_impl('onednn', (2, 4), (2, 4), backend='gpu')
 
 
 def test_auto_without_onednn_uses_im2col_only_on_small_maps(monkeypatch):
-  """The fallback where oneDNN is unavailable (and for bfloat16, which it does not compute)."""
-  monkeypatch.setattr(cpu_ops, '_onednn_available', lambda: False)
-  assert cpu_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
-  assert cpu_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
-  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
+  """The fallback where oneDNN is unavailable (and for float16, which it does not compute)."""
+  monkeypatch.setattr(conv_ops, 'onednn_available', lambda: False)
+  assert conv_ops.resolve_conv_impl('auto', (2, 4), (2, 4), backend='cpu') == 'im2col'
+  assert conv_ops.resolve_conv_impl('auto', (4, 8), (2, 4), backend='cpu') == 'im2col'  # its backward sees 2 x 4
+  assert conv_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu') == 'xla_cpu'
   monkeypatch.undo()
-  assert cpu_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.bfloat16) == 'xla_cpu'
+  assert conv_ops.resolve_conv_impl('auto', (16, 32), (16, 32), backend='cpu', dtype=jnp.float16) == 'xla_cpu'
 
 
 def test_xla_cpu_convolution_has_the_gradients_of_xla():
@@ -193,7 +253,7 @@ def test_xla_cpu_convolution_has_the_gradients_of_xla():
   k = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
   grads = lambda conv: jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, (2, 1), ((1, 1), (1, 1))))),
                                         argnums=(0, 1)))(x, k)
-  for g, g_ref in zip(grads(cpu_ops.conv2d_xla_cpu), grads(cpu_ops.conv2d_xla)):
+  for g, g_ref in zip(grads(conv_ops.conv2d_xla_cpu), grads(conv_ops.conv2d_xla)):
     np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -201,9 +261,19 @@ def test_max_pool_from_slices_matches_reduce_window():
   x = np.random.default_rng(2).standard_normal((2, 9, 8, 3)).astype(np.float32)  # ties have probability 0
   reduce_window = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                               ((0, 0), (1, 1), (1, 1), (0, 0)))
-  np.testing.assert_array_equal(cpu_ops.max_pool_slices(x), reduce_window(x))
+  np.testing.assert_array_equal(conv_ops.max_pool_slices(x), reduce_window(x))
   loss = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
-  np.testing.assert_allclose(loss(cpu_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
+  np.testing.assert_allclose(loss(conv_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_shares_the_gradient_between_tied_maxima(dtype):
+  """All zeros (as after a ReLU): each output's gradient is split equally among the input elements of its window."""
+  dx = jax.grad(lambda x: jnp.sum(conv_ops.max_pool_slices(x).astype(jnp.float32)))(jnp.zeros((1, 4, 4, 1), dtype))
+  assert dx.dtype == dtype
+  np.testing.assert_allclose(np.sum(np.asarray(dx, np.float32)), 4.0, rtol=1e-2)  # 2 x 2 outputs, nothing lost
+  # Input (1, 1) lies in all four windows, of 4, 6, 6 and 9 elements (the rest is padding).
+  np.testing.assert_allclose(float(dx[0, 1, 1, 0]), 1 / 4 + 2 / 6 + 1 / 9, rtol=1e-2)
 
 
 def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
@@ -215,13 +285,23 @@ def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
       calls.append((param, value))
       return 1
 
-  monkeypatch.setattr(cpu_ops.ctypes, 'CDLL', lambda name: Libc())
+  monkeypatch.setattr(process.ctypes, 'CDLL', lambda name: Libc())
   for name in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_'):
     monkeypatch.delenv(name, raising=False)
-  assert cpu_ops.retain_freed_memory()
+  assert process.retain_freed_memory()
   m_arena_max, m_mmap_max, m_trim_threshold = -8, -4, -1
   assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)])
   calls.clear()
   monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', str(8 << 30))
-  assert cpu_ops.retain_freed_memory()
+  assert process.retain_freed_memory()
   assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0)])
+
+
+def test_auto_dtype_is_bfloat16_off_cpu_and_float32_on_cpu():
+  assert models.resolve_dtype('auto', backend='gpu') == jnp.bfloat16
+  assert models.resolve_dtype('auto', backend='cpu') == jnp.float32
+  assert models.resolve_dtype('float32', backend='gpu') == jnp.float32
+  assert models.resolve_dtype('bfloat16', backend='cpu') == jnp.bfloat16  # as asked
+  assert models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='auto'))).dtype == jnp.float32
+  with pytest.raises(ValueError, match=r"config.model.dtype='float16'; choose one of \('auto'"):
+    models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='float16')))

@@ -1,7 +1,10 @@
-"""The oneDNN convolution library: it is built and loaded where it should be, and says why where it cannot be."""
+"""The oneDNN convolution library: it is built and loaded where it should be, says why where it cannot be, and a
+cached build is loaded only when it is this user's, writable by no one else, and the one recorded at build time."""
 
+import hashlib
 import os
 import platform
+import stat
 import sys
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
@@ -11,8 +14,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dem_jax import cpu_ops  # noqa: E402
-from dem_jax import onednn  # noqa: E402
+from dem_jax.ops import conv as conv_ops  # noqa: E402
+from dem_jax.ops import onednn  # noqa: E402
 
 
 @pytest.mark.skipif(not (sys.platform.startswith('linux') and platform.machine() == 'x86_64'),
@@ -32,7 +35,7 @@ def test_turned_off_by_the_environment_variable(monkeypatch):
 def test_unavailable_library_is_reported_with_its_reason(monkeypatch, caplog):
   monkeypatch.setattr(onednn, '_state', {'error': onednn.OnednnUnavailable('no compiler here')})
   with caplog.at_level('WARNING'):
-    assert cpu_ops._onednn_available.__wrapped__() is False
+    assert conv_ops.onednn_available.__wrapped__() is False
   assert 'no compiler here' in caplog.text and "XLA's convolutions" in caplog.text
   with pytest.raises(onednn.OnednnUnavailable, match='no compiler here'):
     onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))
@@ -44,9 +47,24 @@ def test_missing_compiler_is_named(monkeypatch):
     onednn.build(force=True)
 
 
-def test_float32_only_with_the_fix_in_the_message():
-  with pytest.raises(ValueError, match="float32 only.*conv_impl='xla'"):
-    onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1), jnp.bfloat16), jnp.zeros((3, 3, 1, 2), jnp.bfloat16))
+def test_float32_or_bfloat16_only_with_the_fix_in_the_message():
+  with pytest.raises(ValueError, match="float32 or bfloat16.*conv_impl='xla'"):
+    onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1), jnp.float16), jnp.zeros((3, 3, 1, 2), jnp.float16))
+  with pytest.raises(ValueError, match='float32 kernel'):
+    onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1), jnp.float32), jnp.zeros((3, 3, 1, 2), jnp.bfloat16))
+
+
+def test_bfloat16_needs_native_kernels_and_says_so(monkeypatch):
+  monkeypatch.setattr(onednn, '_state', dict(onednn._state, bf16='no AVX512-BF16 here'))
+  assert not onednn.bf16_available()
+  with pytest.raises(onednn.OnednnUnavailable, match='no AVX512-BF16 here.*model.dtype=float32'):
+    onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1), jnp.bfloat16), jnp.zeros((3, 3, 1, 2)))
+
+
+def test_library_without_the_bfloat16_query_has_float32_only(monkeypatch):
+  monkeypatch.setattr(onednn, '_state', {'lib': object()})  # an older build: its handlers, no query
+  assert onednn.available()
+  assert onednn.bf16_unavailable_reason() == f'the oneDNN convolution library lacks {onednn.BF16_QUERY}'
 
 
 def test_runs_on_every_device_under_pmap():
@@ -55,7 +73,7 @@ def test_runs_on_every_device_under_pmap():
   x = rng.standard_normal((4, 2, 6, 5, 3)).astype(np.float32)
   k = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
   conv = lambda f: jax.pmap(lambda x: f(x, k, (1, 1), ((1, 1), (1, 1))))(x)
-  np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(cpu_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(conv_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
 
 
 def test_unwritable_cache_folder_means_unavailable_not_a_crash(monkeypatch):
@@ -65,3 +83,66 @@ def test_unwritable_cache_folder_means_unavailable_not_a_crash(monkeypatch):
   monkeypatch.setattr(onednn, '_cache_dir', no_folder)
   assert not onednn.available()
   assert 'cannot build onednn_conv.cc: read-only file system' in onednn.unavailable_reason()
+
+
+@pytest.fixture
+def small_source(tmp_path, monkeypatch):
+  """`build()` compiles a one-function source into a private cache folder (quick, and leaves the real one alone)."""
+  source = tmp_path / 'onednn_conv.cc'
+  source.write_text('extern "C" int DemAnswer() { return 42; }\n')
+  monkeypatch.setattr(onednn, 'SOURCE', source)
+  monkeypatch.setattr(onednn, '_cache_dir', lambda: tmp_path / 'cache')
+  (tmp_path / 'cache').mkdir()
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.delenv(onednn.DISABLE_ENV, raising=False)
+  return tmp_path / 'cache'
+
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=onednn.unavailable_reason() or '')
+
+
+@needs_onednn
+def test_build_records_the_digest_and_removes_other_builds(small_source):
+  stale = small_source / f'{onednn.LIBRARY_PREFIX}0123456789abcdef.so'
+  stale.write_bytes(b'old')
+  onednn.digest_path(stale).write_text('x')
+  library = onednn.build()
+  assert onednn.digest_path(library).read_text().split()[0] == hashlib.sha256(library.read_bytes()).hexdigest()
+  assert onednn.untrusted_reason(library) is None
+  assert sorted(p.name for p in small_source.iterdir()) == [library.name, library.name + '.sha256']
+
+
+@needs_onednn
+def test_changed_missing_digest_or_writable_library_is_rebuilt_before_loading(small_source):
+  library = onednn.build()
+  good = library.read_bytes()
+  with library.open('ab') as f:
+    f.write(b'\0')
+  assert 'does not match the sha256' in onednn.untrusted_reason(library)
+  assert onednn.build().read_bytes() == good
+
+  library.chmod(0o777)
+  assert 'writable by its group or by others' in onednn.untrusted_reason(library)
+  assert not stat.S_IMODE(onednn.build().stat().st_mode) & 0o022
+
+  onednn.digest_path(library).unlink()
+  assert 'sha256 does not exist' in onednn.untrusted_reason(library)
+  onednn.build()
+  assert onednn.untrusted_reason(library) is None
+
+
+@needs_onednn
+@pytest.mark.skipif(os.geteuid() != 0, reason='giving a file to another user takes root')
+def test_library_owned_by_another_user_is_not_trusted(small_source):
+  library = onednn.build()
+  os.chown(library, 4242, -1)
+  assert 'owned by user id 4242' in onednn.untrusted_reason(library)
+  onednn.build()
+  assert library.stat().st_uid == os.getuid()
+
+
+@needs_onednn
+def test_library_missing_a_handler_makes_the_path_unavailable_instead_of_raising(small_source):
+  assert not onednn.available()
+  assert 'lacks DemOnednnConvForward, DemOnednnConvBackwardData' in onednn.unavailable_reason()
+  assert 'delete it to have it rebuilt' in onednn.unavailable_reason()

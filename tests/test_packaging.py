@@ -34,7 +34,7 @@ def dist_info(wheel, name):
 
 def test_wheel_holds_the_native_sources_configs_and_preprocessing(wheel):
   names = set(wheel.namelist())
-  expected = {'dem_jax/native/onednn_conv.cc', 'dem_jax/cli.py', 'dem_jax/hear.py', 'dem_jax/preprocess/__main__.py',
+  expected = {'dem_jax/ops/native/onednn_conv.cc', 'dem_jax/cli.py', 'dem_jax/hear.py', 'dem_jax/preprocess/__main__.py',
               'preprocess/job.py', 'preprocess/__main__.py'}
   expected |= {f'dem_jax/configs/{c}.py' for c in CONFIGS} | {f'configs/{c}.py' for c in CONFIGS}
   assert expected <= names, sorted(expected - names)

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dem_jax import cpu_ops
+from dem_jax import process
 from dem_jax import models
 from dem_jax import train_step as step_lib
 from dem_jax.benchmarks import harness
@@ -35,7 +35,7 @@ def _jax_candidate(flags, conv_impl: str):
 def main(argv: list[str]) -> None:
   flags = harness.parse_flags(argv, 'embed', default_steps=10)
   if flags.retain_memory:
-    cpu_ops.retain_freed_memory()
+    process.retain_freed_memory()
   candidates, compile_s = {}, {}
   for conv_impl in flags.conv_impls:
     print(f'compiling the forward pass with conv_impl={conv_impl} ...', flush=True)

@@ -18,7 +18,8 @@ from typing import Callable
 
 import jax
 
-from dem_jax import cpu_ops
+from dem_jax.ops import conv as conv_ops
+from dem_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_TORCH_PYTHON = REPO_ROOT / '.venv-torch' / 'bin' / 'python'
@@ -37,20 +38,23 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   p.add_argument('--conv_impl', default='auto',
                  help="comma-separated conv_impl values to time, e.g. 'auto,onednn,im2col,xla'; the first is the "
                  'headline')
-  p.add_argument('--dtype', default='float32')
+  p.add_argument('--dtype', default='float32', choices=models.DTYPES,
+                 help="computation dtype of the JAX model ('auto': as models.resolve_dtype picks here); bfloat16 also "
+                 'runs the PyTorch reference with bfloat16 autocast and channels_last')
   p.add_argument('--parallel', default='jit', choices=('jit', 'pmap'), help='how the step is compiled')
   p.add_argument('--reference', default='torch', choices=('torch', 'none'))
   p.add_argument('--torch_python', default='',
                  help=f'interpreter with torch for the reference (default: {DEFAULT_TORCH_PYTHON} if present, '
                  'else this one if it has torch)')
   p.add_argument('--retain_memory', type=int, default=1,
-                 help='1: keep freed host memory in the malloc heap (cpu_ops.retain_freed_memory), in both the '
+                 help='1: keep freed host memory in the malloc heap (process.retain_freed_memory), in both the '
                  'JAX and the PyTorch process')
   flags = p.parse_args(argv)
   flags.conv_impls = [c for c in flags.conv_impl.split(',') if c]
   for c in flags.conv_impls:
-    if c not in cpu_ops.CONV_IMPLS:
-      p.error(f'--conv_impl: {c!r} is not one of {cpu_ops.CONV_IMPLS}')
+    if c not in conv_ops.CONV_IMPLS:
+      p.error(f'--conv_impl: {c!r} is not one of {conv_ops.CONV_IMPLS}')
+  flags.dtype = models.resolve_dtype(flags.dtype).name
   return flags
 
 
@@ -75,7 +79,7 @@ class TorchReference:
   def __init__(self, python: str, mode: str, flags: argparse.Namespace):
     cmd = [python, str(TORCH_REFERENCE), f'--mode={mode}', f'--model={flags.model}', f'--batch={flags.batch}',
            f'--frames={flags.frames}', f'--mels={flags.mels}', f'--width={flags.width}', f'--threads={os.cpu_count()}',
-           '--serve'] + (['--retain_memory'] if flags.retain_memory else [])
+           f'--dtype={flags.dtype}', '--serve'] + (['--retain_memory'] if flags.retain_memory else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = self._read()
 
@@ -161,7 +165,7 @@ def timed_candidate(one_call: Callable[[], object]) -> tuple[Callable[[int], flo
   t0 = time.perf_counter()
   jax.block_until_ready(one_call())
   compile_s = time.perf_counter() - t0
-  for _ in range(3):  # the malloc heap grows to its peak over the first steps (cpu_ops.retain_freed_memory)
+  for _ in range(3):  # the malloc heap grows to its peak over the first steps (process.retain_freed_memory)
     out = one_call()
   jax.block_until_ready(out)
 

@@ -51,7 +51,8 @@ def numpy_floor(signals: list[np.ndarray], fe: FrontEnd) -> float:
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog='bench preprocess')
   parser.add_argument('--minutes', type=float, default=36.0, help='Audio to generate (DCASE layout, 4 channels).')
-  parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1)
+  parser.add_argument('--num_workers', type=int, default=len(os.sched_getaffinity(0)),
+                      help='Worker processes for the job (default: the cores this process may run on).')
   parser.add_argument('--data_dir', default=None, help='Use this DCASE-layout folder instead of generated audio.')
   parser.add_argument('--repeats', type=int, default=1, help='Time each method this many times; report the best.')
   args = parser.parse_args(argv)

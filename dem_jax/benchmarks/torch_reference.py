@@ -3,6 +3,9 @@
 Standalone on purpose (imports only torch and numpy): torch is not a dem_jax dependency, so the benchmarks run this
 file as a subprocess with whichever interpreter has torch (`--torch_python`). Prints one JSON line, last.
 
+With --dtype=bfloat16 it runs what a PyTorch user on a CPU would: bfloat16 autocast (parameters, BatchNorm and the
+loss stay float32) with the model and input in channels_last, the layout oneDNN's fast kernels use.
+
     .venv-torch/bin/python dem_jax/benchmarks/torch_reference.py --mode=train_step --batch=32 --frames=64 --mels=128
 """
 
@@ -41,8 +44,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """Mirror of dem_jax.models.ResNet: [B, T, M] log-Mel -> L2-normalised [B, embedding_dim]."""
 
-  def __init__(self, stage_sizes, width=1.0, embedding_dim=128, dropout_rate=0.5):
+  def __init__(self, stage_sizes, width=1.0, embedding_dim=128, dropout_rate=0.5, channels_last=False):
     super().__init__()
+    self.channels_last = channels_last
     c = [max(1, int(round(f * width))) for f in (64, 128, 256, 512)]
     self.stem = nn.Sequential(nn.Conv2d(1, c[0], 7, 2, 3, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(),
                               nn.MaxPool2d(3, 2, 1))
@@ -56,7 +60,10 @@ class ResNet(nn.Module):
     self.head = nn.Linear(cin, embedding_dim)
 
   def forward(self, x):
-    x = self.blocks(self.stem(x[:, None]))
+    x = x[:, None]
+    if self.channels_last:
+      x = x.contiguous(memory_format=torch.channels_last)
+    x = self.blocks(self.stem(x))
     x = self.head(self.dropout(x.mean(dim=(2, 3))))
     return F.normalize(x, dim=-1)
 
@@ -68,7 +75,7 @@ def triplet_loss(za, zn, zd, margin=1.0):
 
 
 def retain_freed_memory():
-  """Same malloc setting as dem_jax.cpu_ops.retain_freed_memory, so both sides of a comparison run alike."""
+  """Same malloc setting as dem_jax.process.retain_freed_memory, so both sides of a comparison run alike."""
   import ctypes
   libc = ctypes.CDLL('libc.so.6')
   # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD; what the environment set (launch.sh) stays, as on the JAX side.
@@ -89,6 +96,8 @@ def main():
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--threads', type=int, default=os.cpu_count())
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='bfloat16: autocast to bfloat16 with channels_last (float32: plain eager, NCHW)')
   p.add_argument('--retain_memory', action='store_true')
   p.add_argument('--serve', action='store_true',
                  help='after warm-up print {"ready": ...}, then for every line "N" read from stdin run one '
@@ -99,7 +108,11 @@ def main():
     retain_freed_memory()
   torch.manual_seed(0)
   torch.set_num_threads(a.threads)
-  model = ResNet(STAGE_SIZES[a.model], a.width)
+  bf16 = a.dtype == 'bfloat16'
+  model = ResNet(STAGE_SIZES[a.model], a.width, channels_last=bf16)
+  if bf16:
+    model = model.to(memory_format=torch.channels_last)
+  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
   rng = np.random.default_rng(0)
   shape = (a.batch, a.frames, a.mels)
 
@@ -109,9 +122,10 @@ def main():
     tiles = [torch.from_numpy(rng.normal(size=shape).astype(np.float32)) for _ in range(3)]
 
     def step():
-      z = model(torch.cat(tiles))  # one forward pass for the three roles, as the JAX step does
-      za, zn, zd = z.split(a.batch)
-      loss = triplet_loss(za, zn, zd)
+      with autocast():
+        z = model(torch.cat(tiles))  # one forward pass for the three roles, as the JAX step does
+        za, zn, zd = z.float().split(a.batch)
+        loss = triplet_loss(za, zn, zd)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -121,7 +135,7 @@ def main():
     x = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
 
     def step():
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         return float(model(x)[0, 0])
 
   def seconds_per_step(n):
@@ -130,7 +144,8 @@ def main():
       step()
     return (time.perf_counter() - t0) / n
 
-  info = {'torch_version': torch.__version__, 'threads': torch.get_num_threads()}
+  info = {'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
+          'recipe': 'bfloat16 autocast, channels_last' if bf16 else 'float32 eager'}
   for _ in range(a.warmup):
     step()
   if a.serve:

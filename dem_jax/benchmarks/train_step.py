@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dem_jax import cpu_ops
+from dem_jax import process
 from dem_jax import losses
 from dem_jax import models
 from dem_jax import train_step as step_lib
@@ -46,7 +46,7 @@ def _jax_candidate(flags, conv_impl: str, parallel: DataParallel):
 def main(argv: list[str]) -> None:
   flags = harness.parse_flags(argv, 'train_step', default_steps=5)
   if flags.retain_memory:
-    cpu_ops.retain_freed_memory()
+    process.retain_freed_memory()
   parallel = DataParallel(flags.parallel)
   candidates, compile_s = {}, {}
   for conv_impl in flags.conv_impls:

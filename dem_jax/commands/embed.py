@@ -21,9 +21,9 @@ _HOP_SECONDS = flags.DEFINE_float('hop_seconds', None, 'Tile hop in seconds (def
 
 def main(argv):
   del argv
-  from dem_jax import cpu_ops
+  from dem_jax import process
   from dem_jax import log_util
-  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
+  process.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   log_util.quiet_console()
   from dem_jax import embed
   try:

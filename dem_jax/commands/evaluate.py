@@ -22,9 +22,9 @@ _PLOT = flags.DEFINE_bool('plot', True, 'Draw the figures (PNGs beside the repor
 
 def main(argv):
   del argv
-  from dem_jax import cpu_ops
+  from dem_jax import process
   from dem_jax import log_util
-  cpu_ops.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
+  process.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   log_util.quiet_console()
   from dem_jax import evaluate
   from dem_jax import report_markdown

@@ -26,9 +26,9 @@ flags.mark_flag_as_required('config')
 
 def main(argv):
   del argv
-  from dem_jax import cpu_ops
+  from dem_jax import process
   from dem_jax import log_util
-  cpu_ops.retain_freed_memory_on_cpu()  # The step frees and re-allocates the same large buffers every time.
+  process.retain_freed_memory_on_cpu()  # The step frees and re-allocates the same large buffers every time.
   log_util.quiet_console()
   import jax
   from dem_jax import train

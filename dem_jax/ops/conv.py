@@ -1,8 +1,10 @@
 """Convolution and max-pooling forms that run fast on XLA:CPU, chosen per layer by `conv_impl`.
 
-On CPU, 'auto' runs every convolution on oneDNN through XLA FFI custom calls (`dem_jax.onednn`): the triplet step
-then matches or beats PyTorch eager on the same machine. Where that library cannot be built or loaded (no C++
-compiler, not Linux x86_64, DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA forms below.
+On CPU, 'auto' runs every convolution on oneDNN through XLA FFI custom calls (`dem_jax.ops.onednn`): the triplet step
+then matches or beats PyTorch eager on the same machine. bfloat16 activations run on oneDNN's bfloat16 kernels where
+the CPU has them (AVX512-BF16 or AMX), and elsewhere on its float32 kernels (converted around each convolution; one
+log line says so). Where the library cannot be built or loaded (no C++ compiler, not Linux x86_64,
+DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA forms below.
 
 Why those exist: the straightforward Flax ResNet ran its triplet step on CPU ~15x slower than PyTorch eager. Three
 XLA:CPU behaviours account for it (measured with jaxlib 0.12 on a 2-core AVX-512 x86 VM):
@@ -22,12 +24,8 @@ the plain one. The pure-XLA forms are built from jnp/lax ops (pad, slice, concat
 conv_general_dilated) and are differentiable; parameters do not depend on the choice.
 """
 
-import ctypes
 import functools
-import importlib.metadata
-import importlib.util
 import math
-import os
 from typing import Sequence
 
 from absl import logging
@@ -35,7 +33,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from dem_jax import onednn
+from dem_jax.ops import onednn
 
 CONV_IMPLS = ('auto', 'xla', 'im2col', 'onednn')
 SMALL_MAP_POSITIONS = 8
@@ -131,9 +129,10 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
   """The implementation one layer runs: 'xla', 'xla_cpu', 'im2col' or 'onednn'.
 
   'xla', 'im2col' and 'onednn' are taken as asked (for comparisons). 'auto' is 'xla' off CPU. On CPU it is
-  'onednn' for float32 where `dem_jax.onednn` is available; otherwise 'im2col' where the input or the output map
-  (the latter is what the backward convolution slides over) has at most SMALL_MAP_POSITIONS positions, and
-  'xla_cpu' elsewhere.
+  'onednn' for float32 and bfloat16 where `dem_jax.ops.onednn` is available (bfloat16 without native kernels still runs
+  there in float32: XLA:CPU's own bfloat16 convolution is several times slower); otherwise 'im2col' where the input
+  or the output map (the latter is what the backward convolution slides over) has at most SMALL_MAP_POSITIONS
+  positions, and 'xla_cpu' elsewhere.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
@@ -144,14 +143,15 @@ def resolve_conv_impl(conv_impl: str, input_hw: Sequence[int], output_hw: Sequen
     return conv_impl
   if backend != 'cpu':
     return 'xla'
-  if jnp.dtype(dtype) == jnp.float32 and _onednn_available():
+  if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and onednn_available():
     return 'onednn'
   positions = min(math.prod(input_hw), math.prod(output_hw))
   return 'im2col' if positions <= SMALL_MAP_POSITIONS else 'xla_cpu'
 
 
 @functools.cache
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+  """Whether the oneDNN convolutions load here; logs why not, once."""
   reason = onednn.unavailable_reason()
   if reason is not None:
     logging.warning("conv_impl='auto' runs XLA's convolutions on CPU (about 25%% slower than oneDNN's in a ResNet18 "
@@ -159,35 +159,94 @@ def _onednn_available() -> bool:
   return reason is None
 
 
+@functools.cache
+def onednn_bf16_available() -> bool:
+  """Whether oneDNN runs bfloat16 convolutions natively here; logs why not, once."""
+  reason = onednn.bf16_unavailable_reason()
+  if reason is not None:
+    logging.warning('bfloat16 convolutions run on oneDNN in float32 (converted around each one): %s', reason)
+  return reason is None
+
+
+def conv2d_onednn_any_dtype(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+                            padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+  """`onednn.conv2d_onednn`, with bfloat16 computed in float32 where the CPU lacks bfloat16 kernels."""
+  if x.dtype == jnp.bfloat16 and not onednn_bf16_available():
+    return onednn.conv2d_onednn(x.astype(jnp.float32), kernel.astype(jnp.float32), strides, padding).astype(x.dtype)
+  return onednn.conv2d_onednn(x, kernel, strides, padding)
+
+
 _CONV_FNS = {'xla': conv2d_xla, 'xla_cpu': conv2d_xla_cpu, 'im2col': conv2d_im2col,
-             'onednn': onednn.conv2d_onednn}
+             'onednn': conv2d_onednn_any_dtype}
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
            padding: Padding = ((0, 0), (0, 0)), conv_impl: str = 'auto') -> jax.Array:
-  """2-D convolution (NHWC input, HWIO kernel, explicit padding) by the implementation this layer resolves to."""
+  """2-D convolution (NHWC input, HWIO kernel, explicit padding) by the implementation this layer resolves to.
+
+  Computes in x's dtype. A float32 kernel with bfloat16 input goes to oneDNN as it is (converted inside, its
+  gradient kept in float32); the other implementations get it cast to x's dtype.
+  """
   strides = tuple(strides)
   padding = tuple(tuple(p) for p in padding)
   out_hw = [(x.shape[1 + d] + sum(padding[d]) - kernel.shape[d]) // strides[d] + 1 for d in range(2)]
   impl = resolve_conv_impl(conv_impl, x.shape[1:3], out_hw, dtype=x.dtype)
+  if impl != 'onednn':
+    kernel = kernel.astype(x.dtype)
   return _CONV_FNS[impl](x, kernel, strides, padding)
 
 
+def _pool_taps(x: jax.Array, window: int, stride: int, pad: int):
+  """x padded with -inf, the output size, and a function giving the strided slice of window position (i, j)."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  oh, ow = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
+  tap = lambda i, j: lax.slice(padded, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                               (1, stride, stride, 1))
+  return padded, (oh, ow), tap
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
   """Max-pooling over NHWC as an elementwise maximum of strided slices (the values of reduce_window's).
 
-  Where several window elements tie for the maximum, the gradient is shared between them instead of going to one.
+  Where several window elements tie for the maximum (all zeros after a ReLU, say), the gradient is shared equally
+  between them instead of going to one.
   """
-  n, h, w, c = x.shape
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  oh, ow = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
+  _, _, tap = _pool_taps(x, window, stride, pad)
   out = None
   for i in range(window):
     for j in range(window):
-      tap = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                      (1, stride, stride, 1))
-      out = tap if out is None else jnp.maximum(out, tap)
+      out = tap(i, j) if out is None else jnp.maximum(out, tap(i, j))
   return out
+
+
+def _max_pool_slices_fwd(x, window, stride, pad):
+  out = max_pool_slices(x, window, stride, pad)
+  return out, (x, out)
+
+
+def _max_pool_slices_bwd(window, stride, pad, residuals, dy):
+  # Written out rather than left to autodiff: the derivative of the chain of maxima makes XLA recompute the chain
+  # once per window position inside one fusion, which in bfloat16 took longer than all convolutions together.
+  x, out = residuals
+  padded, (oh, ow), tap = _pool_taps(x, window, stride, pad)
+  hits = [[tap(i, j) == out for j in range(window)] for i in range(window)]
+  count = sum(hit.astype(jnp.float32) for row in hits for hit in row)
+  share = lax.optimization_barrier(dy.astype(jnp.float32) / count)  # once, not once per window position
+  dx = None
+  for i in range(window):
+    for j in range(window):
+      # Each output position sends its share back to the input element window position (i, j) read.
+      part = lax.pad(jnp.where(hits[i][j], share, 0.0), jnp.float32(0), (
+          (0, 0, 0), (i, padded.shape[1] - i - (oh - 1) * stride - 1, stride - 1),
+          (j, padded.shape[2] - j - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+      dx = part if dx is None else dx + part
+  h, w = x.shape[1:3]
+  return (dx[:, pad:pad + h, pad:pad + w].astype(x.dtype),)
+
+
+max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
 
 
 def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
@@ -198,43 +257,3 @@ def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
                              ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   return max_pool_slices(x, window, stride, pad)
-
-
-def retain_freed_memory() -> bool:
-  """Lets glibc's malloc keep freed memory for reuse instead of unmapping it; returns whether that applied.
-
-  Why: XLA:CPU allocates every execution's temporary buffer (about 0.5 GB for a full-width ResNet18 triplet step
-  of 32 triplets) with malloc, from its worker threads. Blocks that large are mmap'ed and unmapped per call, and the
-  per-thread malloc arenas hand freed memory back too, so each step touches fresh pages and pays a page fault per
-  4 KiB: 50-150k faults, up to half a second of system time per step. One arena, no mmap and a trim threshold
-  far above a step's buffers (the next step is dispatched before the last one ends, so two steps' worth) remove
-  them once the heap has grown to its peak (a few steps), and the step gets 10-25% faster.
-
-  glibc fixes its arena limit when a second thread first allocates, so the arena setting made here reaches only
-  threads created after it, if any thread allocated before; and mallopt takes the trim threshold as an int (2 GiB
-  at most). `launch.sh` therefore sets MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_=8 GiB in
-  the environment before the process starts. Call this first in a main anyway (`retain_freed_memory_on_cpu` checks
-  the backend), for runs started without launch.sh. Process-wide; the process keeps its peak host memory. A no-op
-  where glibc is absent.
-  """
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):
-    return False
-  settings = {'MALLOC_ARENA_MAX': (-8, 1), 'MALLOC_MMAP_MAX_': (-4, 0), 'MALLOC_TRIM_THRESHOLD_': (-1, 2**31 - 1)}
-  # What the environment set already (launch.sh) stays: it reached every thread, and its trim threshold is larger.
-  return all(bool(mallopt(*param_value)) for name, param_value in settings.items() if name not in os.environ)
-
-
-def accelerator_plugin_installed() -> bool:
-  """Whether JAX may run on something other than the CPU here, decided without starting a backend."""
-  platforms = jax.config.jax_platforms
-  if platforms:
-    return platforms.split(',')[0].strip() != 'cpu'
-  return (bool(importlib.metadata.entry_points(group='jax_plugins')) or
-          any(importlib.util.find_spec(name) is not None for name in ('jax_plugins', 'libtpu')))
-
-
-def retain_freed_memory_on_cpu() -> bool:
-  """`retain_freed_memory` where JAX can only run on the CPU. Call it first in a main, before any JAX computation."""
-  return not accelerator_plugin_installed() and retain_freed_memory()

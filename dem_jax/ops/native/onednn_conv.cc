@@ -1,0 +1,267 @@
+// 2-D convolution (NHWC activations, HWIO kernel) and its two gradients as XLA FFI handlers on oneDNN.
+//
+// dem_jax/onednn.py compiles this file against jaxlib's FFI headers and the oneDNN wheel, registers the three
+// handlers below as CPU custom-call targets and wraps them in a differentiable `conv2d_onednn`. Every handler takes
+// the same attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right.
+//
+//   DemOnednnConvForward(x[N,H,W,C], kernel[KH,KW,C,O]) -> y[N,OH,OW,O]
+//   DemOnednnConvBackwardData(dy[N,OH,OW,O], kernel) -> dx[N,H,W,C]
+//   DemOnednnConvBackwardWeights(x, dy) -> dkernel[KH,KW,C,O]
+//
+// Activations are float32 or bfloat16 (x, y, dy and dx share one type); the kernel and its gradient are float32,
+// or bfloat16 with bfloat16 activations. oneDNN accumulates in float32 either way, so a float32 kernel with
+// bfloat16 activations gets its gradient summed over the whole batch in float32, never rounded to bfloat16.
+//
+// Activations stay in XLA's row-major NHWC buffers (oneDNN reads and writes them in place); only the kernel is
+// reordered into the blocked layout (and type) oneDNN's primitive asks for. Primitives are built once per geometry
+// and type, and cached.
+// One convolution runs at a time: each already spreads over every core through OpenMP, and XLA may call two
+// handlers at once from its own threads, which would oversubscribe the cores.
+
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using Type = memory::data_type;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::mutex& ExecutionMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+struct Geometry {
+  int64_t n, h, w, c, o, kh, kw, oh, ow;
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
+  Type activations, kernel;
+
+  auto Key() const {
+    return std::make_tuple(n, h, w, c, o, kh, kw, oh, ow, stride_h, stride_w, pad_top, pad_bottom, pad_left,
+                           pad_right, activations, kernel);
+  }
+};
+
+struct Primitives {
+  memory::desc user_weights;  // HWIO, as the kernel lives in XLA
+  memory::desc user_src, user_dst;  // NHWC, as activations live in XLA
+  dnnl::convolution_forward::primitive_desc forward_pd;
+  dnnl::convolution_forward forward;
+  dnnl::convolution_backward_data::primitive_desc backward_data_pd;
+  dnnl::convolution_backward_data backward_data;
+  dnnl::convolution_backward_weights::primitive_desc backward_weights_pd;
+  dnnl::convolution_backward_weights backward_weights;
+};
+
+const Primitives& GetPrimitives(const Geometry& g) {
+  static std::mutex mutex;
+  static std::map<decltype(g.Key()), std::unique_ptr<Primitives>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<Primitives>& slot = cache[g.Key()];
+  if (slot) return *slot;
+  const memory::desc src({g.n, g.c, g.h, g.w}, g.activations, Tag::nhwc);
+  const memory::desc dst({g.n, g.o, g.oh, g.ow}, g.activations, Tag::nhwc);
+  // The forward pass and the input gradient read the kernel in the activations' type; the kernel gradient is
+  // written in the kernel's own type (float32 for a float32 kernel, so nothing is lost in the batch sum).
+  const memory::desc any_weights({g.o, g.c, g.kh, g.kw}, g.activations, Tag::any);
+  const memory::desc any_diff_weights({g.o, g.c, g.kh, g.kw}, g.kernel, Tag::any);
+  const memory::dims strides = {g.stride_h, g.stride_w};
+  const memory::dims pad_before = {g.pad_top, g.pad_left};
+  const memory::dims pad_after = {g.pad_bottom, g.pad_right};
+  auto p = std::make_unique<Primitives>();
+  p->user_weights = memory::desc({g.o, g.c, g.kh, g.kw}, g.kernel, Tag::hwio);
+  p->forward_pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any_weights, dst,
+      strides, pad_before, pad_after);
+  p->forward = dnnl::convolution_forward(p->forward_pd);
+  p->backward_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_before, pad_after,
+      p->forward_pd);
+  p->backward_data = dnnl::convolution_backward_data(p->backward_data_pd);
+  p->user_src = src;
+  p->user_dst = dst;
+  p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, src, any_diff_weights, dst, strides, pad_before, pad_after,
+      p->forward_pd);
+  const bool strided = g.stride_h > 1 || g.stride_w > 1;
+  if (g.activations == Type::bf16 && strided && g.c > 1 &&
+      std::string(p->backward_weights_pd.impl_info_str()).rfind("brg", 0) != 0) {
+    // Without a brgemm kernel for it, oneDNN's bfloat16 kernel gradient of a strided layer reads NHWC activations
+    // 10-50x slower than its blocked layout; reordering both activations into that layout costs far less. (Not
+    // for the one-channel stem, whose NHWC kernel is the faster.)
+    const memory::desc any_src({g.n, g.c, g.h, g.w}, g.activations, Tag::any);
+    const memory::desc any_dst({g.n, g.o, g.oh, g.ow}, g.activations, Tag::any);
+    p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, any_src, any_diff_weights, any_dst, strides, pad_before,
+        pad_after, p->forward_pd);
+  }
+  p->backward_weights = dnnl::convolution_backward_weights(p->backward_weights_pd);
+  slot = std::move(p);
+  return *slot;
+}
+
+// oneDNN's name for an XLA element type this file handles, or undef.
+Type OnednnType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return Type::f32;
+    case ffi::DataType::BF16: return Type::bf16;
+    default: return Type::undef;
+  }
+}
+
+// x, kernel and y buffers in XLA's terms (x and y may be gradients); checks that they describe one convolution in
+// types this file handles.
+ffi::ErrorOr<Geometry> MakeGeometry(const ffi::AnyBuffer& x_buffer, const ffi::AnyBuffer& kernel_buffer,
+                                    const ffi::AnyBuffer& y_buffer, int64_t stride_h, int64_t stride_w,
+                                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  const auto x = x_buffer.dimensions(), kernel = kernel_buffer.dimensions(), y = y_buffer.dimensions();
+  if (x.size() != 4 || kernel.size() != 4 || y.size() != 4) {
+    return ffi::Error::InvalidArgument("onednn_conv: expected rank-4 NHWC activations and an HWIO kernel");
+  }
+  const Type activations = OnednnType(x_buffer.element_type()), kernel_type = OnednnType(kernel_buffer.element_type());
+  const bool types_ok = activations != Type::undef && kernel_type != Type::undef &&
+                        y_buffer.element_type() == x_buffer.element_type() &&
+                        (kernel_type == Type::f32 || kernel_type == activations);
+  if (!types_ok) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv: activations must be float32 or bfloat16 (input and output alike), the kernel float32 or "
+        "the activations' type");
+  }
+  Geometry g{x[0], x[1], x[2], x[3], kernel[3], kernel[0], kernel[1], y[1], y[2],
+             stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, activations, kernel_type};
+  const bool consistent = kernel[2] == g.c && y[0] == g.n && y[3] == g.o && stride_h > 0 && stride_w > 0 &&
+                          g.oh == (g.h + pad_top + pad_bottom - g.kh) / stride_h + 1 &&
+                          g.ow == (g.w + pad_left + pad_right - g.kw) / stride_w + 1;
+  if (!consistent) {
+    return ffi::Error::InvalidArgument("onednn_conv: input, kernel and output shapes do not match one convolution");
+  }
+  return g;
+}
+
+// The buffer `data` laid out as `have`, in the layout `want`: the buffer itself, or a reordered copy.
+memory As(const memory::desc& want, const memory::desc& have, void* data, dnnl::stream& stream) {
+  memory user(have, Engine(), data);
+  if (want == have) return user;
+  memory blocked(want, Engine());
+  dnnl::reorder(user, blocked).execute(stream, user, blocked);
+  return blocked;
+}
+
+// Runs `body(primitives, stream)` for one convolution under the execution lock; oneDNN errors become FFI errors.
+template <typename Body>
+ffi::Error Execute(ffi::ErrorOr<Geometry> g, Body body) {
+  if (g.has_error()) return g.error();
+  try {
+    const Primitives& p = GetPrimitives(*g);
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    dnnl::stream stream(Engine());
+    body(p, stream);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: oneDNN failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t stride_h,
+                   int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  auto g = MakeGeometry(x, kernel, *y, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
+    memory src(p.forward_pd.src_desc(), Engine(), x.untyped_data());
+    memory dst(p.forward_pd.dst_desc(), Engine(), y->untyped_data());
+    memory weights = As(p.forward_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
+    p.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+  });
+}
+
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  auto g = MakeGeometry(*dx, kernel, dy, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
+    memory diff_dst(p.backward_data_pd.diff_dst_desc(), Engine(), dy.untyped_data());
+    memory diff_src(p.backward_data_pd.diff_src_desc(), Engine(), dx->untyped_data());
+    memory weights = As(p.backward_data_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
+    p.backward_data.execute(
+        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
+  });
+}
+
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel,
+                           int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                           int64_t pad_right) {
+  auto g = MakeGeometry(x, *dkernel, dy, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
+  return Execute(g, [&](const Primitives& p, dnnl::stream& stream) {
+    memory src = As(p.backward_weights_pd.src_desc(), p.user_src, x.untyped_data(), stream);
+    memory diff_dst = As(p.backward_weights_pd.diff_dst_desc(), p.user_dst, dy.untyped_data(), stream);
+    memory user(p.user_weights, Engine(), dkernel->untyped_data());
+    const memory::desc want = p.backward_weights_pd.diff_weights_desc();
+    memory diff_weights = want == p.user_weights ? user : memory(want, Engine());
+    p.backward_weights.execute(
+        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
+    if (!(want == p.user_weights)) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
+  });
+}
+
+}  // namespace
+
+// Whether bfloat16 convolutions have native kernels here: oneDNN detects AVX512-BF16 (or AMX, its superset) and
+// picks no reference (scalar) implementation for a ResNet 3x3 layer's three primitives. Writes the implementations'
+// names, or why not, into `message`; returns 1 or 0.
+extern "C" int DemOnednnBf16Kernels(char* message, size_t size) {
+  std::string text;
+  int ok = 0;
+  try {
+    const auto bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+    const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+    if ((isa & bf16) != bf16) {
+      text = "oneDNN finds no AVX512-BF16 or AMX instructions on this CPU";
+    } else {
+      const Geometry g{8, 16, 16, 32, 32, 3, 3, 16, 16, 1, 1, 1, 1, 1, 1, Type::bf16, Type::f32};
+      const Primitives& p = GetPrimitives(g);
+      const std::string names[] = {p.forward_pd.impl_info_str(), p.backward_data_pd.impl_info_str(),
+                                   p.backward_weights_pd.impl_info_str()};
+      ok = 1;
+      for (const std::string& name : names) {
+        ok &= name.find("ref") == std::string::npos;
+        text += (text.empty() ? "" : ", ") + name;
+      }
+      if (!ok) text = "oneDNN has only reference bfloat16 kernels here (" + text + ")";
+    }
+  } catch (const dnnl::error& e) {
+    text = std::string("oneDNN failed: ") + e.what();
+  }
+  std::snprintf(message, size, "%s", text.c_str());
+  return ok;
+}
+
+#define DEM_CONV_BINDING                                                                                     \
+  ffi::Ffi::Bind()                                                                                           \
+      .Arg<ffi::AnyBuffer>()                                                                                 \
+      .Arg<ffi::AnyBuffer>()                                                                                 \
+      .Ret<ffi::AnyBuffer>()                                                                                 \
+      .Attr<int64_t>("stride_h")                                                                             \
+      .Attr<int64_t>("stride_w")                                                                             \
+      .Attr<int64_t>("pad_top")                                                                              \
+      .Attr<int64_t>("pad_bottom")                                                                           \
+      .Attr<int64_t>("pad_left")                                                                             \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvForward, Forward, DEM_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardData, BackwardData, DEM_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardWeights, BackwardWeights, DEM_CONV_BINDING);
