@@ -3,6 +3,7 @@
   preprocess   the preprocessing job vs a plain librosa loop vs the bare numpy arithmetic, on the same audio
   train_step   the compiled triplet step on random inputs (with a PyTorch eager reference when available)
   embed        the forward pass alone
+  quality      real-audio quality within a training budget: the model vs the no-learning baselines
 
 Each prints its figures as JSON on the last line of its output.
 """
@@ -10,7 +11,7 @@ Each prints its figures as JSON on the last line of its output.
 import importlib
 import sys
 
-BENCHMARKS = ('preprocess', 'train_step', 'embed')
+BENCHMARKS = ('preprocess', 'train_step', 'embed', 'quality')
 
 
 def main(argv: list[str]) -> None:
