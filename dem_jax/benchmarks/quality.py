@@ -97,7 +97,7 @@ def steps_per_second(metrics: list[dict], first: int, second: int) -> float:
 
 
 def budget_steps(rate: float, minutes: float) -> int:
-  steps = int(math.floor(rate * minutes * 60))
+  steps = int(math.floor(rate * minutes * 60 + 1e-6))  # 1e-6: 2.25 steps/s x 120 s is 270 steps, not 269
   if steps < 1:
     raise QualityBenchError(f'--minutes={minutes} is too short for one training step at {rate:.3f} steps/s.')
   return steps
