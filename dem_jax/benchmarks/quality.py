@@ -7,7 +7,8 @@ r"""Quality on real audio within a training budget: the model against the no-lea
    instrument families, split by tune; about 80 minutes of audio) under --data_dir, and preprocesses it with the
    preprocessing job (`python -m preprocess --dataset=folder --split_file=...`). Both are cached.
 2. Trains through the training CLI for --minutes of wall time: with config.train_minutes when the config has it,
-   otherwise for as many steps as a short calibration run of the same config says fit in the budget.
+   otherwise for as many steps as a short calibration run of the same config says fit in the budget (held-out
+   monitoring then runs once, at the end, and is not counted).
 3. Evaluates through the evaluation CLI and prints, for the model and each baseline, tile and clip macro F1 of the
    linear probe, k-Means NMI and precision@5; the last line is JSON.
 Any `--config.X=V` is passed to training as it is.
@@ -115,8 +116,10 @@ def train(flags: argparse.Namespace, overrides: list[str], features_dir: str, wo
                  f'--config.eval_every={10 * last}', f'--config.checkpoint_every={10 * last}'] + overrides,
          'the calibration run')
     rate = steps_per_second(read_metrics(calibration), first, second)
+    num_steps = budget_steps(rate, flags.minutes)
+    # Held-out monitoring only at the end, as in the calibration run, so that the rate holds for the whole run.
     how, extra = f'num_steps from a calibration run at {rate:.3f} steps/s', [
-        f'--config.num_steps={budget_steps(rate, flags.minutes)}']
+        f'--config.num_steps={num_steps}', f'--config.eval_every={num_steps}']
   start = time.time()
   _run(base + [f'--workdir={workdir}'] + extra + overrides, 'training')
   wall = time.time() - start
