@@ -173,3 +173,30 @@ def test_config_budget_detection_reads_the_config_file():
   assert quality.config_has_train_minutes('configs/music.py:cpu') == ('train_minutes' in music.get_config('cpu'))
   with pytest.raises(quality.QualityBenchError, match='not a Python config'):
     quality.config_has_train_minutes('configs/nothing.py')
+
+
+def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monkeypatch):
+  commands = []
+
+  def fake_run(cmd, what):
+    commands.append(cmd)
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    os.makedirs(workdir, exist_ok=True)
+    # The calibration run logs cumulative rates of 1 step/s at step 20 and 2 steps/s at step 90 (70 steps in 25 s).
+    rates = {20: 1.0, 90: 2.0, 100: 2.0} if workdir.endswith('calibration') else {7: 1.0}
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps({'step': s, 'train/steps_per_s': r}) + '\n' for s, r in rates.items())
+
+  monkeypatch.setattr(quality, '_run', fake_run)
+  monkeypatch.setattr(quality, 'config_has_train_minutes', lambda _: False)
+  flags, overrides = quality.parse_flags(['--minutes=1', '--config.loss.name=infonce', '--config.num_steps=5'])
+  quality.train(flags, overrides[:1], 'F', str(tmp_path / 'run'))
+  calibration, main = commands
+  # The user's settings reach both runs; the calibration's own come last, so they win over a user's num_steps.
+  assert '--config.loss.name=infonce' in calibration and calibration[-4:][0] == '--config.num_steps=100'
+  assert '--config.num_steps=168' in main and '--config.eval_every=168' in main  # 2.8 steps/s x 60 s
+  # A budget given in steps skips the calibration.
+  commands.clear()
+  run = quality.train(flags, overrides, 'F', str(tmp_path / 'run2'))
+  assert len(commands) == 1 and commands[0][-1] == '--config.num_steps=5'
+  assert run['budget'] == 'num_steps given' and run['steps'] == 7
