@@ -36,9 +36,11 @@ def get_config(arg=None):
   config.model.dtype = 'auto'  # bfloat16 on GPU/TPU (parameters, statistics and loss stay float32), float32 on CPU.
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = 'triplet'  # 'triplet' (squared distances, mean over active) or 'tile2vec'.
+  config.loss.name = 'triplet'  # 'triplet' (squared distances, mean over active), 'tile2vec', 'batch_all',
+  # 'batch_hard' or 'infonce' (dem_jax/losses.py; README, Quality).
   config.loss.margin = 1.0
   config.loss.l2 = 0.01  # tile2vec only: weight of the embedding-norm penalty.
+  config.loss.temperature = 0.1  # infonce only: softmax temperature over cosine similarities.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4

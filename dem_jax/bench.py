@@ -5,6 +5,7 @@
   embed        the forward pass alone
   input        tiles per second each store delivers to the device, against tensorstore reads and memcpy
   gpu          the prepared GPU check: bf16 step speed and MFU, input stall, store and parallel agreement
+  quality      real-audio quality within a training budget: the model vs the no-learning baselines
 
 Each prints its figures as JSON on the last line of its output.
 """
@@ -12,7 +13,7 @@ Each prints its figures as JSON on the last line of its output.
 import importlib
 import sys
 
-BENCHMARKS = ('preprocess', 'train_step', 'embed', 'input', 'gpu')
+BENCHMARKS = ('preprocess', 'train_step', 'embed', 'input', 'gpu', 'quality')
 
 
 def main(argv: list[str]) -> None:

@@ -1,9 +1,20 @@
-"""Triplet losses on (anchor, neighbour, distant) embeddings.
+"""Losses on (anchor, neighbour, distant) embeddings.
 
-Each loss takes three [B, D] float arrays and returns (loss, metrics). Metrics are batch means, so averaging them
-over devices (`lax.pmean`) gives the global-batch value. `triplet_loss` averages over the triplets whose hinge is
-positive, a ratio that a plain pmean of per-device losses would get wrong; under `pmap` pass `axis_name` and it
-scales its per-device value so that the pmean of losses (and of gradients) equals the single-device result.
+Each loss takes three [B, D] float arrays and returns (loss, metrics) with the same metric keys: 'loss',
+'active_fraction', 'embedding_norm', 'd_pos', 'd_neg'. Metrics are batch means, so averaging them over devices
+(`lax.pmean`) gives the global-batch value. `triplet_loss` averages over the triplets whose hinge is positive, a
+ratio that a plain pmean of per-device losses would get wrong; under `pmap` pass `axis_name` and it scales its
+per-device value so that the pmean of losses (and of gradients) equals the single-device result.
+
+Two families:
+- per-triplet ('triplet', 'tile2vec'): each anchor meets its own neighbour and its own distant tile;
+- batch-wide ('batch_all', 'batch_hard', 'infonce'): each anchor also meets every other triplet's neighbour and
+  every distant tile of the global batch as negatives (Hermans et al. 2017 for the mined triplets, COLA for the
+  softmax), so one forward pass teaches B x (2B - 1) comparisons instead of B. Under `pmap` the candidates are
+  gathered from all devices (`lax.all_gather`, whose transpose sends each gradient back to the device that owns the
+  embedding), so the negatives are those of the global batch and the result equals the single-device one.
+  Another triplet's neighbour can come from the anchor's own recording: such false negatives are rare when the
+  batch draws from many recordings, and are accepted for simplicity.
 """
 
 import functools
@@ -12,6 +23,7 @@ from typing import Callable
 import jax
 from jax import lax
 import jax.numpy as jnp
+import optax
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
@@ -84,14 +96,119 @@ def tile2vec_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, margin: float = 1
   return loss, metrics
 
 
-LOSSES = {'triplet': (triplet_loss, ('margin',)), 'tile2vec': (tile2vec_loss, ('margin', 'l2'))}
+def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
+  """[N, M] squared Euclidean distances, from dot products (no [N, M, D] intermediate at large batches)."""
+  sq = jnp.sum(x * x, axis=-1)[:, None] + jnp.sum(y * y, axis=-1)[None, :] - 2.0 * x @ y.T
+  return jnp.maximum(sq, 0.0)  # Rounding can make a zero distance slightly negative.
+
+
+def _batch_candidates(zn: jax.Array, zd: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+  """Every neighbour, then every distant tile, of the global batch ([2 G B, D]), and each local anchor's positive.
+
+  The positive of local anchor i is its own neighbour: row (device index * B + i) of the candidates.
+  """
+  local = jnp.arange(zn.shape[0])
+  if axis_name is None:
+    return jnp.concatenate([zn, zd]), local
+  zn_all = lax.all_gather(zn, axis_name, tiled=True)
+  zd_all = lax.all_gather(zd, axis_name, tiled=True)
+  return jnp.concatenate([zn_all, zd_all]), lax.axis_index(axis_name) * zn.shape[0] + local
+
+
+def _pair_metrics(za, zn, zd) -> Metrics:
+  """The per-triplet squared distances and the embedding norm: the same monitoring figures for every loss."""
+  return {'embedding_norm': _embedding_norm(za, zn, zd), 'd_pos': jnp.mean(jnp.sum((za - zn) ** 2, axis=-1)),
+          'd_neg': jnp.mean(jnp.sum((za - zd) ** 2, axis=-1))}
+
+
+def batch_all_triplet_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, margin: float = 1.0,
+                           axis_name: str | None = None) -> tuple[jax.Array, Metrics]:
+  """Batch-all triplets: every (anchor, negative) pair of the batch, averaged over the active ones.
+
+  For anchor i with neighbour n_i, the negatives are every other neighbour and every distant tile of the (global)
+  batch; each pair gives max(0, |a_i - n_i|^2 - |a_i - c|^2 + margin), and the loss is the mean over the pairs
+  whose hinge is positive (0 if none is), as `triplet_loss` does for its single negative.
+
+  Returns:
+    (loss, metrics); 'active_fraction' is the share of (anchor, negative) pairs with a positive hinge, 'd_pos' and
+    'd_neg' the anchors' squared distances to their own neighbour and distant tile.
+  """
+  candidates, positive = _batch_candidates(zn, zd, axis_name)
+  dist = _squared_distances(za, candidates)  # [B, 2GB]
+  d_pos = jnp.take_along_axis(dist, positive[:, None], axis=1)
+  is_negative = jnp.arange(candidates.shape[0])[None, :] != positive[:, None]
+  hinge = jnp.where(is_negative, jax.nn.relu(d_pos - dist + margin), 0.0)
+  active = (hinge > 0).astype(jnp.float32)
+  num_active = jnp.sum(active)
+  scale = 1.0
+  if axis_name is not None:
+    num_active = lax.psum(num_active, axis_name)
+    scale = lax.psum(1.0, axis_name)  # As in triplet_loss: pmean of the scaled local sums is the global mean.
+  loss = jnp.sum(hinge) * scale / jnp.maximum(num_active, 1.0)
+  active_fraction = jnp.sum(active) / jnp.sum(is_negative.astype(jnp.float32))
+  return loss, {'loss': loss, 'active_fraction': active_fraction, **_pair_metrics(za, zn, zd)}
+
+
+def batch_hard_triplet_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, margin: float = 1.0,
+                            axis_name: str | None = None) -> tuple[jax.Array, Metrics]:
+  """Batch-hard triplets: each anchor against its closest negative in the batch, mean over anchors.
+
+  max(0, |a_i - n_i|^2 - min_c |a_i - c|^2 + margin) with c over every other neighbour and every distant tile of
+  the (global) batch. A plain mean over anchors, so a pmean over devices is already the global mean.
+
+  Returns:
+    (loss, metrics); 'active_fraction' is the share of anchors whose hardest negative violates the margin.
+  """
+  candidates, positive = _batch_candidates(zn, zd, axis_name)
+  dist = _squared_distances(za, candidates)
+  d_pos = jnp.take_along_axis(dist, positive[:, None], axis=1)[:, 0]
+  is_negative = jnp.arange(candidates.shape[0])[None, :] != positive[:, None]
+  hardest = jnp.min(jnp.where(is_negative, dist, jnp.inf), axis=1)
+  hinge = jax.nn.relu(d_pos - hardest + margin)
+  loss = jnp.mean(hinge)
+  return loss, {'loss': loss, 'active_fraction': jnp.mean((hinge > 0).astype(jnp.float32)),
+                **_pair_metrics(za, zn, zd)}
+
+
+def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float = 0.1,
+                 axis_name: str | None = None) -> tuple[jax.Array, Metrics]:
+  """InfoNCE over the batch (COLA-style): pick each anchor's own neighbour out of all neighbours and distant tiles.
+
+  Logits are cosine similarities / temperature between anchor i and every neighbour and distant tile of the
+  (global) batch; the loss is the mean cross-entropy with n_i as the target. Embeddings are normalised here, so the
+  temperature means the same for any encoder (the default one is already unit-norm). COLA's bilinear similarity is
+  left out: with unit-norm outputs and a trained dense head before them, the dot product has the same reach.
+
+  Returns:
+    (loss, metrics); 'active_fraction' is the share of anchors for which some negative is at least as similar as
+    their neighbour (the anchors not yet ranked right).
+  """
+  unit = lambda x: x / _norm(x)[:, None]
+  candidates, positive = _batch_candidates(zn, zd, axis_name)
+  logits = unit(za) @ unit(candidates).T / temperature
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
+  positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)
+  is_negative = jnp.arange(candidates.shape[0])[None, :] != positive[:, None]
+  misranked = jnp.any(is_negative & (logits >= positive_logit), axis=1)
+  return loss, {'loss': loss, 'active_fraction': jnp.mean(misranked.astype(jnp.float32)),
+                **_pair_metrics(za, zn, zd)}
+
+
+LOSSES = {
+    'triplet': (triplet_loss, ('margin',)),
+    'tile2vec': (tile2vec_loss, ('margin', 'l2')),
+    'batch_all': (batch_all_triplet_loss, ('margin',)),
+    'batch_hard': (batch_hard_triplet_loss, ('margin',)),
+    'infonce': (infonce_loss, ('temperature',)),
+}
 
 
 def get_loss_fn(name: str, **hyper) -> LossFn:
-  """The loss `name` ('triplet' | 'tile2vec') with its hyper-parameters bound.
+  """The loss `name` (a key of LOSSES) with its hyper-parameters bound.
 
-  `hyper` may hold settings of either loss (margin, l2), so one config section serves both; those the chosen loss
-  does not take (l2 for 'triplet') are left out. The result is called as loss_fn(za, zn, zd, axis_name=None).
+  `hyper` may hold settings of any loss (margin, l2, temperature), so one config section serves all; those the
+  chosen loss does not take (l2 for 'triplet') are left out. The result is called as
+  loss_fn(za, zn, zd, axis_name=None).
   """
   if name not in LOSSES:
     raise ValueError(f'config.loss.name={name!r} is not a loss; choose one of {sorted(LOSSES)}.')
@@ -100,4 +217,6 @@ def get_loss_fn(name: str, **hyper) -> LossFn:
   unknown = sorted(set(hyper) - set(known))
   if unknown:
     raise ValueError(f'unknown loss settings {unknown}; the losses take {known}.')
+  if 'temperature' in takes and hyper.get('temperature', 1.0) <= 0:
+    raise ValueError(f'config.loss.temperature={hyper["temperature"]} must be positive (e.g. 0.1).')
   return functools.partial(fn, **{k: v for k, v in hyper.items() if k in takes})

@@ -1,4 +1,4 @@
-"""Triplet losses against values worked out by hand."""
+"""Losses against values worked out by hand, and their agreement across devices."""
 
 import functools
 
@@ -101,5 +101,91 @@ def test_get_loss_fn_binds_settings_and_drops_the_other_losses():
 def test_get_loss_fn_rejects_unknown_names_and_settings():
   with pytest.raises(ValueError, match='config.loss.name'):
     losses.get_loss_fn('contrastive')
-  with pytest.raises(ValueError, match='temperature'):
-    losses.get_loss_fn('triplet', temperature=0.1)
+  with pytest.raises(ValueError, match='alpha'):
+    losses.get_loss_fn('triplet', alpha=0.1)
+  with pytest.raises(ValueError, match='config.loss.temperature'):
+    losses.get_loss_fn('infonce', temperature=0.0)
+
+
+# Batch-wide losses on the same two triplets. Candidates in order [n0, n1, d0, d1] = [(0,1), (-1,0), (-1,0), (0,1)];
+# both anchors are (1,0), so their squared distances to the candidates are [2, 4, 4, 2]. Anchor 0's positive is
+# n0 (2), anchor 1's is n1 (4).
+
+
+def test_batch_hard_uses_the_closest_negative_of_the_whole_batch():
+  # Anchor 0: negatives n1, d0, d1 at 4, 4, 2 -> hardest 2 -> max(0, 2 - 2 + 1) = 1 (its own d0 alone would give 0).
+  # Anchor 1: negatives n0, d0, d1 at 2, 4, 2 -> hardest 2 -> 4 - 2 + 1 = 3. Mean over anchors: 2.
+  loss, m = losses.batch_hard_triplet_loss(A, N, D, margin=1.0)
+  assert float(loss) == pytest.approx(2.0)
+  assert float(m['active_fraction']) == 1.0
+  assert float(m['d_pos']) == pytest.approx(3.0) and float(m['d_neg']) == pytest.approx(3.0)
+
+
+def test_batch_all_averages_over_active_anchor_negative_pairs():
+  # margin 0.5. Anchor 0 (d_pos 2): negatives at 4, 4, 2 -> hinges 0, 0, 0.5.
+  # Anchor 1 (d_pos 4): negatives at 2, 4, 2 -> hinges 2.5, 0.5, 2.5. Sum 6 over 4 active pairs of 6.
+  loss, m = losses.batch_all_triplet_loss(A, N, D, margin=0.5)
+  assert float(loss) == pytest.approx(1.5)
+  assert float(m['active_fraction']) == pytest.approx(4 / 6)
+
+
+def test_batch_all_gradient_by_hand():
+  # d/da_i of (|a_i-n_i|^2 - |a_i-c|^2) = 2(c - n_i), summed over active pairs, divided by 4 active pairs.
+  # Anchor 0: one active pair, c = d1 = (0,1), n0 = (0,1) -> 0. Anchor 1: c = n0, d0, d1 with n1 = (-1,0):
+  # 2[(1,1) + (0,0) + (1,1)] = (4, 4) -> / 4 = (1, 1).
+  g = jax.grad(lambda a: losses.batch_all_triplet_loss(a, N, D, margin=0.5)[0])(A)
+  np.testing.assert_allclose(g, [[0., 0.], [1., 1.]], atol=1e-6)
+
+
+def test_infonce_is_cross_entropy_over_all_neighbours_and_distant_tiles():
+  # Cosine similarities of both anchors to [n0, n1, d0, d1]: [0, -1, -1, 0].
+  # Anchor 0 (target n0, logit 0): log(e^0 + e^-1 + e^-1 + e^0) - 0. Anchor 1 (target n1, logit -1): the same + 1.
+  for t in (1.0, 0.5):
+    loss, m = losses.infonce_loss(A, N, D, temperature=t)
+    log_z = np.log(2 + 2 * np.exp(-1 / t))
+    assert float(loss) == pytest.approx(np.mean([log_z, log_z + 1 / t]), rel=1e-6)
+  # Anchor 0 ties with d1, anchor 1 is beaten by n0 and d1: both misranked.
+  assert float(m['active_fraction']) == 1.0
+  # Scaled embeddings give the same loss: similarities are cosines.
+  assert float(losses.infonce_loss(3 * A, 2 * N, D, temperature=0.5)[0]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_infonce_counts_an_anchor_ranked_right_as_solved():
+  za = jnp.array([[1., 0.], [0., 1.]])
+  zn = jnp.array([[1., 0.], [0., 1.]])  # each anchor's own neighbour is the closest candidate
+  zd = jnp.array([[-1., 0.], [0., -1.]])
+  loss, m = losses.infonce_loss(za, zn, zd, temperature=1.0)
+  assert float(m['active_fraction']) == 0.0
+  # logits 1 for the target, 0 for the other neighbour, -1 and 0 for the distant tiles.
+  assert float(loss) == pytest.approx(np.log(1 + 2 * np.exp(-1) + np.exp(-2)), rel=1e-6)
+
+
+@pytest.mark.parametrize('name', ['batch_all', 'batch_hard', 'infonce'])
+def test_batch_losses_have_finite_gradients_when_embeddings_coincide(name):
+  loss_fn = losses.get_loss_fn(name)
+  g = jax.grad(lambda a: loss_fn(a, a, a)[0])(A)
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize('name', ['triplet', 'batch_all', 'batch_hard', 'infonce'])
+def test_loss_under_pmap_equals_the_single_device_loss_and_gradient(name):
+  # 8 triplets on 4 devices: the batch-wide losses gather every device's neighbours and distant tiles, so each
+  # anchor meets the same 15 negatives as on one device, and the averaged gradient is the single-device one.
+  loss_fn = losses.get_loss_fn(name, margin=1.0, temperature=0.2)
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  za, zn, zd = (jnp.asarray(unit(rng.normal(size=(8, 3))), jnp.float32) for _ in range(3))
+  full_loss = loss_fn(za, zn, zd)[0]
+  full_grads = jax.grad(lambda *z: loss_fn(*z)[0], argnums=(0, 1, 2))(za, zn, zd)
+
+  def per_device(a, n, d):
+    loss, grads = jax.value_and_grad(lambda *z: loss_fn(*z, axis_name='i')[0], argnums=(0, 1, 2))(a, n, d)
+    return jax.lax.pmean(loss, 'i'), grads
+
+  split = lambda x: x.reshape(4, 2, 3)
+  loss, grads = jax.pmap(per_device, axis_name='i')(split(za), split(zn), split(zd))
+  np.testing.assert_allclose(loss, float(full_loss), rtol=1e-5)
+  # pmap's gradient on device k is that of the sum over devices of their losses with respect to device k's
+  # embeddings; the step's pmean divides by 4, which is the gradient of the mean loss.
+  for g_split, g_full in zip(grads, full_grads):
+    np.testing.assert_allclose(np.asarray(g_split).reshape(8, 3) / 4, g_full, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,177 @@
+r"""Quality on real audio within a training budget: the model against the no-learning baselines.
+
+    ./launch.sh bench quality [--minutes=15] [--config=configs/music.py:cpu] [--config.loss.name=infonce ...]
+    ./launch.sh bench quality --build_only          # only build (or find) the data set and its features
+
+1. Builds, once, the labelled set of dem_jax.benchmarks.quality_data (real tunes on sampled instruments, 6
+   instrument families, split by tune; about 80 minutes of audio) under --data_dir, and preprocesses it with the
+   preprocessing job (`python -m preprocess --dataset=folder --split_file=...`). Both are cached.
+2. Trains through the training CLI for --minutes of wall time: with config.train_minutes when the config has it,
+   otherwise for as many steps as a short calibration run of the same config says fit in the budget (held-out
+   monitoring then runs once, at the end, and is not counted).
+3. Evaluates through the evaluation CLI and prints, for the model and each baseline, tile and clip macro F1 of the
+   linear probe, k-Means NMI and precision@5; the last line is JSON.
+Any `--config.X=V` is passed to training as it is; `--config.num_steps=N` sets the budget in steps instead (no
+calibration), e.g. to compare objectives at equal steps.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from dem_jax.benchmarks import quality_data
+from dem_jax.metric_writer import read_metrics
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'dem_jax', 'quality')
+# Rate measured between the logs of the first two (70 steps: a shorter window is at the mercy of a busy machine);
+# the run ends at the third.
+CALIBRATION_STEPS = (20, 90, 100)
+
+
+class QualityBenchError(RuntimeError):
+  pass
+
+
+def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  p = argparse.ArgumentParser(prog='python -m dem_jax.bench quality', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--minutes', type=float, default=15.0, help='training budget in wall-clock minutes')
+  p.add_argument('--config', default='configs/music.py:cpu', help='training config (relative to the repository)')
+  p.add_argument('--data_dir', default=DEFAULT_DATA_DIR, help='where the set and its features are cached')
+  p.add_argument('--workdir', default=None, help='training workdir (default: DATA_DIR/runs/<time>)')
+  p.add_argument('--build_only', action='store_true', help='build the set and its features, then stop')
+  p.add_argument('--no_install', action='store_true', help='never install missing packages; fail with the command')
+  p.add_argument('--num_workers', type=int, default=os.cpu_count() or 1, help='preprocessing worker processes')
+  flags, rest = p.parse_known_args(argv)
+  unknown = [a for a in rest if not a.startswith('--config.')]
+  if unknown:
+    p.error(f'unrecognised arguments {unknown}; only --config.X=V settings are passed on to training')
+  if flags.minutes <= 0:
+    p.error(f'--minutes={flags.minutes} must be positive')
+  return flags, rest
+
+
+def _run(cmd: list[str], what: str) -> None:
+  print('+ ' + ' '.join(cmd), flush=True)
+  result = subprocess.run(cmd, cwd=REPO_ROOT, check=False)
+  if result.returncode:
+    raise QualityBenchError(f'{what} failed (exit {result.returncode}); its output is above.')
+
+
+def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tuple[dict, str]:
+  """(build.json contents, features dir): the set and its features, built if not cached."""
+  data_root = os.path.join(data_dir, 'data')
+  built = quality_data.build(data_root, install=install)
+  features_dir = os.path.join(data_dir, 'features')
+  if not os.path.exists(os.path.join(features_dir, 'features.json')):
+    _run([sys.executable, '-m', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
+          f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
+          f'--num_workers={num_workers}', '--strict'], 'preprocessing')
+  return built, features_dir
+
+
+def config_has_train_minutes(config_arg: str) -> bool:
+  """Whether the training config knows config.train_minutes (then the budget is the trainer's own)."""
+  path, _, arg = config_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('quality_bench_config', REPO_ROOT / path)
+  if spec is None or not os.path.exists(REPO_ROOT / path):
+    raise QualityBenchError(f'--config={config_arg}: {REPO_ROOT / path} is not a Python config file.')
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, str(REPO_ROOT))  # Configs import `configs.base`.
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(REPO_ROOT))
+  return 'train_minutes' in module.get_config(arg or None)
+
+
+def steps_per_second(metrics: list[dict], first: int, second: int) -> float:
+  """Training rate between two logged steps, from the cumulative rates that training logs (compilation excluded)."""
+  rates = {m['step']: m['train/steps_per_s'] for m in metrics if 'train/steps_per_s' in m}
+  if first not in rates or second not in rates or rates[first] <= 0 or rates[second] <= 0:
+    raise QualityBenchError(f'the calibration run did not log steps {first} and {second} (logged: {sorted(rates)}).')
+  return (second - first) / (second / rates[second] - first / rates[first])
+
+
+def budget_steps(rate: float, minutes: float) -> int:
+  steps = int(math.floor(rate * minutes * 60 + 1e-6))  # 1e-6: 2.25 steps/s x 120 s is 270 steps, not 269
+  if steps < 1:
+    raise QualityBenchError(f'--minutes={minutes} is too short for one training step at {rate:.3f} steps/s.')
+  return steps
+
+
+def train(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> dict:
+  """Trains within the budget through the CLI; returns what it did (steps, how the budget was applied, wall time)."""
+  base = [sys.executable, '-m', 'dem_jax.train', f'--config={flags.config}', f'--config.features_dir={features_dir}']
+  if any(o.startswith('--config.num_steps=') for o in overrides):
+    how, extra, rate = 'num_steps given', [], None  # A budget in steps (e.g. to compare losses at equal steps).
+  elif config_has_train_minutes(flags.config):
+    how, extra, rate = 'config.train_minutes', [f'--config.train_minutes={flags.minutes}'], None
+  else:
+    first, second, last = CALIBRATION_STEPS
+    calibration = os.path.join(workdir, 'calibration')
+    # The calibration settings come after the overrides: the last of repeated flags wins.
+    _run(base + overrides + [f'--workdir={calibration}', f'--config.num_steps={last}',
+                             f'--config.log_every={first // 2}', f'--config.eval_every={10 * last}',
+                             f'--config.checkpoint_every={10 * last}'], 'the calibration run')
+    rate = steps_per_second(read_metrics(calibration), first, second)
+    num_steps = budget_steps(rate, flags.minutes)
+    # Held-out monitoring only at the end, as in the calibration run, so that the rate holds for the whole run.
+    how, extra = f'num_steps from a calibration run at {rate:.3f} steps/s', [
+        f'--config.num_steps={num_steps}', f'--config.eval_every={num_steps}']
+  start = time.time()
+  _run(base + [f'--workdir={workdir}'] + extra + overrides, 'training')
+  wall = time.time() - start
+  steps = max((m['step'] for m in read_metrics(workdir)), default=0)
+  return {'budget': how, 'steps': steps, 'train_wall_seconds': round(wall, 1), 'calibration_steps_per_s': rate}
+
+
+def summary(report: dict) -> dict[str, dict[str, float]]:
+  """{system: {tile_f1, clip_f1, nmi, p_at_k}} for every representation and baseline of an evaluate report."""
+  systems = {k: v for k, v in report.items() if isinstance(v, dict) and 'linear_probe' in v}
+  systems |= report.get('baselines', {})
+  return {name: {'tile_f1': fig['linear_probe']['macro_f1_tile'], 'clip_f1': fig['linear_probe']['macro_f1_clip'],
+                 'nmi': fig['kmeans']['nmi'], f'p_at_{fig["retrieval"]["k"]}': fig['retrieval']['precision_at_k']}
+          for name, fig in systems.items()}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+  columns = list(next(iter(rows.values())))
+  lines = ['| system | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  lines += [f'| {name} | ' + ' | '.join(f'{100 * v:.1f}' for v in row.values()) + ' |' for name, row in rows.items()]
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  flags, overrides = parse_flags(argv)
+  try:
+    built, features_dir = prepare(flags.data_dir, install=not flags.no_install, num_workers=flags.num_workers)
+    dataset = {'features_dir': features_dir, 'files': built['files'], 'tunes': built['tunes'],
+               'audio_minutes': round(built['audio_seconds'] / 60, 1), 'labels': built['labels']}
+    if flags.build_only:
+      print(json.dumps({'benchmark': 'quality', 'dataset': dataset}))
+      return
+    workdir = os.path.abspath(flags.workdir or os.path.join(flags.data_dir, 'runs', time.strftime('%Y%m%d-%H%M%S')))
+    if os.path.exists(os.path.join(workdir, 'checkpoints')):
+      raise QualityBenchError(f'--workdir={workdir} already holds a run; pass a new one.')
+    run = train(flags, overrides, features_dir, workdir)
+    eval_dir = os.path.join(workdir, 'eval')
+    _run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={workdir}', f'--output_dir={eval_dir}'], 'evaluation')
+    with open(os.path.join(eval_dir, 'report.json'), encoding='utf-8') as f:
+      rows = summary(json.load(f))
+  except (quality_data.QualityDataError, QualityBenchError) as e:
+    sys.exit(f'bench quality: {e}')
+  print(format_table(rows))
+  print(json.dumps({'benchmark': 'quality', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
+                    'workdir': workdir, **run, 'dataset': dataset, 'figures': rows}))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

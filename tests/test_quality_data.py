@@ -1,0 +1,202 @@
+"""The quality benchmark's set builder and the benchmark's own arithmetic, on small made-up material.
+
+The packaged tunes and SoundFont are not needed: the builder takes the tunes, their events and the renderer as
+arguments, and these tests pass small stand-ins (the layout, split and caching are what is tested).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from dem_jax import datasets
+from dem_jax.benchmarks import quality
+from dem_jax.benchmarks import quality_data as qd
+
+TUNES = {f'tune{i}': f'/nowhere/tune{i}.mid' for i in range(5)}
+
+
+def events_of(path):
+  """A tune of 30 notes, one every 0.5 s, then (for tune0) a long pause with two notes: its second excerpt is thin."""
+  notes = [(0.5 * k, 'note_on', 0, 60 + k % 12, 90) for k in range(30)]
+  if path.endswith('tune0.mid'):
+    notes += [(40.0, 'note_on', 0, 60, 90), (50.0, 'note_on', 0, 62, 90)]
+  return notes
+
+
+class CountingRenderer:
+  """A stand-in for the SoundFont: a tone whose pitch and level follow the program (level must not matter)."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, events, program, start, seconds):
+    self.calls += 1
+    t = np.arange(int(seconds * qd.SAMPLE_RATE)) / qd.SAMPLE_RATE
+    return (0.01 * (1 + program % 5)) * np.sin(2 * np.pi * (100 + 5 * program) * t)
+
+
+def small_config(**changes):
+  return qd.settings() | {'item_seconds': 2.0, 'windows': [0.1, 0.6], 'min_notes': 3} | changes
+
+
+def test_excerpt_starts_follow_the_tune_length_and_skip_thin_windows():
+  # Last onset 14.5 s: windows at 0.1 and 0.6 start at 1.45 and 8.7 s; 2-s excerpts hold 4 notes each.
+  assert qd.excerpt_starts(events_of('tune1.mid'), 2.0, (0.1, 0.6), 3) == [1.45, 8.7]
+  # tune0 ends at 50 s: the 0.6 window (30 s) holds no note and is left out.
+  assert qd.excerpt_starts(events_of('tune0.mid'), 2.0, (0.1, 0.6), 3) == [5.0]
+  assert qd.excerpt_starts([], 2.0, (0.1,), 1) == []
+
+
+def test_build_writes_class_folders_and_a_split_by_tune(tmp_path):
+  render = CountingRenderer()
+  built = qd.build(str(tmp_path), tunes=TUNES, read_events=events_of, render=render, config=small_config(),
+                   log=lambda _: None)
+  excerpts = 1 + 2 * 4  # tune0 has one excerpt, the others two
+  assert built['files'] == render.calls == excerpts * len(qd.FAMILIES)
+  dataset = datasets.read_folder(str(tmp_path / 'audio'), split_file=str(tmp_path / 'split.csv'))
+  assert not dataset.problems
+  assert dataset.labels == sorted(qd.FAMILIES)
+  assert len(dataset.clips) == built['files']
+  # Grouped by tune: no tune on both sides, and every family holds the same tunes on each side.
+  split_of_group = {}
+  for clip in dataset.clips:
+    assert split_of_group.setdefault(clip.group, clip.split) == clip.split
+  test = {g for g, s in split_of_group.items() if s == 'test'}
+  assert test == set(built['test_tunes']) and len(test) == round(qd.TEST_FRACTION * len(TUNES))
+  for family in qd.FAMILIES:
+    assert {c.group for c in dataset.clips if c.label == family and c.split == 'test'} == test
+  # Fixed loudness whatever the program's level, 16 kHz, the excerpt's length.
+  audio, rate = soundfile.read(tmp_path / 'audio' / 'brass' / 'tune1_0.wav')
+  assert rate == qd.SAMPLE_RATE and audio.shape == (2 * qd.SAMPLE_RATE,)
+  assert np.sqrt(np.mean(audio ** 2)) == pytest.approx(qd.TARGET_RMS, rel=1e-3)
+  # Programs come from the family, as recorded in the split file's extra column.
+  programs = {c.label: int(dict(c.extra)['program']) for c in dataset.clips}
+  assert all(programs[f] in qd.FAMILIES[f] for f in qd.FAMILIES)
+
+
+def test_build_is_cached_and_rebuilt_when_settings_change(tmp_path):
+  render = CountingRenderer()
+  first = qd.build(str(tmp_path), tunes=TUNES, read_events=events_of, render=render, config=small_config(),
+                   log=lambda _: None)
+  calls = render.calls
+  assert qd.build(str(tmp_path), tunes=TUNES, read_events=events_of, render=render, config=small_config(),
+                  log=lambda _: None) == first
+  assert render.calls == calls  # nothing rendered again
+  # Longer excerpts: the same excerpts, rendered again at the new length; files of the old set go.
+  (tmp_path / 'audio' / 'piano' / 'stale.wav').write_bytes(b'')
+  second = qd.build(str(tmp_path), tunes=TUNES, read_events=events_of, render=render, config=small_config(
+      item_seconds=3.0), log=lambda _: None)
+  assert render.calls == calls + second['files']
+  assert not (tmp_path / 'audio' / 'piano' / 'stale.wav').exists()
+  assert soundfile.info(str(tmp_path / 'audio' / 'piano' / 'tune1_0.wav')).duration == pytest.approx(3.0)
+  assert json.loads((tmp_path / 'build.json').read_text())['settings']['item_seconds'] == 3.0
+
+
+def test_program_choice_is_a_fixed_member_of_the_family():
+  assert qd.program_for('tune1', 0, 'strings') == qd.program_for('tune1', 0, 'strings')
+  chosen = {qd.program_for(f'tune{i}', w, 'woodwind') for i in range(20) for w in range(2)}
+  assert chosen <= set(qd.FAMILIES['woodwind']) and len(chosen) > 1  # a family, not one preset
+
+
+def test_silent_excerpt_is_an_error():
+  with pytest.raises(qd.QualityDataError, match='silence'):
+    qd.at_loudness(np.zeros(100, np.float32))
+
+
+def test_missing_packages_name_the_install_command(tmp_path):
+  missing = qd.Package('no-such-package', str(tmp_path / 'absent' / '*.mid'))
+  with pytest.raises(qd.QualityDataError, match='apt-get install no-such-package'):
+    qd.ensure_material(install=False, packages=[missing])
+
+
+def test_tune_paths_names_tunes_by_package(tmp_path):
+  for name in ('b.mid', 'a.mid', 'notes.txt'):
+    (tmp_path / name).write_bytes(b'')
+  tunes = qd.tune_paths([qd.Package('pkg', str(tmp_path / '*.mid'))])
+  assert list(tunes) == ['pkg-a', 'pkg-b']
+
+
+def test_midi_events_in_seconds_without_drums(tmp_path):
+  mido = pytest.importorskip('mido')  # Needed only to build the set; not a dependency of dem_jax.
+  track = mido.MidiTrack([
+      mido.MetaMessage('set_tempo', tempo=500000, time=0),  # 120 bpm: 480 ticks = 0.5 s
+      mido.Message('program_change', channel=0, program=30, time=0),
+      mido.Message('note_on', channel=0, note=60, velocity=80, time=480),
+      mido.Message('note_on', channel=9, note=36, velocity=100, time=0),  # drums: dropped
+      mido.MetaMessage('set_tempo', tempo=1000000, time=0),  # 60 bpm: 480 ticks = 1 s
+      mido.Message('note_off', channel=0, note=60, velocity=0, time=480),
+  ])
+  path = str(tmp_path / 'tune.mid')
+  mido.MidiFile(tracks=[track], ticks_per_beat=480).save(path)
+  assert qd.midi_events(path) == [(0.5, 'note_on', 0, 60, 80), (1.5, 'note_off', 0, 60, 0)]
+
+
+def test_quality_summary_reads_every_representation_and_baseline():
+  fig = lambda f1, nmi: {'linear_probe': {'macro_f1_tile': f1, 'macro_f1_clip': f1 + 0.1}, 'kmeans': {'nmi': nmi},
+                         'retrieval': {'k': 5, 'precision_at_k': 0.5}}
+  report = {'model': fig(0.8, 0.4), 'model_trunk': fig(0.7, 0.3), 'checkpoint_step': 10,
+            'baselines': {'logmel_stats': fig(0.6, 0.2), 'random_init': fig(0.5, 0.1)}}
+  rows = quality.summary(report)
+  assert list(rows) == ['model', 'model_trunk', 'logmel_stats', 'random_init']
+  assert rows['model'] == {'tile_f1': 0.8, 'clip_f1': pytest.approx(0.9), 'nmi': 0.4, 'p_at_5': 0.5}
+  assert '| model | 80.0 | 90.0 | 40.0 | 50.0 |' in quality.format_table(rows)
+
+
+def test_budget_from_the_calibration_rate():
+  # Cumulative rates 1.0 at step 20 (20 s) and 1.5 at step 50 (33.3 s): 30 steps in 13.3 s = 2.25 steps/s.
+  metrics = [{'step': 20, 'train/steps_per_s': 1.0}, {'step': 30, 'eval/loss': 1.0},
+             {'step': 50, 'train/steps_per_s': 1.5}]
+  rate = quality.steps_per_second(metrics, 20, 50)
+  assert rate == pytest.approx(2.25)
+  assert quality.budget_steps(rate, 2.0) == 270
+  with pytest.raises(quality.QualityBenchError, match='too short'):
+    quality.budget_steps(rate, 0.001)
+  with pytest.raises(quality.QualityBenchError, match='did not log'):
+    quality.steps_per_second(metrics, 20, 40)
+
+
+def test_flags_pass_config_settings_on_and_reject_the_rest():
+  flags, overrides = quality.parse_flags(['--minutes=2', '--config.loss.name=infonce'])
+  assert flags.minutes == 2.0 and overrides == ['--config.loss.name=infonce']
+  with pytest.raises(SystemExit):
+    quality.parse_flags(['--minutse=2'])
+  with pytest.raises(SystemExit):
+    quality.parse_flags(['--minutes=0'])
+
+
+def test_config_budget_detection_reads_the_config_file():
+  # The music config of this repository: train_minutes is used when the config defines it, as the trainer would.
+  from configs import music  # pylint: disable=import-outside-toplevel
+  assert quality.config_has_train_minutes('configs/music.py:cpu') == ('train_minutes' in music.get_config('cpu'))
+  with pytest.raises(quality.QualityBenchError, match='not a Python config'):
+    quality.config_has_train_minutes('configs/nothing.py')
+
+
+def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monkeypatch):
+  commands = []
+
+  def fake_run(cmd, what):
+    commands.append(cmd)
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    os.makedirs(workdir, exist_ok=True)
+    # The calibration run logs cumulative rates of 1 step/s at step 20 and 2 steps/s at step 90 (70 steps in 25 s).
+    rates = {20: 1.0, 90: 2.0, 100: 2.0} if workdir.endswith('calibration') else {7: 1.0}
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps({'step': s, 'train/steps_per_s': r}) + '\n' for s, r in rates.items())
+
+  monkeypatch.setattr(quality, '_run', fake_run)
+  monkeypatch.setattr(quality, 'config_has_train_minutes', lambda _: False)
+  flags, overrides = quality.parse_flags(['--minutes=1', '--config.loss.name=infonce', '--config.num_steps=5'])
+  quality.train(flags, overrides[:1], 'F', str(tmp_path / 'run'))
+  calibration, main = commands
+  # The user's settings reach both runs; the calibration's own come last, so they win over a user's num_steps.
+  assert '--config.loss.name=infonce' in calibration and calibration[-4:][0] == '--config.num_steps=100'
+  assert '--config.num_steps=168' in main and '--config.eval_every=168' in main  # 2.8 steps/s x 60 s
+  # A budget given in steps skips the calibration.
+  commands.clear()
+  run = quality.train(flags, overrides, 'F', str(tmp_path / 'run2'))
+  assert len(commands) == 1 and commands[0][-1] == '--config.num_steps=5'
+  assert run['budget'] == 'num_steps given' and run['steps'] == 7
