@@ -154,6 +154,7 @@ def test_notebook_runs_end_to_end(tiny_workdir, dcase_features, tmp_path):
         os.environ[k] = v
   outputs = '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
   assert 'macro_f1_clip' in outputs and 'P@5' in outputs
+  assert 'fold1 trunk' in outputs and 'cosine' in outputs  # the trunk probed, k-Means on the unit sphere
   assert all((tmp_path / f).stat().st_size > 10_000 for f in ('map.png', 'confusion.png', 'clusters.png'))
 
 
