@@ -129,8 +129,10 @@ class TileEmbedder:
       if chunk.shape[0] < self.batch_size:
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - chunk.shape[0],) + chunk.shape[1:], np.float32)])
       out.append(forward(self._variables, jax.device_put(chunk, self._batch_sharding)))
-    if not out:
-      return jax.tree.map(lambda _: np.zeros((0, 0), np.float32), jax.eval_shape(forward, self._variables, tiles))
+    if not out:  # No tiles: empty outputs of the right widths.
+      batch = jax.ShapeDtypeStruct((self.batch_size,) + tuple(tiles.shape[1:]), np.float32)
+      return jax.tree.map(lambda s: np.zeros((0,) + s.shape[1:], np.float32),
+                          jax.eval_shape(forward, self._variables, batch))
     return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:n], *out)
 
 
@@ -234,7 +236,7 @@ class Embedder:
                         tile_frames=self.tile_frames, hop_frames=self.hop_frames)
     table['embeddings'] = table.pop('embedding')
     if with_trunk:
-      table['trunk_features'] = table.pop('trunk')
+      table['trunk_features'] = table.pop('trunk', np.zeros((0, 0), np.float32))
     table['clip_embeddings'] = pool_per_clip(table['embeddings'], table['clip_index'], len(table['clips']))
     return table
 

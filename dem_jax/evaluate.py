@@ -56,6 +56,8 @@ DESCRIPTIONS = {
 
 PROTOCOL_SPLIT = 'recorded split: one embedding, trained without the test part'
 PROTOCOL_ONE_EMBEDDING = 'one embedding for all folds: folds other than the training fold were heard unlabelled'
+PROTOCOL_ALL_FOLDS_HEARD = ('one embedding for all folds: trained on every fold, all evaluate clips were heard '
+                            'unlabelled')
 PROTOCOL_PER_FOLD = ('per-fold embeddings: fold k is scored on the embedding trained with data.fold=k, which never '
                      'heard its evaluate clips')
 
@@ -182,10 +184,13 @@ def figures(x, labels: np.ndarray, clip_ids: np.ndarray, groups: np.ndarray, spl
   return fig
 
 
-def protocol_name(features: Features, per_fold: bool) -> str:
+def protocol_name(features: Features, per_fold: bool, training_fold: int | None) -> str:
+  """What the embedding(s) heard of the tiles they are scored on (report['settings']['protocol_name'])."""
   if per_fold:
     return PROTOCOL_PER_FOLD
-  return PROTOCOL_ONE_EMBEDDING if features.folds() else PROTOCOL_SPLIT
+  if not features.folds():
+    return PROTOCOL_SPLIT
+  return PROTOCOL_ONE_EMBEDDING if training_fold else PROTOCOL_ALL_FOLDS_HEARD
 
 
 def model_tile_fn(embedder: Embedder):
@@ -279,7 +284,7 @@ def evaluate(workdirs: str | list[str], *, features_dir: str | None = None, outp
                            on_progress=lambda note, name=name: progress.update(note=f'{name}: {note}'))
              for name in names}
   settings = {
-      'protocol_name': protocol_name(features, per_fold),
+      'protocol_name': protocol_name(features, per_fold, first.info.get('fold')),
       'features_dir': features.root,
       'dataset': features.dataset,
       'protocol': [{'name': n, 'train': tr, 'test': te} for n, tr, te in protocol],
