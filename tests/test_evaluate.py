@@ -212,6 +212,7 @@ def test_per_fold_embeddings_score_each_fold_on_its_own_workdir(fold_workdirs, d
   assert [int(np.sum(f['kmeans']['composition'])) for f in model['folds']] == tiles_per_fold
   assert [f['kmeans_cosine']['space'] for f in model['folds']] == ['cosine'] * 4
   assert model['kmeans']['nmi'] == pytest.approx(np.mean([f['kmeans']['nmi'] for f in model['folds']]))
+  assert [f['retrieval']['num_queries'] + f['retrieval']['num_skipped'] for f in model['folds']] == tiles_per_fold
   assert model['retrieval']['precision_at_k'] == pytest.approx(
       np.mean([f['retrieval']['precision_at_k'] for f in model['folds']]))
   assert 'composition' not in model['kmeans']  # cluster numbers mean nothing across folds
