@@ -19,8 +19,9 @@ _WORKDIR = flags.DEFINE_multi_string(
     'comma-separated or the flag repeated.', required=True)
 _FEATURES_DIR = flags.DEFINE_string('features_dir', None,
                                     'Features to evaluate on (default: those the model trained on).')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the report goes (default: WORKDIR/eval_<step>).')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the report goes (default: WORKDIR/eval_<step>; with one '
+                                   'workdir per fold, the fold-1 workdir\'s eval_per_fold_<step>).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of a single workdir (default: the latest).')
 _RETRIEVAL_K = flags.DEFINE_integer('retrieval_k', 5, 'k of precision@k.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the probe, k-Means, t-SNE and the random-init baseline.')
 _PLOT = flags.DEFINE_bool('plot', True, 'Draw the figures (PNGs beside the report, images in TensorBoard).')
