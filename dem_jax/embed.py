@@ -21,10 +21,13 @@ A file that cannot be embedded is reported and skipped; embed_summary.json in O 
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import soxr
@@ -67,10 +70,27 @@ def l2_normalise(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
+def last_block_name(model) -> str:
+  """The name of the trunk's last residual block, whose output the model pools before its head."""
+  return f'stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}'
+
+
+def forward_with_trunk(model, variables: dict, tiles) -> dict:
+  """{'embedding': [N, E], 'trunk': [N, C]} of one forward pass: the model's output, and its trunk's last block
+  pooled as the model pools it before the head (a float32 mean over time and bands; dropout is off outside
+  training, so this is exactly the head's input)."""
+  last_block = last_block_name(model)
+  embedding, state = model.apply(variables, tiles, train=False, mutable=['intermediates'],
+                                 capture_intermediates=lambda module, _: module.name == last_block)
+  (trunk,) = state['intermediates'][last_block]['__call__']
+  return {'embedding': embedding, 'trunk': jnp.mean(trunk.astype(jnp.float32), axis=(1, 2))}
+
+
 class TileEmbedder:
   """A jit-compiled forward pass over fixed-size batches, data-parallel over all local devices.
 
-  The batch shape never changes (the last batch is padded), so it compiles once.
+  The batch shape never changes (the last batch is padded), so it compiles once. Calling it gives the embeddings;
+  `with_trunk` gives the embeddings and the pooled trunk features of the same pass.
   """
 
   def __init__(self, model, variables: dict, *, batch_size: int = 64):
@@ -80,9 +100,9 @@ class TileEmbedder:
     self._batch_sharding = NamedSharding(mesh, P('data'))
     self._replicated = NamedSharding(mesh, P())
     self.set_variables(variables)
-    self._forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                            in_shardings=(NamedSharding(mesh, P()), self._batch_sharding),
-                            out_shardings=self._batch_sharding)
+    shardings = {'in_shardings': (self._replicated, self._batch_sharding), 'out_shardings': self._batch_sharding}
+    self._forward = jax.jit(lambda v, x: model.apply(v, x, train=False), **shardings)
+    self._forward_with_trunk = jax.jit(functools.partial(forward_with_trunk, model), **shardings)
 
   @property
   def variables(self) -> dict:
@@ -95,16 +115,25 @@ class TileEmbedder:
 
   def __call__(self, tiles: np.ndarray) -> np.ndarray:
     """[N, T, M] -> float32 [N, E]."""
+    return self._batched(self._forward, tiles)
+
+  def with_trunk(self, tiles: np.ndarray) -> dict:
+    """[N, T, M] -> {'embedding': float32 [N, E], 'trunk': float32 [N, C]} (see `forward_with_trunk`)."""
+    return self._batched(self._forward_with_trunk, tiles)
+
+  def _batched(self, forward, tiles: np.ndarray):
     n = tiles.shape[0]
     out = []
     for start in range(0, n, self.batch_size):
       chunk = np.asarray(tiles[start:start + self.batch_size], dtype=np.float32)
       if chunk.shape[0] < self.batch_size:
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - chunk.shape[0],) + chunk.shape[1:], np.float32)])
-      out.append(self._forward(self._variables, jax.device_put(chunk, self._batch_sharding)))
-    if not out:
-      return np.zeros((0, 0), np.float32)
-    return np.concatenate([np.asarray(o) for o in out])[:n]
+      out.append(forward(self._variables, jax.device_put(chunk, self._batch_sharding)))
+    if not out:  # No tiles: empty outputs of the right widths.
+      batch = jax.ShapeDtypeStruct((self.batch_size,) + tuple(tiles.shape[1:]), np.float32)
+      return jax.tree.map(lambda s: np.zeros((0,) + s.shape[1:], np.float32),
+                          jax.eval_shape(forward, self._variables, batch))
+    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:n], *out)
 
 
 class Embedder:
@@ -197,12 +226,17 @@ class Embedder:
     except EmbedError as e:
       raise audio.AudioError(path, str(e)) from None
 
-  def embed_features(self, features: Features, clips: list[Clip] | None = None) -> dict:
-    """Per-tile embeddings of feature-store clips (default: all); see `embed_clips` for what it returns."""
+  def embed_features(self, features: Features, clips: list[Clip] | None = None, *, with_trunk: bool = False) -> dict:
+    """Per-tile embeddings of feature-store clips (default: all); see `embed_clips` for what it returns, with the
+    tiles' embeddings under 'embeddings', their mean per clip under 'clip_embeddings' and, `with_trunk`, the pooled
+    trunk features of the same pass (the head's input) under 'trunk_features'."""
     check_frontend(features, self)
-    table = embed_clips(features, features.clips if clips is None else clips, {'model': self.embed_tiles},
+    tile_fn = self.embed_tiles.with_trunk if with_trunk else self.embed_tiles
+    table = embed_clips(features, features.clips if clips is None else clips, {'embedding': tile_fn},
                         tile_frames=self.tile_frames, hop_frames=self.hop_frames)
-    table['embeddings'] = table.pop('model')
+    table['embeddings'] = table.pop('embedding')
+    if with_trunk:
+      table['trunk_features'] = table.pop('trunk', np.zeros((0, 0), np.float32))
     table['clip_embeddings'] = pool_per_clip(table['embeddings'], table['clip_index'], len(table['clips']))
     return table
 
@@ -241,12 +275,14 @@ def embed_clips(features: Features, clips: list[Clip], tile_fns: dict, *, tile_f
                 batch_clips: int = 64, on_progress=None) -> dict:
   """Cuts every clip into tiles (every hop, as `tile_starts`) and applies each of `tile_fns` ([n, T, M] -> [n, D]).
 
-  The features are read once, whatever the number of functions (the model and its baselines); `on_progress(n)` is
-  called after each batch of n clips. Returns
-  {name: [N, D] for each function, 'clip_index': [N] (into `clips`), 'start_seconds': [N], 'clips': clips}.
+  A function may instead return {output name: [n, D]}, several outputs of one pass (e.g. the model's embedding and
+  its trunk features): each output becomes an entry of its own, under its name. The features are read once,
+  whatever the number of functions (the model and its baselines); `on_progress(n)` is called after each batch of n
+  clips. Returns {name: [N, D] for each output, 'clip_index': [N] (into `clips`), 'start_seconds': [N],
+  'clips': clips}.
   """
   fill = np.log(features.frontend.log_offset)
-  outputs = {name: [] for name in tile_fns}
+  outputs = collections.defaultdict(list)
   clip_index, starts = [], []
   for first in range(0, len(clips), batch_clips):
     chunk = clips[first:first + batch_clips]
@@ -258,10 +294,14 @@ def embed_clips(features: Features, clips: list[Clip], tile_fns: dict, *, tile_f
       starts.append(positions / features.frame_rate)
     tiles = np.concatenate(tiles)
     for name, fn in tile_fns.items():
-      outputs[name].append(np.asarray(fn(tiles), dtype=np.float32))
+      result = fn(tiles)
+      for output, values in (result.items() if isinstance(result, dict) else [(name, result)]):
+        outputs[output].append(np.asarray(values, dtype=np.float32))
     if on_progress is not None:
       on_progress(len(chunk))
-  result = {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for name, parts in outputs.items()}
+  result = {name: np.concatenate(parts) for name, parts in outputs.items()}
+  if not clips:
+    result = {name: np.zeros((0, 0), np.float32) for name in tile_fns}
   result['clip_index'] = np.concatenate(clip_index) if clip_index else np.zeros(0, np.int64)
   result['start_seconds'] = np.concatenate(starts) if starts else np.zeros(0)
   result['clips'] = clips

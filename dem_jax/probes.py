@@ -14,7 +14,7 @@ from scipy.spatial.distance import cdist
 from sklearn import metrics
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import StandardScaler, normalize
 
 __all__ = [
     'linear_probe',
@@ -138,6 +138,9 @@ def linear_probe(
   }
 
 
+KMEANS_SPACES = ('standardised', 'cosine')
+
+
 def kmeans_scores(
     x,
     y,
@@ -146,16 +149,19 @@ def kmeans_scores(
     seed: int = 0,
     label_names: Sequence[str] | None = None,
     n_init: int = 4,
+    space: str = 'standardised',
     return_assignments: bool = False,
 ):
-  """k-Means on standardised embeddings, compared with the labels.
+  """k-Means on the embeddings in one of two spaces, compared with the labels.
 
-  Standardised rather than L2-normalised: the same transform as the probe, and it puts the log-Mel stats
-  baseline (dims whose scales differ by orders of magnitude) on an equal footing with the network outputs.
+  space='standardised' (each dim to zero mean, unit variance): the same transform as the probe, and it puts the
+  log-Mel stats baseline (dims whose scales differ by orders of magnitude) on an equal footing with the network
+  outputs. space='cosine': rows L2-normalised, then k-Means, so points group by direction alone (spherical
+  k-Means's assignment rule, with Euclidean means), the geometry the triplet loss trains the embedding in.
 
   n_init restarts (best inertia kept) steady the scores without the cost of sklearn's 10.
   k defaults to the number of classes (len(label_names), else the number of distinct labels).
-  Returns a dict: nmi, ari, purity, k, labels [K], composition [k][K] (tile counts, rows clusters, columns
+  Returns a dict: nmi, ari, purity, k, space, labels [K], composition [k][K] (tile counts, rows clusters, columns
   labels). With return_assignments=True returns (dict, assignments [N] int cluster index) instead.
   """
   x = _as_embeddings(x, 'x')
@@ -165,7 +171,12 @@ def kmeans_scores(
     k = len(label_names) if label_names is not None else int(np.unique(y).size)
   if not 1 <= k <= len(x):
     raise ValueError(f'k={k} clusters needs 1 <= k <= N={len(x)}.')
-  z = StandardScaler().fit_transform(x)
+  if space == 'standardised':
+    z = StandardScaler().fit_transform(x)
+  elif space == 'cosine':
+    z = normalize(x)
+  else:
+    raise ValueError(f'space must be one of {KMEANS_SPACES}, got {space!r}.')
   assignments = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(z)
   composition = np.zeros((k, len(names)), dtype=np.int64)
   np.add.at(composition, (assignments, y), 1)
@@ -174,6 +185,7 @@ def kmeans_scores(
       'ari': float(metrics.adjusted_rand_score(y, assignments)),
       'purity': float(composition.max(axis=1).sum() / len(x)),
       'k': int(k),
+      'space': space,
       'labels': names,
       'composition': composition.tolist(),
   }

@@ -1,10 +1,11 @@
 """report.json -> a Markdown report a person reads, and a short table for the terminal.
 
-The report dict: {"model": FIG, "baselines": {"logmel_stats": FIG, "random_init": FIG}, "checkpoint_step": N,
-"settings": {...}, optionally "folds": {...}}. A FIG is {"linear_probe": {...}, "kmeans": {...},
-"retrieval": {...}} as `dem_jax.probes` returns them; over several folds it is `probes.fold_summary`'s
-output: means, `<name>_std` beside them and the per-fold FIGs under "folds". Missing parts show as "n/a".
-Figures are shown in percent.
+The report dict: {"model": FIG, "model_trunk": FIG, "baselines": {"logmel_stats": FIG, "random_init": FIG},
+"representations": {key: what it is}, "checkpoint_step": N (or {fold: N} with per-fold embeddings),
+"settings": {..., "protocol_name": ...}, optionally "folds": {...}}. A FIG is {"linear_probe": {...},
+"kmeans": {...}, "kmeans_cosine": {...}, "retrieval": {...}} as `dem_jax.probes` returns them; over several folds
+it is `probes.fold_summary`'s output: means, `<name>_std` beside them and the per-fold FIGs under "folds".
+Missing parts show as "n/a". Figures are shown in percent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = ['render_report_markdown', 'format_summary_table']
 # (key in the report, name shown).
 SYSTEMS = (
     ('model', 'Model (triplet embedding)'),
+    ('model_trunk', 'Model trunk (pooled, before the head)'),
     ('logmel_stats', 'log-Mel stats baseline'),
     ('random_init', 'Random-init network'),
 )
@@ -31,6 +33,7 @@ HEADLINE = (
     ('k-Means NMI', 'kmeans', 'nmi'),
     ('k-Means ARI', 'kmeans', 'ari'),
     ('k-Means purity', 'kmeans', 'purity'),
+    ('k-Means NMI, cosine', 'kmeans_cosine', 'nmi'),
     ('Retrieval P@k', 'retrieval', 'precision_at_k'),
 )
 
@@ -41,7 +44,7 @@ def _system_figs(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
   baselines = report.get('baselines') or {}
   figs = []
   for key, name in SYSTEMS:
-    fig = report.get(key) if key == 'model' else baselines.get(key)
+    fig = report.get(key) if key.startswith('model') else baselines.get(key)
     figs.append((name, fig if isinstance(fig, Mapping) else None))
   return figs
 
@@ -153,11 +156,23 @@ def render_report_markdown(
   figs = _system_figs(report)
   lines = ['# dem_jax evaluation report', '']
   step = report.get('checkpoint_step')
-  intro = f'Checkpoint step: {step}. ' if step is not None else ''
+  if isinstance(step, Mapping):
+    intro = 'Checkpoint steps: ' + ', '.join(f'{fold} {s}' for fold, s in step.items()) + '. '
+  else:
+    intro = f'Checkpoint step: {step}. ' if step is not None else ''
   intro += 'Figures in percent'
   if any(fig and fig.get('folds') for _, fig in figs):
     intro += '; mean ± std over folds, per-fold figures below'
   lines += [intro + '.', '']
+  protocol = (report.get('settings') or {}).get('protocol_name')
+  if protocol:
+    lines += [f'Protocol: {protocol}.', '']
+  descriptions = report.get('representations') or {}
+  if descriptions:
+    lines += ['## Representations', '']
+    names = dict(SYSTEMS)
+    lines += [f'- {names.get(key, key)}: {text}.' for key, text in descriptions.items()]
+    lines += ['- k-Means: on standardised features, and on the unit sphere (rows L2-normalised: "cosine").', '']
 
   lines += ['## Headline', '']
   rows = [[name] + [_metric(fig, section, metric) for _, section, metric in HEADLINE] for name, fig in figs]
@@ -198,10 +213,12 @@ def render_report_markdown(
 
 
 def format_summary_table(report: Mapping[str, Any]) -> str:
-  """Plain-text table for the terminal: each system's probe F1 per clip, k-Means NMI and retrieval P@k, in %."""
-  header = ['System', 'Probe F1 / clip', 'k-Means NMI', f'P@{_retrieval_k(report)}']
+  """Plain-text table for the terminal: each system's probe F1 per clip, k-Means NMI (standardised and cosine) and
+  retrieval P@k, in %."""
+  header = ['System', 'Probe F1 / clip', 'k-Means NMI', 'NMI cosine', f'P@{_retrieval_k(report)}']
   rows = [[name, _metric(fig, 'linear_probe', 'macro_f1_clip'), _metric(fig, 'kmeans', 'nmi'),
-           _metric(fig, 'retrieval', 'precision_at_k')] for name, fig in _system_figs(report)]
+           _metric(fig, 'kmeans_cosine', 'nmi'), _metric(fig, 'retrieval', 'precision_at_k')]
+          for name, fig in _system_figs(report)]
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
   def line(cells):

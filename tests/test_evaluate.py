@@ -54,6 +54,21 @@ def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_fea
 
 
 @needs_read_only_checkpointer
+def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_features):
+  embedder = Embedder(tiny_workdir)
+  table = embedder.embed_features(open_features(dcase_features), open_features(dcase_features).clips[:2],
+                                  with_trunk=True)
+  trunk, embeddings = table['trunk_features'], table['embeddings']
+  head = embedder.embed_tiles.variables['params']['head']
+  assert trunk.shape == (len(embeddings), head['kernel'].shape[0])
+  # The model's head on these features, L2-normalised, gives the embedding of the same tiles.
+  z = trunk @ np.asarray(head['kernel'], np.float32) + np.asarray(head['bias'], np.float32)
+  np.testing.assert_allclose(z / np.linalg.norm(z, axis=1, keepdims=True), embeddings, atol=1e-4)
+  # The trunk's own geometry: unnormalised (not on the unit sphere), unlike the embedding.
+  assert np.ptp(np.linalg.norm(trunk, axis=1)) > 1e-3
+
+
+@needs_read_only_checkpointer
 def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_features, tmp_path):
   out = tmp_path / 'report'
   result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={tiny_workdir}',
@@ -64,7 +79,8 @@ def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_featu
   assert 'log-Mel' in result.stdout and 'Random-init' in result.stdout and 'report.md' in result.stdout
   report = json.load(open(out / 'report.json'))
   assert report['checkpoint_step'] == 20
-  for fig in (report['model'], report['baselines']['logmel_stats'], report['baselines']['random_init']):
+  for fig in (report['model'], report['model_trunk'], report['baselines']['logmel_stats'],
+              report['baselines']['random_init']):
     probe = fig['linear_probe']
     for key in ('macro_f1_clip', 'macro_f1_tile', 'accuracy'):
       assert 0.0 <= probe[key] <= 1.0
@@ -76,9 +92,14 @@ def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_featu
     assert 0.0 <= fig['kmeans']['nmi'] <= 1.0 and -1.0 <= fig['kmeans']['ari'] <= 1.0
     assert 0.0 <= fig['kmeans']['purity'] <= 1.0
     assert 0.0 <= fig['retrieval']['precision_at_k'] <= 1.0 and fig['retrieval']['k'] == 5
+    assert (fig['kmeans']['space'], fig['kmeans_cosine']['space']) == ('standardised', 'cosine')
   assert report['settings']['dataset'] == 'dcase2018_task5'
+  assert report['settings']['protocol_name'].startswith('one embedding for all folds')
+  assert report['settings']['training_fold'] == 1
+  assert set(report['representations']) == {'model', 'model_trunk', 'logmel_stats', 'random_init'}
   markdown = (out / 'report.md').read_text()
   assert '## Per fold' in markdown and '_std' not in markdown
+  assert 'Model trunk (pooled, before the head)' in markdown and 'Model trunk' in result.stdout
   for name in ('embedding_map.png', 'confusion_matrix.png', 'cluster_composition.png'):
     assert (out / name).stat().st_size > 10_000 and name in markdown
   # The same figures and the labelled held-out tiles in the workdir's TensorBoard, at the checkpoint's step.
@@ -133,4 +154,114 @@ def test_notebook_runs_end_to_end(tiny_workdir, dcase_features, tmp_path):
         os.environ[k] = v
   outputs = '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
   assert 'macro_f1_clip' in outputs and 'P@5' in outputs
+  assert 'fold1 trunk' in outputs and 'cosine' in outputs  # the trunk probed, k-Means on the unit sphere
   assert all((tmp_path / f).stat().st_size > 10_000 for f in ('map.png', 'confusion.png', 'clusters.png'))
+
+
+def copy_workdir(workdir, target, **model_info):
+  """A copy of `workdir` (its checkpoints and model.json, without its TensorBoard and reports) whose model.json
+  fields are replaced by `model_info`: the same weights, presented as trained with another setting."""
+  import shutil
+  shutil.copytree(workdir, target, ignore=shutil.ignore_patterns('tensorboard', 'eval_*'))
+  path = os.path.join(target, checkpoint_lib.MODEL_INFO)
+  info = json.load(open(path)) | model_info
+  with open(path, 'w') as f:
+    json.dump(info, f)
+  return str(target)
+
+
+@pytest.fixture(scope='module')
+def fold_workdirs(tiny_workdir, tmp_path_factory):
+  """Four workdirs, one per fold. Training four models is costly, so they are copies of the tiny workdir (trained
+  with data.fold=1) with model.json's fold changed; fold 3's copy also gets another input normaliser (band_mean
+  shifted by 1), so that its embedding differs and the tests can tell which workdir embedded which fold."""
+  root = tmp_path_factory.mktemp('folds')
+  info = checkpoint_lib.read_model_info(tiny_workdir)
+  assert info['fold'] == 1
+  shifted = [m + 1.0 for m in info['band_mean']]
+  return [copy_workdir(tiny_workdir, root / f'fold{k}', fold=k, **({'band_mean': shifted} if k == 3 else {}))
+          for k in (1, 2, 3, 4)]
+
+
+@needs_read_only_checkpointer
+def test_per_fold_embeddings_score_each_fold_on_its_own_workdir(fold_workdirs, dcase_features, tmp_path):
+  from dem_jax import evaluate
+  one = evaluate.evaluate(fold_workdirs[0], features_dir=dcase_features, output_dir=str(tmp_path / 'one'),
+                          plot=False)
+  # Given in another order: the folds are matched by model.json's fold, not by position.
+  per_fold = evaluate.evaluate(fold_workdirs[::-1], features_dir=dcase_features, output_dir=str(tmp_path / 'four'))
+  assert one['settings']['protocol_name'] == evaluate.PROTOCOL_ONE_EMBEDDING
+  assert per_fold['settings']['protocol_name'] == evaluate.PROTOCOL_PER_FOLD
+  assert per_fold['checkpoint_step'] == {'fold1': 20, 'fold2': 20, 'fold3': 20, 'fold4': 20}
+  assert per_fold['settings']['workdirs'] == {f'fold{k}': os.path.abspath(w)
+                                              for k, w in zip((1, 2, 3, 4), fold_workdirs)}
+  def fold_probes(report, name):
+    fig = report[name] if name in report else report['baselines'][name]
+    return [f['linear_probe'] for f in fig['folds']]
+
+  for name in ('model', 'model_trunk', 'random_init'):
+    one_folds, four_folds = fold_probes(one, name), fold_probes(per_fold, name)
+    # Folds 1, 2 and 4 use the same weights and normaliser as the single workdir: the same probe, to the digit.
+    for k in (0, 1, 3):
+      assert four_folds[k] == one_folds[k], (name, k)
+  # The log-Mel statistics need no model: the same in both protocols, fold by fold.
+  assert fold_probes(per_fold, 'logmel_stats') == fold_probes(one, 'logmel_stats')
+  # With per-fold embeddings, k-Means and retrieval run on each fold's test tiles, then are averaged over folds.
+  model = per_fold['model']
+  tiles_per_fold = [f['linear_probe']['num_test_tiles'] for f in model['folds']]
+  assert [int(np.sum(f['kmeans']['composition'])) for f in model['folds']] == tiles_per_fold
+  assert [f['kmeans_cosine']['space'] for f in model['folds']] == ['cosine'] * 4
+  assert model['kmeans']['nmi'] == pytest.approx(np.mean([f['kmeans']['nmi'] for f in model['folds']]))
+  assert [f['retrieval']['num_queries'] + f['retrieval']['num_skipped'] for f in model['folds']] == tiles_per_fold
+  assert model['retrieval']['precision_at_k'] == pytest.approx(
+      np.mean([f['retrieval']['precision_at_k'] for f in model['folds']]))
+  assert 'composition' not in model['kmeans']  # cluster numbers mean nothing across folds
+  # With one embedding, k-Means runs once over the test tiles of all folds.
+  assert int(np.sum(one['model']['kmeans']['composition'])) == sum(tiles_per_fold)
+  markdown = open(os.path.join(per_fold['output_dir'], 'report.md')).read()
+  assert f'Protocol: {evaluate.PROTOCOL_PER_FOLD}.' in markdown and 'Checkpoint steps: fold1 20' in markdown
+  # Each workdir's projector export holds its own fold's test tiles, embedded by that workdir: fold 3's are the
+  # shifted copy's embeddings, not the single workdir's.
+  features = open_features(dcase_features)
+  fold3_clips = [c for c in features.clips if c.split == 'fold3']
+  (exported,) = glob.glob(os.path.join(fold_workdirs[2], 'tensorboard', '00020', '*', 'tensors.tsv'))
+  exported = np.loadtxt(exported, ndmin=2)
+  own = Embedder(fold_workdirs[2]).embed_features(features, fold3_clips)['embeddings']
+  other = Embedder(fold_workdirs[0]).embed_features(features, fold3_clips)['embeddings']
+  np.testing.assert_allclose(exported, own, atol=1e-4)
+  assert np.abs(exported - other).max() > 1e-2
+
+
+@needs_read_only_checkpointer
+def test_per_fold_evaluation_refuses_workdirs_that_do_not_give_one_embedding_per_fold(
+    fold_workdirs, tiny_workdir, dcase_features, tmp_path):
+  from dem_jax import evaluate
+
+  def refusal(workdirs, **kwargs):
+    with pytest.raises(ValueError) as raised:
+      evaluate.evaluate(workdirs, features_dir=dcase_features, output_dir=str(tmp_path / 'out'), plot=False,
+                        **kwargs)
+    return str(raised.value)
+
+  message = refusal(fold_workdirs[:3])
+  assert 'no workdir trained with data.fold=4' in message and '--config.data.fold=$k' in message
+  message = refusal(fold_workdirs[:3] + [fold_workdirs[0]])
+  assert 'both trained with data.fold=1' in message and 'one workdir per fold' in message
+  all_folds = copy_workdir(tiny_workdir, tmp_path / 'all_folds', fold=0)
+  assert 'names no training fold' in refusal(fold_workdirs[:3] + [all_folds])
+  longer_tiles = copy_workdir(fold_workdirs[3], tmp_path / 'longer', tile_frames=96)
+  message = refusal(fold_workdirs[:3] + [longer_tiles])
+  assert 'differ in tile_frames (48 vs 96)' in message
+  assert '--step=20 names one checkpoint' in refusal(fold_workdirs, step=20)
+  assert not os.path.exists(tmp_path / 'out' / 'report.json')
+
+
+@needs_read_only_checkpointer
+def test_evaluate_command_takes_workdirs_comma_separated_and_refuses_a_missing_fold(fold_workdirs, dcase_features,
+                                                                                  tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={",".join(fold_workdirs[:2])}',
+                           f'--workdir={fold_workdirs[3]}', f'--features_dir={dcase_features}',
+                           f'--output_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('evaluate: no workdir trained with data.fold=3 among')
+  assert 'Traceback' not in result.stderr

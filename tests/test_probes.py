@@ -110,6 +110,23 @@ def test_kmeans_on_random_embeddings_finds_little_label_structure():
   assert np.array(scores['composition']).sum() == 400
 
 
+def test_kmeans_on_the_unit_sphere_groups_by_direction_where_standardised_groups_by_length():
+  # Two classes along two directions, each point's length drawn over three orders of magnitude: the lengths
+  # dominate the standardised space, the directions alone remain on the unit sphere.
+  rng = np.random.default_rng(4)
+  y = np.repeat([0, 1], 100)
+  directions = np.array([[1.0, 0.2, 0.0], [0.2, 1.0, 0.0]])
+  lengths = 10.0 ** rng.uniform(-1, 2, len(y))
+  x = directions[y] * lengths[:, None] + 0.01 * rng.standard_normal((len(y), 3)) * lengths[:, None]
+  cosine = probes.kmeans_scores(x, y, space='cosine')
+  standardised = probes.kmeans_scores(x, y)
+  assert cosine['space'] == 'cosine' and standardised['space'] == 'standardised'
+  assert cosine['nmi'] == pytest.approx(1.0) and cosine['purity'] == 1.0
+  assert standardised['nmi'] < 0.5
+  with pytest.raises(ValueError, match='space must be one of'):
+    probes.kmeans_scores(x, y, space='euclidean')
+
+
 def test_retrieval_is_perfect_on_separable_clusters_with_clips_and_groups_excluded():
   x, y, clips, groups = separable()
   result = probes.retrieval_precision(x, y, k=5, clip_ids=clips, groups=groups)
