@@ -15,9 +15,15 @@ from absl import logging as absl_logging
 _QUIET = ('/orbax/', '/jax/_src/', '/jax/experimental/', '/absl/', '/numba/', '/matplotlib/', '/PIL/')
 
 
+# Warnings that only restate what dem_jax asked for: orbax announces every read-only manager (our readers' choice).
+_EXPECTED_WARNINGS = (('/orbax/', 'Given directory is read only'),)
+
+
 class _DropLibraryInfo(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if any(path in record.pathname and str(record.msg).startswith(text) for path, text in _EXPECTED_WARNINGS):
+      return False
     return record.levelno >= logging.WARNING or not any(q in record.pathname for q in _QUIET)
 
 
