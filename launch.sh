@@ -11,7 +11,7 @@
 #   ./launch.sh train --config=configs/dcase.py --workdir=W [--config.features_dir=OUT] [--distributed]
 #   ./launch.sh evaluate --workdir=W [--features_dir=OUT] [--output_dir=O]
 #   ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
-#   ./launch.sh bench preprocess|train_step|embed|input|gpu [FLAGS]
+#   ./launch.sh bench preprocess|train_step|embed|input|gpu|quality [FLAGS]
 #
 # Versions come from constraints.txt. Every command checks the environment against a stamp (a hash of setup.cfg,
 # pyproject.toml, constraints.txt and the extras) without starting pip; pip runs only when something changed, under
