@@ -205,8 +205,9 @@ class Embedder:
     frontend = self.frontend
     return ((self.tile_frames - 1) * frontend.hop_length + frontend.win_length) / frontend.sample_rate
 
-  def tiles_of_frames(self, frames: np.ndarray, *, cover_end: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """([n, T, M] tiles, [n] start seconds) of one clip's frames; `cover_end` as in `tile_starts`."""
+  def tiles_of_frames(self, frames: np.ndarray, *, cover_end: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """([n, T, M] tiles, [n] start seconds) of one clip's frames: every hop, and one tile aligned to the end where
+    the grid stops short of it (`cover_end`, as in `tile_starts`)."""
     tiles, starts = cut_tiles(frames, self.tile_frames, self.hop_frames, np.log(self.frontend.log_offset),
                               cover_end=cover_end)
     return tiles, starts / self.frontend.frame_rate
@@ -214,7 +215,7 @@ class Embedder:
   def embed_frames(self, frames: np.ndarray) -> dict:
     """Embeddings of one clip's log-Mel frames [frames, bands]; see `embed_audio` for what it returns."""
     _check_log_mel(frames)
-    tiles, times = self.tiles_of_frames(frames, cover_end=True)
+    tiles, times = self.tiles_of_frames(frames)
     return self._result(self.embed_tiles(tiles), times)
 
   def _result(self, embeddings: np.ndarray, times: np.ndarray) -> dict:
