@@ -1,18 +1,23 @@
 """The `embed` command's throughput over a folder of 10-s clips, beside the bare forward pass of the same model.
 
-    python -m dem_jax.bench embed_folder [--clips=72] [--batch=64] [--width=1.0] [--rounds=2] [--per_file_clips=4]
+    python -m dem_jax.bench embed_folder [--clips=96] [--batch=64] [--width=1.0] [--rounds=2] [--per_file_clips=4]
 
-Both run in one process, taken in turn round after round (the machine may be shared), on one randomly initialised
-ResNet of 5-s tiles (498 x 128, the default front end):
-- forward:  full batches of random tiles through the compiled forward pass (what `bench embed` times).
-- folder:   `embed_paths` end to end on generated DCASE-layout clips (4 channels, 16 kHz): decoding, log-Mel, tiles
-            packed across files into full batches, one .npz per file.
-- per_file: each file's tiles in a batch of their own (the old command's way), on the first --per_file_clips clips.
+All run in one process, taken in turn round after round (the machine may be shared), on one randomly initialised
+ResNet of 5-s tiles (498 x 128, the default front end) and generated DCASE-layout clips (10 s, 4 channels, 16 kHz;
+two tiles each, so the default 96 clips fill three batches of 64):
+- forward:   full batches of random tiles through the compiled forward pass (what `bench embed` times).
+- front_end: decoding and log-Mel of every clip in the command's decoding threads, without the model (the audio
+             part of the work, as the preprocessing job does it).
+- folder:    `embed_paths` end to end: decoding, log-Mel, tiles packed across files into full batches, one .npz per
+             file.
+- per_file:  each file's tiles in a batch of their own (the old command's way), on the first --per_file_clips clips.
 
-Prints one JSON line (last) with tiles/s and audio-s/s of each, and folder / forward.
+Prints one JSON line (last) with tiles/s and audio-s/s of each, folder / forward, and folder / the slower of forward
+and front_end (the command can go no faster than either).
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -35,7 +40,7 @@ from preprocess import sample_data
 
 def main(argv: list[str]) -> None:
   p = argparse.ArgumentParser(prog='python -m dem_jax.bench embed_folder', description=__doc__)
-  p.add_argument('--clips', type=int, default=72, help='10-s clips in the folder (about)')
+  p.add_argument('--clips', type=int, default=96, help='10-s clips in the folder')
   p.add_argument('--batch', type=int, default=64, help='tiles per forward pass (embed --batch_size)')
   p.add_argument('--width', type=float, default=1.0, help='channel multiplier of the ResNet')
   p.add_argument('--model', default='resnet18', choices=('resnet18', 'resnet34'))
@@ -61,7 +66,10 @@ def main(argv: list[str]) -> None:
     sessions = max(1, -(-args.clips // (9 * 2 * 2)))  # 9 labels, 2 clips per session, 2 nodes
     sample_data.write_dcase2018_task5(work + '/data', sessions_per_label=sessions, clips_per_session=2, nodes=2)
     folder = os.path.join(work, 'data', 'audio')
+    for extra in embed.find_audio_files(folder)[args.clips:]:
+      os.remove(extra)
     paths = embed.find_audio_files(folder)
+    num_workers = args.num_workers or embed.default_num_workers()
     audio_seconds = 10.0 * len(paths)
     tiles = np.random.default_rng(0).standard_normal((batch, tile_frames, frontend.n_mels)).astype(np.float32)
 
@@ -76,11 +84,17 @@ def main(argv: list[str]) -> None:
     def folder_run() -> tuple[float, int]:
       t = time.perf_counter()
       summary = embed.embed_paths(embedder, folder, os.path.join(work, 'out'), overwrite=True,
-                                  num_workers=args.num_workers, show_progress=False)
+                                  num_workers=num_workers, show_progress=False)
       seconds = time.perf_counter() - t
       if summary['failures']:
         raise RuntimeError(f'embed failed on generated audio: {summary["failures"][0]}')
       return seconds, sum(len(np.load(f)['timestamps']) for f in summary['written'])
+
+    def front_end_run() -> tuple[float, int]:
+      t = time.perf_counter()
+      with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        n = sum(len(f.starts) for f in pool.map(embedder._file_tiles, paths))
+      return time.perf_counter() - t, n
 
     def per_file_run() -> tuple[float, int]:
       t = time.perf_counter()
@@ -90,10 +104,12 @@ def main(argv: list[str]) -> None:
     print(f'{len(paths)} clips of 10 s; compiling the forward pass (batch {batch}) ...', flush=True)
     forward(1)
     steps = max(1, -(-len(paths) * 2 // batch))  # about as many tiles as the folder holds
-    rates = {'forward': [], 'folder': [], 'per_file': []}
+    rates = {'forward': [], 'front_end': [], 'folder': [], 'per_file': []}
     tiles_in_folder = 0
     for _ in range(args.rounds):
       rates['forward'].append(1 / forward(steps))
+      seconds, n = front_end_run()
+      rates['front_end'].append(n / seconds)
       seconds, tiles_in_folder = folder_run()
       rates['folder'].append(tiles_in_folder / seconds)
       if args.per_file_clips:
@@ -112,7 +128,9 @@ def main(argv: list[str]) -> None:
         'tiles_per_s': {k: round(v, 2) for k, v in median.items()},
         'audio_s_per_s': {k: round(v / tiles_per_clip * 10, 1) for k, v in median.items()},
         'windows_tiles_per_s': {k: [round(r, 2) for r in v] for k, v in rates.items() if v},
+        'num_workers': num_workers,
         'folder_over_forward': round(median['folder'] / median['forward'], 3),
+        'folder_over_slower_part': round(median['folder'] / min(median['forward'], median['front_end']), 3),
     }
     if 'per_file' in median:
       result['folder_over_per_file'] = round(median['folder'] / median['per_file'], 2)
