@@ -156,6 +156,13 @@ def test_killed_job_run_again_gives_the_uninterrupted_output(tmp_path):
   assert_same_output(str(reference), str(out))
 
 
+def test_workers_share_the_cores_out_as_blas_threads():
+  assert job.blas_threads_per_worker(1, cores=8) == 8
+  assert job.blas_threads_per_worker(3, cores=8) == 2  # 6 threads in all: never more than the cores
+  assert job.blas_threads_per_worker(16, cores=8) == 1
+  assert job.usable_cores() == len(os.sched_getaffinity(0))
+
+
 def test_bad_files_are_reported_and_the_rest_is_written(dcase_dir, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(dcase_dir, data)
@@ -181,6 +188,8 @@ def test_bad_files_are_reported_and_the_rest_is_written(dcase_dir, tmp_path):
   resampled = feats.clip(names[4][:-4])
   assert (resampled.num_frames, resampled.duration) == (998, 10.0)  # 10 s at 8 kHz, resampled to 16 kHz.
   assert '"clips_written": 28' in result.stdout
+  # By default one worker per usable core (the affinity mask, not the machine's count).
+  assert f'{len(os.sched_getaffinity(0))} worker(s)' in result.stderr
   strict = cli('--dataset=dcase2018_task5', f'--data_dir={data}', f'--output_dir={out}', '--strict', check=False)
   assert strict.returncode != 0 and 'strict' in strict.stderr
 
