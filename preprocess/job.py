@@ -23,6 +23,7 @@ What it refuses rather than guess at:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -433,6 +434,27 @@ def _start_worker(parent_pid: int, blas_threads: int, frontend: dict) -> None:
   log_mel(np.zeros(frontend['win_length'], np.float32), FrontEnd(**frontend))
 
 
+def _blocks_with_workers(pool: concurrent.futures.Executor, workers_started: list[concurrent.futures.Future],
+                         num_workers: int, output_dir: str, plan_path: str, todo: list[int]):
+  """Markers of the blocks in `todo` as they finish, done by the pool's workers and, while those start, by this
+  process.
+
+  A fresh worker takes about a second to start (an interpreter, the imports, the filterbank); a small data set is
+  done in that time. The pool gets only enough blocks to keep every worker busy; until the workers have started
+  (`workers_started`, calls submitted first), this process does blocks itself, from the end of the list.
+  """
+  waiting = collections.deque(todo)
+  running = set()
+  while waiting or running:
+    while waiting and len(running) < num_workers + 1:
+      running.add(pool.submit(_process_block, output_dir, plan_path, waiting.popleft()))
+    if waiting and not all(f.done() for f in workers_started):
+      yield _process_block(output_dir, plan_path, waiting.pop())
+      continue
+    done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    yield from (f.result() for f in done)
+
+
 def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks: int = 1, num_workers: int = 1
              ) -> dict:
   """Process this task's blocks that are not done yet; returns {'blocks_done', 'blocks_total', 'wall_seconds'}."""
@@ -447,8 +469,7 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
     pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'),
                                                   initializer=_start_worker,
                                                   initargs=(os.getpid(), blas_threads, settings['frontend']))
-    for _ in range(num_workers):
-      pool.submit(int)
+    workers_started = [pool.submit(int) for _ in range(num_workers)]
   try:
     plan = load_or_make_plan(output_dir, settings)
     plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
@@ -460,12 +481,11 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
                  num_tasks, len(todo), len(mine), total_clips, num_workers)
     progress = _Progress(total_clips, total_clips - sum(clip_count(b) for b in todo))
     try:
-      with threadpoolctl.threadpool_limits(blas_threads) if pool is None else contextlib.nullcontext():
+      with threadpoolctl.threadpool_limits(blas_threads):  # for the blocks this process does itself
         if pool is None:
           markers = (_process_block(output_dir, plan_path, b) for b in todo)
         else:
-          futures = [pool.submit(_process_block, output_dir, plan_path, b) for b in todo]
-          markers = (f.result() for f in concurrent.futures.as_completed(futures))
+          markers = _blocks_with_workers(pool, workers_started, num_workers, output_dir, plan_path, todo)
         for marker in markers:
           progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
     finally:

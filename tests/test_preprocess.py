@@ -163,6 +163,31 @@ def test_workers_share_the_cores_out_as_blas_threads():
   assert job.usable_cores() == len(os.sched_getaffinity(0))
 
 
+def test_the_parent_does_blocks_while_the_workers_start(monkeypatch):
+  import concurrent.futures
+  import threading
+  done_by = {}
+
+  def fake_block(output_dir, plan_path, index):
+    done_by[index] = threading.current_thread().name
+    return {'block': index}
+
+  monkeypatch.setattr(job, '_process_block', fake_block)
+  starting = concurrent.futures.Future()  # a worker that has not started yet
+  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix='worker') as pool:
+    markers = list(job._blocks_with_workers(pool, [starting], 2, 'out', 'plan', list(range(8))))
+  assert sorted(m['block'] for m in markers) == list(range(8))  # each block once
+  # The pool got enough to keep its 2 workers busy (blocks 0-2); this process did the rest, from the end.
+  assert [b for b in range(8) if done_by[b] == threading.current_thread().name] == [3, 4, 5, 6, 7]
+  assert all(done_by[b].startswith('worker') for b in range(3))
+  done_by.clear()
+  starting.set_result(None)  # started: from now on the workers do everything
+  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix='worker') as pool:
+    markers = list(job._blocks_with_workers(pool, [starting], 2, 'out', 'plan', list(range(8))))
+  assert sorted(m['block'] for m in markers) == list(range(8))
+  assert all(name.startswith('worker') for name in done_by.values())
+
+
 def test_bad_files_are_reported_and_the_rest_is_written(dcase_dir, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(dcase_dir, data)
