@@ -6,8 +6,8 @@ All run in one process, taken in turn round after round (the machine may be shar
 ResNet of 5-s tiles (498 x 128, the default front end) and generated DCASE-layout clips (10 s, 4 channels, 16 kHz;
 two tiles each, so the default 96 clips fill three batches of 64):
 - forward:   full batches of random tiles through the compiled forward pass (what `bench embed` times).
-- front_end: decoding and log-Mel of every clip in the command's decoding threads, without the model (the audio
-             part of the work, as the preprocessing job does it).
+- front_end: decoding and log-Mel of every clip in as many threads as the command decodes with (one BLAS thread
+             each, as there), without the model.
 - folder:    `embed_paths` end to end: decoding, log-Mel, tiles packed across files into full batches, one .npz per
              file.
 - per_file:  each file's tiles in a batch of their own (the old command's way), on the first --per_file_clips clips.
@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+import threadpoolctl
 
 from dem_jax import cpu_ops
 from dem_jax import embed
@@ -92,7 +93,8 @@ def main(argv: list[str]) -> None:
 
     def front_end_run() -> tuple[float, int]:
       t = time.perf_counter()
-      with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+      with threadpoolctl.threadpool_limits(1, user_api='blas'), \
+          concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
         n = sum(len(f.starts) for f in pool.map(embedder._file_tiles, paths))
       return time.perf_counter() - t, n
 

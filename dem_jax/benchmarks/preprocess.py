@@ -1,7 +1,7 @@
 """Preprocessing throughput, in audio-seconds per wall-second, three ways on the same generated audio:
 
 - job:     our preprocessing job end to end (decode, resample when needed, log-Mel, zarr write, manifest), with
-           --num_workers processes (default: every core).
+           --num_workers processes (default: the usable cores, as the command).
 - librosa: what a user would write by hand: a per-file loop of librosa.load + librosa.feature.melspectrogram with
            the same parameters, one .npy per clip.
 - floor:   the bare arithmetic on audio already in memory: numpy framing, rfft, magnitude, mel matmul, log, one
@@ -51,7 +51,8 @@ def numpy_floor(signals: list[np.ndarray], fe: FrontEnd) -> float:
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog='bench preprocess')
   parser.add_argument('--minutes', type=float, default=36.0, help='Audio to generate (DCASE layout, 4 channels).')
-  parser.add_argument('--num_workers', type=int, default=job.usable_cores(), help='job workers (default: the usable cores)')
+  parser.add_argument('--num_workers', type=int, default=job.usable_cores(),
+                      help='job workers (default: the usable cores, as the command)')
   parser.add_argument('--data_dir', default=None, help='Use this DCASE-layout folder instead of generated audio.')
   parser.add_argument('--repeats', type=int, default=1, help='Time each method this many times; report the best.')
   args = parser.parse_args(argv)
