@@ -258,7 +258,7 @@ class Embedder:
     except EmbedError as e:
       raise audio.AudioError(path, str(e)) from None
 
-  def _file_tiles(self, path: str) -> '_FileTiles':
+  def _file_tiles(self, path: str) -> _FileTiles:
     """Decode and log-Mel of one file, and where its tiles start (in a worker thread); failures are returned."""
     try:
       frames = self._log_mel_of_audio(audio.load_audio(path, self.frontend.sample_rate), self.frontend.sample_rate)
@@ -274,7 +274,7 @@ class Embedder:
   def embed_files(self, paths: Iterable[str], *, num_workers: int = 2) -> Iterator[tuple[str, dict | audio.AudioError]]:
     """(path, `embed_file`'s result or the AudioError that says why not) for each of `paths`, in order.
 
-    The tiles of many files share each batch (a 10-s clip no longer pays for a batch of its own), and the next
+    The tiles of many files share each batch (a 10-s clip does not pay for a batch of its own), and the next
     files are decoded and their log-Mel computed by `num_workers` threads (decoding, resampling and the FFT
     release the GIL) while the model runs; at most a few files per thread wait, decoded, in memory. The
     embeddings equal those of `embed_file`, file by file.
@@ -314,8 +314,9 @@ class Embedder:
       in_flight, rows = started, []
       buffers.reverse()
 
-    # One BLAS thread per decoding thread (numpy's BLAS only; the model has its own threads): more only contend,
-    # and a 4-channel clip's channel average went from about 2 ms to 10-30 ms with 2 on a busy 2-core machine.
+    # One BLAS thread per decoding thread (numpy's BLAS only; the model has its own threads): more only contend
+    # (measured on a busy 2-core machine: decoding a 4-channel clip, mostly its channel average, took 10-30 ms
+    # with 2, 2.5 ms with 1).
     with threadpoolctl.threadpool_limits(1, user_api='blas'), \
         concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix='embed-decode') as pool:
       for file in _map_ahead(pool, self._file_tiles, paths, ahead=2 * max(1, num_workers) + 2):
