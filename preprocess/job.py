@@ -434,24 +434,26 @@ def _start_worker(parent_pid: int, blas_threads: int, frontend: dict) -> None:
   log_mel(np.zeros(frontend['win_length'], np.float32), FrontEnd(**frontend))
 
 
-def _blocks_with_workers(pool: concurrent.futures.Executor, workers_started: list[concurrent.futures.Future],
-                         num_workers: int, output_dir: str, plan_path: str, todo: list[int]):
-  """Markers of the blocks in `todo` as they finish, done by the pool's workers and, while those start, by this
-  process.
+def _blocks_with_workers(pool: concurrent.futures.Executor, pool_workers: int, output_dir: str, plan_path: str,
+                         todo: list[int]):
+  """Markers of the blocks in `todo` as they finish, done by the pool's workers and by this process.
 
-  A fresh worker takes about a second to start (an interpreter, the imports, the filterbank); a small data set is
-  done in that time. The pool gets only enough blocks to keep every worker busy; until the workers have started
-  (`workers_started`, calls submitted first), this process does blocks itself, from the end of the list.
+  This process is a worker too: it does blocks from the end of the list while the pool's workers take them from the
+  front. A fresh worker takes about a second to start (an interpreter, the imports, the filterbank), in which this
+  process, with everything loaded, already works; a small data set is done in that time. The pool holds two blocks
+  per worker, so that a worker that finishes while this process is busy finds the next one.
   """
   waiting = collections.deque(todo)
   running = set()
   while waiting or running:
-    while waiting and len(running) < num_workers + 1:
+    while waiting and len(running) < 2 * pool_workers:
       running.add(pool.submit(_process_block, output_dir, plan_path, waiting.popleft()))
-    if waiting and not all(f.done() for f in workers_started):
+    if waiting:
       yield _process_block(output_dir, plan_path, waiting.pop())
-      continue
-    done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      done = {f for f in running if f.done()}
+    else:
+      done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    running -= done
     yield from (f.result() for f in done)
 
 
@@ -464,12 +466,14 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
   pool = None
   blas_threads = blas_threads_per_worker(num_workers)
   if num_workers > 1:
-    # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state. Workers start
-    # now, so that their imports overlap with planning.
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'),
+    # This process is one of the `num_workers`; the others are started processes. spawn, not fork: tensorstore and
+    # BLAS keep threads that a fork would copy in a broken state. They start now, so that their imports overlap
+    # with planning.
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers - 1, mp_context=multiprocessing.get_context('spawn'),
                                                   initializer=_start_worker,
                                                   initargs=(os.getpid(), blas_threads, settings['frontend']))
-    workers_started = [pool.submit(int) for _ in range(num_workers)]
+    for _ in range(num_workers - 1):
+      pool.submit(int)
   try:
     plan = load_or_make_plan(output_dir, settings)
     plan_path = os.path.join(output_dir, WORK_DIR, PLAN_NAME)
@@ -485,7 +489,7 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
         if pool is None:
           markers = (_process_block(output_dir, plan_path, b) for b in todo)
         else:
-          markers = _blocks_with_workers(pool, workers_started, num_workers, output_dir, plan_path, todo)
+          markers = _blocks_with_workers(pool, num_workers - 1, output_dir, plan_path, todo)
         for marker in markers:
           progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
     finally:
