@@ -43,8 +43,9 @@ _DATASET = flags.DEFINE_enum('dataset', None, list(datasets.DATASETS), 'Layout o
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Root folder of the dataset.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the features, manifest and summary go.', required=True)
 _SPLIT_FILE = flags.DEFINE_string('split_file', None, 'Folder data: CSV with columns file,split[,extra] to use as given.')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Worker processes on this machine (default: the usable '
-                                    'cores, from the affinity mask; BLAS threads per worker share them out).')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Processes that do blocks on this machine, this one '
+                                    'included (default: the usable cores, from the affinity mask; their BLAS threads '
+                                    'share the cores out).')
 _TASK_INDEX = flags.DEFINE_integer('task_index', 0, 'This task of --num_tasks (array jobs).')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1, 'Independent tasks the job is split into.')
 _FINALIZE = flags.DEFINE_bool('finalize', False, 'Only assemble manifest, statistics and summary (after all tasks).')
