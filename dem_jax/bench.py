@@ -3,6 +3,7 @@
   preprocess   the preprocessing job vs a plain librosa loop vs the bare numpy arithmetic, on the same audio
   train_step   the compiled triplet step on random inputs (with a PyTorch eager reference when available)
   embed        the forward pass alone
+  embed_folder the embed command over a folder of 10-s clips, beside the forward pass of the same model
   input        tiles per second each store delivers to the device, against tensorstore reads and memcpy
   gpu          the prepared GPU check: bf16 step speed and MFU, input stall, store and parallel agreement
   quality      real-audio quality within a training budget: the model vs the no-learning baselines
@@ -13,7 +14,7 @@ Each prints its figures as JSON on the last line of its output.
 import importlib
 import sys
 
-BENCHMARKS = ('preprocess', 'train_step', 'embed', 'input', 'gpu', 'quality')
+BENCHMARKS = ('preprocess', 'train_step', 'embed', 'embed_folder', 'input', 'gpu', 'quality')
 
 
 def main(argv: list[str]) -> None:

@@ -1,8 +1,7 @@
 r"""Preprocess an audio dataset into log-Mel features (zarr shards written with tensorstore).
 
-One machine, N worker processes (finalizes by itself):
-  ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=/data/dcase_dev --output_dir=/data/feats/dcase_dev \
-      --num_workers=8
+One machine, one worker process per usable core (finalizes by itself; --num_workers=N for another count):
+  ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=/data/dcase_dev --output_dir=/data/feats/dcase_dev
 A cluster array job of n tasks (each writes disjoint shards), then one finalize:
   ./launch.sh preprocess ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=64
   ./launch.sh preprocess ... --finalize
@@ -44,7 +43,9 @@ _DATASET = flags.DEFINE_enum('dataset', None, list(datasets.DATASETS), 'Layout o
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Root folder of the dataset.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the features, manifest and summary go.', required=True)
 _SPLIT_FILE = flags.DEFINE_string('split_file', None, 'Folder data: CSV with columns file,split[,extra] to use as given.')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', 1, 'Worker processes on this machine.')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Processes that do blocks on this machine, this one '
+                                    'included (default: the usable cores, from the affinity mask; their BLAS threads '
+                                    'share the cores out).')
 _TASK_INDEX = flags.DEFINE_integer('task_index', 0, 'This task of --num_tasks (array jobs).')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1, 'Independent tasks the job is split into.')
 _FINALIZE = flags.DEFINE_bool('finalize', False, 'Only assemble manifest, statistics and summary (after all tasks).')
@@ -61,15 +62,16 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   if not _FINALIZE.value and (not _DATASET.value or not _DATA_DIR.value):
     fail('--dataset and --data_dir are required (except with --finalize); see --help.')
-  if _NUM_WORKERS.value < 1:
-    fail(f'--num_workers={_NUM_WORKERS.value}; give 1 or more.')
+  num_workers = job.usable_cores() if _NUM_WORKERS.value is None else _NUM_WORKERS.value
+  if num_workers < 1:
+    fail(f'--num_workers={num_workers}; give 1 or more.')
   try:
     _CONFIG.value.storage  # A config file that failed to load raises on first use.
   except OSError as e:
     fail(f'--config could not be loaded ({str(e).strip().splitlines()[-1].strip()}); check its path.')
   try:
     summary = job.run(_CONFIG.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-                      output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=_NUM_WORKERS.value,
+                      output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=num_workers,
                       task_index=_TASK_INDEX.value, num_tasks=_NUM_TASKS.value, finalize_only=_FINALIZE.value)
   except (job.PreprocessError, datasets.DatasetError, features.FeaturesError) as e:
     fail(str(e))

@@ -23,6 +23,7 @@ What it refuses rather than guess at:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -334,9 +335,14 @@ def _process_block(output_dir: str, plan_path: str, index: int) -> dict:
       if not np.any(samples):
         warnings.append('digital silence (every sample is 0); kept')
       stored = frames.astype(dtype)
-      # Checked as stored: finite float32 can still overflow float16, and nothing non-finite may reach the store.
-      bad = np.count_nonzero(~np.isfinite(stored).all(axis=1))
-      if bad:
+      # Statistics of the values as stored, so the normaliser matches what training reads. They double as the
+      # check that nothing non-finite reaches the store (finite float32 can still overflow float16): a float64 sum
+      # of finite float16 values is finite, and one infinite or NaN value makes it not, so the frames need no
+      # separate pass.
+      as_float = stored.astype(np.float64)
+      clip_sum, clip_sum_sq = as_float.sum(axis=0), np.einsum('ij,ij->j', as_float, as_float)
+      if not (np.all(np.isfinite(clip_sum)) and np.all(np.isfinite(clip_sum_sq))):
+        bad = np.count_nonzero(~np.isfinite(stored).all(axis=1))
         raise audio.AudioError(path, f'{bad} of its {stored.shape[0]} log-Mel frames are not finite (samples up to '
                                      f'{float(np.max(np.abs(samples))):.3g}; float audio is expected in [-1, 1]); '
                                      'not stored')
@@ -350,13 +356,11 @@ def _process_block(output_dir: str, plan_path: str, index: int) -> dict:
     buffer[start:start + stored.shape[0]] = stored
     result.update(num_frames=int(stored.shape[0]), duration=float(samples.shape[0] / frontend.sample_rate))
     results.append(result)
-    # Statistics of the values as stored, so the normaliser matches what training reads.
-    as_float = stored.astype(np.float64)
     s = sums.setdefault(clip['split'], {'count': 0, 'sum': np.zeros(frontend.n_mels),
                                         'sum_sq': np.zeros(frontend.n_mels)})
-    s['count'] += as_float.shape[0]
-    s['sum'] += as_float.sum(axis=0)
-    s['sum_sq'] += np.square(as_float).sum(axis=0)
+    s['count'] += stored.shape[0]
+    s['sum'] += clip_sum
+    s['sum_sq'] += clip_sum_sq
   used = max((clip['frame_offset'] - block['frame_start'] + r['num_frames']
               for clip, r in zip(plan['clips'][first:last], results)), default=0)
   if used:
@@ -410,10 +414,47 @@ def _die_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, name='die-with-parent', daemon=True).start()
 
 
-def _start_worker(parent_pid: int) -> None:
+def usable_cores() -> int:
+  """The cores this process may run on (its affinity mask: a cluster job's share, not the whole machine)."""
+  return len(os.sched_getaffinity(0))
+
+
+def blas_threads_per_worker(num_workers: int, cores: int | None = None) -> int:
+  """BLAS threads for each of `num_workers` processes so that together they use the cores once: the workers
+  already fill the cores, and threads beyond that only contend (a BLAS thread spin-waits; measured on a busy 2-core
+  machine, a 4-channel clip's channel average took 20 ms with 2 threads, 0.7 ms with 1)."""
+  return max(1, (cores or usable_cores()) // num_workers)
+
+
+def _start_worker(parent_pid: int, blas_threads: int, frontend: dict) -> None:
   _die_with_parent(parent_pid)
-  # One BLAS/FFT thread per worker: the workers already fill the cores, more threads only contend.
-  threadpoolctl.threadpool_limits(1)
+  threadpoolctl.threadpool_limits(blas_threads)
+  # The first log-Mel imports librosa (and numba) and builds the window and filterbank: about a second of a fresh
+  # process's time, spent here while the parent plans rather than on the first block.
+  log_mel(np.zeros(frontend['win_length'], np.float32), FrontEnd(**frontend))
+
+
+def _blocks_with_workers(pool: concurrent.futures.Executor, pool_workers: int, output_dir: str, plan_path: str,
+                         todo: list[int]):
+  """Markers of the blocks in `todo` as they finish, done by the pool's workers and by this process.
+
+  This process is a worker too: it does blocks from the end of the list while the pool's workers take them from the
+  front. A fresh worker takes about a second to start (an interpreter, the imports, the filterbank), in which this
+  process, with everything loaded, already works; a small data set is done in that time. The pool holds two blocks
+  per worker, so that a worker that finishes while this process is busy finds the next one.
+  """
+  waiting = collections.deque(todo)
+  running = set()
+  while waiting or running:
+    while waiting and len(running) < 2 * pool_workers:
+      running.add(pool.submit(_process_block, output_dir, plan_path, waiting.popleft()))
+    if waiting:
+      yield _process_block(output_dir, plan_path, waiting.pop())
+      done = {f for f in running if f.done()}
+    else:
+      done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    running -= done
+    yield from (f.result() for f in done)
 
 
 def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks: int = 1, num_workers: int = 1
@@ -423,12 +464,15 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
   output_dir = os.path.abspath(output_dir)
   prepare_output_dir(output_dir)
   pool = None
+  blas_threads = blas_threads_per_worker(num_workers)
   if num_workers > 1:
-    # spawn, not fork: tensorstore and BLAS keep threads that a fork would copy in a broken state. Workers start
-    # now, so that their imports overlap with planning.
-    pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context('spawn'),
-                                                  initializer=_start_worker, initargs=(os.getpid(),))
-    for _ in range(num_workers):
+    # This process is one of the `num_workers`; the others are started processes. spawn, not fork: tensorstore and
+    # BLAS keep threads that a fork would copy in a broken state. They start now, so that their imports overlap
+    # with planning.
+    pool = concurrent.futures.ProcessPoolExecutor(num_workers - 1, mp_context=multiprocessing.get_context('spawn'),
+                                                  initializer=_start_worker,
+                                                  initargs=(os.getpid(), blas_threads, settings['frontend']))
+    for _ in range(num_workers - 1):
       pool.submit(int)
   try:
     plan = load_or_make_plan(output_dir, settings)
@@ -441,13 +485,13 @@ def run_task(output_dir: str, settings: dict, *, task_index: int = 0, num_tasks:
                  num_tasks, len(todo), len(mine), total_clips, num_workers)
     progress = _Progress(total_clips, total_clips - sum(clip_count(b) for b in todo))
     try:
-      if pool is None:
-        markers = (_process_block(output_dir, plan_path, b) for b in todo)
-      else:
-        futures = [pool.submit(_process_block, output_dir, plan_path, b) for b in todo]
-        markers = (f.result() for f in concurrent.futures.as_completed(futures))
-      for marker in markers:
-        progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
+      with threadpoolctl.threadpool_limits(blas_threads):  # for the blocks this process does itself
+        if pool is None:
+          markers = (_process_block(output_dir, plan_path, b) for b in todo)
+        else:
+          markers = _blocks_with_workers(pool, num_workers - 1, output_dir, plan_path, todo)
+        for marker in markers:
+          progress.update(len(marker['clips']), sum(c['duration'] for c in marker['clips']))
     finally:
       progress.close()
   finally:

@@ -71,11 +71,65 @@ def test_folder_outputs_keep_the_extension_and_skip_bad_files(embedder, tmp_path
   soundfile.write(data / 'sub' / 'loud.wav', np.full(SR, 3e38, np.float32), SR, subtype='FLOAT')
   summary = embed.embed_paths(embedder, str(data), str(tmp_path / 'out'), show_progress=False)
   assert sorted(os.path.relpath(p, tmp_path / 'out') for p in summary['written']) == ['x.flac.npz', 'x.wav.npz']
-  assert np.load(tmp_path / 'out' / 'x.wav.npz')['embeddings'].shape == (1, 16)
-  assert np.load(tmp_path / 'out' / 'x.flac.npz')['embeddings'].shape == (2, 16)
+  assert np.load(tmp_path / 'out' / 'x.wav.npz')['embeddings'].shape == (2, 16)  # 0 and the end tile at 0.5 s
+  assert np.load(tmp_path / 'out' / 'x.flac.npz')['embeddings'].shape == (3, 16)  # 0, 1 and the end tile at 1.5 s
   (failure,) = summary['failures']
   assert failure['path'].endswith('loud.wav') and 'log-Mel spectrogram holds NaN or infinite' in failure['reason']
   assert not (tmp_path / 'out' / 'sub').exists()  # nothing written for it
+
+
+def test_tiles_cover_the_end_of_the_audio(embedder):
+  assert embed.tile_starts(1200, 498, 500, cover_end=True).tolist() == [0, 500, 702]  # 702 + 498 = 1200
+  assert embed.tile_starts(998, 498, 500, cover_end=True).tolist() == [0, 500]  # the grid reaches the end already
+  assert embed.tile_starts(1200, 498, 500).tolist() == [0, 500]  # feature-store clips keep the plain grid
+  samples = sound(2.5, seed=4)
+  out = embedder.embed_audio(samples, SR)
+  np.testing.assert_allclose(out['timestamps'], [0.0, 1.0, 1.5], atol=1e-6)
+  # The last tile is the audio's last tile_frames frames: it ends where the audio ends.
+  frames = embedder._log_mel_of_audio(samples, SR)
+  last = embedder.embed_tiles(frames[None, -embedder.tile_frames:])
+  np.testing.assert_allclose(out['embeddings'][-1], last[0], atol=1e-6)
+  assert out['timestamps'][-1] + embedder.tile_seconds == pytest.approx(2.5, abs=0.01)
+
+
+def write_clips(folder, seconds):
+  folder.mkdir(parents=True, exist_ok=True)
+  for i, s in enumerate(seconds):
+    soundfile.write(folder / f'{i:02d}.wav', sound(s, seed=10 + i), SR)
+
+
+def test_packed_batches_give_what_each_file_gives_alone(embedder, tmp_path):
+  # 1 to 4 tiles per file and a batch of 8: files straddle batches, one batch is part-filled, a failure sits between.
+  seconds = [2.3, 0.5, 3.0, 1.2, 2.0, 4.0, 1.0, 2.7, 1.5]
+  write_clips(tmp_path / 'in', seconds)
+  soundfile.write(tmp_path / 'in' / '04b_loud.wav', np.full(SR, 3e38, np.float32), SR, subtype='FLOAT')
+  assert embedder.embed_tiles.batch_size == 8
+  summary = embed.embed_paths(embedder, str(tmp_path / 'in'), str(tmp_path / 'out'), num_workers=3,
+                              show_progress=False)
+  assert len(summary['written']) == len(seconds) and summary['failures'][0]['path'].endswith('04b_loud.wav')
+  for i in range(len(seconds)):
+    packed = np.load(tmp_path / 'out' / f'{i:02d}.wav.npz')
+    alone = embedder.embed_file(str(tmp_path / 'in' / f'{i:02d}.wav'))
+    assert set(packed.files) == set(alone) | {'hop_seconds'}
+    for key, value in alone.items():
+      np.testing.assert_allclose(packed[key], value, rtol=1e-6, atol=1e-6, err_msg=f'{i:02d}.wav {key}')
+
+
+def test_existing_outputs_are_kept_unless_overwrite(embedder, tmp_path):
+  write_clips(tmp_path / 'in', [1.0, 2.0])
+  out = tmp_path / 'out'
+  first = embed.embed_paths(embedder, str(tmp_path / 'in'), str(out), show_progress=False)
+  assert len(first['written']) == 2 and not first['existing']
+  np.savez(out / '00.wav.npz', embeddings=np.zeros((1, 16), np.float32))  # stands for a result to keep
+  (tmp_path / 'in' / '02.wav').write_bytes((tmp_path / 'in' / '01.wav').read_bytes())
+  again = embed.embed_paths(embedder, str(tmp_path / 'in'), str(out), show_progress=False)
+  assert [os.path.basename(p) for p in again['written']] == ['02.wav.npz']
+  assert sorted(os.path.basename(p) for p in again['existing']) == ['00.wav.npz', '01.wav.npz']
+  assert not np.load(out / '00.wav.npz')['embeddings'].any()
+  forced = embed.embed_paths(embedder, str(tmp_path / 'in'), str(out), overwrite=True, show_progress=False)
+  assert len(forced['written']) == 3 and not forced['existing']
+  assert np.load(out / '00.wav.npz')['embeddings'].any()
+  assert sorted(os.listdir(out)) == ['00.wav.npz', '01.wav.npz', '02.wav.npz']  # no temporary file left
 
 
 def test_output_folder_that_is_a_file_or_unwritable_is_named(tmp_path):
@@ -104,6 +158,8 @@ def test_command_line_ends_bad_input_with_one_line(tmp_path):
       'does not exist': ['--workdir', str(tmp_path), '--input', str(tmp_path / 'missing'),
                          '--output_dir', str(tmp_path / 'o')],
       'is a file': ['--workdir', str(tmp_path), '--input', str(audio), '--output_dir', str(tmp_path / 'file')],
+      '--batch_size=0': ['--workdir', str(tmp_path), '--input', str(audio), '--output_dir', str(tmp_path / 'o'),
+                         '--batch_size', '0'],
   }
   for expected, flags in cases.items():
     result = run_embed(*[f'{flags[i]}={flags[i + 1]}' for i in range(0, len(flags), 2)])

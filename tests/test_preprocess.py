@@ -156,6 +156,40 @@ def test_killed_job_run_again_gives_the_uninterrupted_output(tmp_path):
   assert_same_output(str(reference), str(out))
 
 
+def test_workers_share_the_cores_out_as_blas_threads():
+  assert job.blas_threads_per_worker(1, cores=8) == 8
+  assert job.blas_threads_per_worker(3, cores=8) == 2  # 6 threads in all: never more than the cores
+  assert job.blas_threads_per_worker(16, cores=8) == 1
+  assert job.usable_cores() == len(os.sched_getaffinity(0))
+
+
+def test_the_job_process_works_beside_its_workers_from_the_other_end(monkeypatch):
+  import concurrent.futures
+  import threading
+  main = threading.current_thread().name
+  done_by = {}
+  worker_started = threading.Event()  # the started worker is slow to start: it waits until this is set
+
+  def fake_block(output_dir, plan_path, index):
+    name = threading.current_thread().name
+    if name != main:
+      assert worker_started.wait(60)
+    done_by[index] = name
+    if sum(n == main for n in done_by.values()) == 3:
+      worker_started.set()
+    return {'block': index}
+
+  monkeypatch.setattr(job, '_process_block', fake_block)
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='worker') as pool:
+    markers = list(job._blocks_with_workers(pool, 1, 'out', 'plan', list(range(8))))
+  assert sorted(m['block'] for m in markers) == list(range(8))  # each block once
+  mine = sorted(b for b, name in done_by.items() if name == main)
+  theirs = sorted(b for b, name in done_by.items() if name != main)
+  # While the worker started, this process did the last blocks; the worker did the first; they met in between.
+  assert {5, 6, 7} <= set(mine) and 0 in theirs
+  assert mine == list(range(8 - len(mine), 8)) and theirs == list(range(len(theirs)))
+
+
 def test_bad_files_are_reported_and_the_rest_is_written(dcase_dir, tmp_path):
   data = tmp_path / 'data'
   shutil.copytree(dcase_dir, data)
@@ -181,6 +215,8 @@ def test_bad_files_are_reported_and_the_rest_is_written(dcase_dir, tmp_path):
   resampled = feats.clip(names[4][:-4])
   assert (resampled.num_frames, resampled.duration) == (998, 10.0)  # 10 s at 8 kHz, resampled to 16 kHz.
   assert '"clips_written": 28' in result.stdout
+  # By default one worker per usable core (the affinity mask, not the machine's count).
+  assert f'{len(os.sched_getaffinity(0))} worker(s)' in result.stderr
   strict = cli('--dataset=dcase2018_task5', f'--data_dir={data}', f'--output_dir={out}', '--strict', check=False)
   assert strict.returncode != 0 and 'strict' in strict.stderr
 

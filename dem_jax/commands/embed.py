@@ -1,7 +1,8 @@
 """Embed an audio file or a folder with a trained model: `./launch.sh embed --workdir=W --input=IN --output_dir=O`.
 
-Prints one JSON line (files written, skipped, the output folder); each skipped file goes to stderr with its reason.
-Exit status: 0 when at least one file was embedded; 1 with one line naming the problem otherwise.
+Prints one JSON line (files written, already there, skipped, the output folder); each skipped file goes to stderr with
+its reason. Exit status: 0 when at least one file was embedded or already had its output; 1 with one line naming the
+problem otherwise.
 """
 
 import json
@@ -17,6 +18,10 @@ _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the .npz files go (
                                   required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _HOP_SECONDS = flags.DEFINE_float('hop_seconds', None, 'Tile hop in seconds (default: the tile length).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Tiles per forward pass; tiles of many files share a batch.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Embed files whose output exists again (default: skip them).')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Threads that decode files and compute their log-Mel ahead '
+                                    'of the model (default: the usable cores, at most 4).')
 
 
 def main(argv):
@@ -28,14 +33,15 @@ def main(argv):
   from dem_jax import embed
   try:
     summary = embed.run(_WORKDIR.value, _INPUT.value, _OUTPUT_DIR.value, step=_STEP.value,
-                        hop_seconds=_HOP_SECONDS.value)
+                        hop_seconds=_HOP_SECONDS.value, batch_size=_BATCH_SIZE.value, overwrite=_OVERWRITE.value,
+                        num_workers=_NUM_WORKERS.value)
   except (embed.EmbedError, FileNotFoundError) as e:
     sys.exit(f'embed: {e}')
   for failure in summary['failures']:
     print(f'skipped {failure["path"]}: {failure["reason"]}', file=sys.stderr)
-  print(json.dumps({'written': len(summary['written']), 'failures': len(summary['failures']),
-                    'output_dir': os.path.abspath(_OUTPUT_DIR.value)}))
-  if not summary['written']:
+  print(json.dumps({'written': len(summary['written']), 'existing': len(summary['existing']),
+                    'failures': len(summary['failures']), 'output_dir': os.path.abspath(_OUTPUT_DIR.value)}))
+  if not summary['written'] and not summary['existing']:
     sys.exit('embed: no file could be embedded; the reasons are above and in embed_summary.json.')
 
 
