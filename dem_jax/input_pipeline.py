@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
 import os
 
 import jax
@@ -205,7 +204,3 @@ class HostTileLoader:
 
   def __exit__(self, *exc):
     self.close()
-
-
-def log_store_choice(store: str, why: str, requested: str) -> None:
-  logging.info('Packed features: %s store (config.data.store=%r): %s.', store, requested, why)

@@ -18,7 +18,6 @@ share), so "every position of another owner" is the whole position range less on
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from typing import NamedTuple
 
