@@ -75,10 +75,12 @@ def _check_finite(packed: np.ndarray, sampler: TripletSampler, block: int = 1 <<
     if bad.any():
       row = start + int(np.argmax(bad))
       timeline = int(np.searchsorted(sampler.tables.row_offset, row, side='right')) - 1
-      clip = sampler.timelines[timeline].clips[0]
-      raise StoreError(f'The features of {clip.clip_id} (or the clip after it, {clip.path}) hold non-finite '
-                       'values (inf/NaN, e.g. from float16 overflow); preprocess the data again with a current '
-                       'dem_jax, which refuses them.')
+      t = sampler.timelines[timeline]
+      within = row - int(sampler.tables.row_offset[timeline])
+      clip = t.clips[int(np.searchsorted(t.starts, within, side='right')) - 1]
+      raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or NaN; '
+                       'float32 features beyond the float16 range also become inf). Preprocess the data again '
+                       'with a current dem_jax, which refuses non-finite frames.')
 
 
 def device_memory_bytes(device) -> int:

@@ -205,3 +205,24 @@ def test_one_session_only_fails_with_the_fix(feats):
   clips = [c for c in feats.clips if c.group == 'absence_0']
   with pytest.raises(SamplerError, match='distant_other_group'):
     TripletSampler(clips, tile_frames=300, neighbour_frames=100)
+
+
+def test_packing_refuses_non_finite_frames_naming_the_clip(feats, monkeypatch):
+  s = make(feats)
+  victim = s.timelines[3].clips[-1]
+  real = feats.read_stored
+
+  class Poisoned:
+    def __init__(self, future, offset, count):
+      self.future, self.offset, self.count = future, offset, count
+
+    def result(self):
+      frames = np.array(self.future.result())
+      row = victim.frame_offset + 7 - self.offset
+      if 0 <= row < self.count:
+        frames[row, 5] = np.inf
+      return frames
+
+  monkeypatch.setattr(feats, 'read_stored', lambda offset, count: Poisoned(real(offset, count), offset, count))
+  with pytest.raises(input_pipeline.StoreError, match=f'clip {victim.clip_id} .*non-finite'):
+    input_pipeline.pack_timelines(feats, s)
