@@ -11,7 +11,9 @@ run sees the same batches and dropout masks as an uninterrupted run: both are fu
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -92,6 +94,20 @@ def _dispatches(start: int, stop: int, size: int, boundaries: list[int]):
     n = min(size, nxt - step)
     yield step, n
     step += n
+
+
+class _Lookahead:
+  """Iterates (item, [the next `ahead` items]) over an iterable without materialising it (runs may be long)."""
+
+  def __init__(self, items, ahead: int):
+    self._items, self._ahead = iter(items), ahead
+
+  def __iter__(self):
+    window = collections.deque(itertools.islice(self._items, self._ahead + 1))
+    while window:
+      current = window.popleft()
+      yield current, list(window)
+      window.extend(itertools.islice(self._items, 1))
 
 
 def _resumed_value(workdir: str, step: int, key: str, default: float) -> float:
@@ -286,15 +302,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                num_steps, steps_per_epoch, f' or {config.train_minutes:g} min' if budget_s else '',
                config.batch_size, devices, config.parallel)
   boundaries = [config.log_every, eval_every, config.checkpoint_every]
-  plan = list(_dispatches(start_step, num_steps, steps_per_call, boundaries))
+  plan = _Lookahead(_dispatches(start_step, num_steps, steps_per_call, boundaries), ahead=2)
   last_metrics, files_written = {}, False
   run_start, window_start, window_steps, paused_s = time.time(), time.time(), 0, 0.0
   # Under a budget the schedule's length is re-estimated at every log line; a resumed run starts from the last one.
   total_steps = int(_resumed_value(workdir, start_step, 'train/schedule_steps', schedule_length(start_step, 0.0)))
   try:
-    for index, (step, n) in enumerate(plan):
+    for index, ((step, n), upcoming) in enumerate(plan):
       if loader is not None:
-        data = loader.get(step, n, ahead=plan[index + 1:index + 3])
+        data = loader.get(step, n, ahead=upcoming)
       lrs = np.zeros(steps_per_call, np.float32)
       lrs[:n] = step_lib.learning_rate_at(config.optimizer, np.arange(step, step + n), total_steps)
       lrs, count = parallel.put_replicated(lrs), placed_count(n)

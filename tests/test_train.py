@@ -244,3 +244,11 @@ def test_damaged_latest_checkpoint_resumes_from_the_intact_one_before(dcase_feat
   assert sorted(losses_by_step(workdir)) == list(range(1, 7))
   assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 6
   assert os.listdir(workdir / 'checkpoints_set_aside') == ['4']  # Kept, not deleted.
+
+
+def test_dispatch_plan_never_crosses_a_boundary_and_is_lazy():
+  plan = list(train_lib._dispatches(3, 20, 4, [5, 8]))
+  assert plan == [(3, 2), (5, 3), (8, 2), (10, 4), (14, 1), (15, 1), (16, 4)]
+  # A budget-bound run may be given a cap of 10**9 steps: the plan is drawn as it goes, with its next calls in view.
+  it = iter(train_lib._Lookahead(train_lib._dispatches(0, 10**9, 1, [50]), ahead=2))
+  assert next(it) == ((0, 1), [(1, 1), (2, 1)]) and next(it) == ((1, 1), [(2, 1), (3, 1)])

@@ -100,6 +100,9 @@ def steps_per_second(metrics: list[dict], first: int, second: int) -> float:
   return (second - first) / (second / rates[second] - first / rates[first])
 
 
+UNCAPPED = 10**9  # Steps no budget reaches.
+
+
 def budget_steps(rate: float, minutes: float) -> int:
   steps = int(math.floor(rate * minutes * 60 + 1e-6))  # 1e-6: 2.25 steps/s x 120 s is 270 steps, not 269
   if steps < 1:
@@ -113,7 +116,10 @@ def train(flags: argparse.Namespace, overrides: list[str], features_dir: str, wo
   if any(o.startswith('--config.num_steps=') for o in overrides):
     how, extra, rate = 'num_steps given', [], None  # A budget in steps (e.g. to compare losses at equal steps).
   elif config_has_train_minutes(flags.config):
-    how, extra, rate = 'config.train_minutes', [f'--config.train_minutes={flags.minutes}'], None
+    # The budget decides the length: the step cap lifted, held-out monitoring and the checkpoint at the end only.
+    how, rate = 'config.train_minutes', None
+    extra = [f'--config.train_minutes={flags.minutes}', f'--config.num_steps={UNCAPPED}',
+             f'--config.eval_every={UNCAPPED}', f'--config.checkpoint_every={UNCAPPED}']
   else:
     first, second, last = CALIBRATION_STEPS
     calibration = os.path.join(workdir, 'calibration')
