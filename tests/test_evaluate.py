@@ -1,7 +1,6 @@
 """Embedding, the report command, the embed command and the notebook, on a tiny trained workdir."""
 
 import glob
-import inspect
 import json
 import os
 import subprocess
@@ -18,10 +17,6 @@ from preprocess import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Readers (Embedder, evaluate, embed) open checkpoints with Checkpointer(workdir, read_only=True).
-needs_read_only_checkpointer = pytest.mark.skipif(
-    'read_only' not in inspect.signature(checkpoint_lib.Checkpointer.__init__).parameters,
-    reason='Checkpointer(workdir, read_only=True) is not in dem_jax.checkpoint yet')
-
 
 def probing_env(**extra):
   """The environment without JAX_PLATFORMS, so that jax probes its backends as on a user's machine."""
@@ -34,7 +29,6 @@ def test_tile_starts_cover_the_clip_on_the_hop():
   assert tile_starts(1000, 100, 300).tolist() == [0, 300, 600, 900]
 
 
-@needs_read_only_checkpointer
 def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_features, dcase_dir):
   embedder = Embedder(tiny_workdir)
   features = open_features(dcase_features)
@@ -53,7 +47,6 @@ def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_fea
   assert np.all(cosine > 0.999)
 
 
-@needs_read_only_checkpointer
 def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_features):
   embedder = Embedder(tiny_workdir)
   table = embedder.embed_features(open_features(dcase_features), open_features(dcase_features).clips[:2],
@@ -68,7 +61,6 @@ def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_
   assert np.ptp(np.linalg.norm(trunk, axis=1)) > 1e-3
 
 
-@needs_read_only_checkpointer
 def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_features, tmp_path):
   out = tmp_path / 'report'
   result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={tiny_workdir}',
@@ -114,7 +106,6 @@ def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_featu
   assert all(f'eval/{name}' in events for name in ('embedding_map', 'confusion_matrix', 'cluster_composition'))
 
 
-@needs_read_only_checkpointer
 def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   data = tmp_path / 'in'
   (data / 'sub').mkdir(parents=True)
@@ -137,7 +128,6 @@ def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   assert [os.path.basename(f['path']) for f in summary['failures']] == ['broken.wav']
 
 
-@needs_read_only_checkpointer
 def test_notebook_runs_end_to_end(tiny_workdir, dcase_features, tmp_path):
   import nbclient
   import nbformat
@@ -185,7 +175,6 @@ def fold_workdirs(tiny_workdir, tmp_path_factory):
           for k in (1, 2, 3, 4)]
 
 
-@needs_read_only_checkpointer
 def test_per_fold_embeddings_score_each_fold_on_its_own_workdir(fold_workdirs, dcase_features, tmp_path):
   from dem_jax import evaluate
   one = evaluate.evaluate(fold_workdirs[0], features_dir=dcase_features, output_dir=str(tmp_path / 'one'),
@@ -234,7 +223,6 @@ def test_per_fold_embeddings_score_each_fold_on_its_own_workdir(fold_workdirs, d
   assert np.abs(exported - other).max() > 1e-2
 
 
-@needs_read_only_checkpointer
 def test_per_fold_evaluation_refuses_workdirs_that_do_not_give_one_embedding_per_fold(
     fold_workdirs, tiny_workdir, dcase_features, tmp_path):
   from dem_jax import evaluate
@@ -258,7 +246,6 @@ def test_per_fold_evaluation_refuses_workdirs_that_do_not_give_one_embedding_per
   assert not os.path.exists(tmp_path / 'out' / 'report.json')
 
 
-@needs_read_only_checkpointer
 def test_evaluate_command_takes_workdirs_comma_separated_and_refuses_a_missing_fold(fold_workdirs, dcase_features,
                                                                                   tmp_path):
   result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={",".join(fold_workdirs[:2])}',

@@ -7,23 +7,18 @@ The torch wrapper's own tests run where torch is installed.
 """
 
 import importlib.util
-import inspect
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from dem_jax import checkpoint as checkpoint_lib
 from dem_jax import hear
 from dem_jax import models
 from dem_jax.embed import EmbedError, Embedder
 from dem_jax.frontend import FrontEnd
 
 SR = 16000
-needs_read_only_checkpointer = pytest.mark.skipif(
-    'read_only' not in inspect.signature(checkpoint_lib.Checkpointer.__init__).parameters,
-    reason='readers open checkpoints with Checkpointer(workdir, read_only=True), not in dem_jax.checkpoint yet')
 
 
 def random_embedder(embedding_dim=16):
@@ -159,7 +154,6 @@ def test_load_model_without_torch_names_the_extra(tmp_path):
     hear.load_model(str(tmp_path))
 
 
-@needs_read_only_checkpointer
 def test_load_model_gives_a_torch_module_of_the_workdir(tiny_workdir):
   torch = pytest.importorskip('torch')
   module = hear.load_model(tiny_workdir)
