@@ -18,6 +18,7 @@ share), so "every position of another owner" is the whole position range less on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -161,24 +162,23 @@ class TripletSampler:
     self.tables = SamplerTables(*(np.asarray(a, np.int32) for a in (row_offset, valid, cumulative, owner_lo,
                                                                     owner_hi)))
     self.valid = valid
-
-  @property
-  def data_key(self) -> jax.Array:
-    """The key whose fold_in with the step draws that step's batch (on any device: see `sample`)."""
-    return jax.random.fold_in(jax.random.key(self.seed), 0x7E1E)
+    # The key whose fold_in with the step draws that step's batch, on any device (in the step, or `rows`).
+    self.data_key = jax.random.fold_in(jax.random.key(seed), 0x7E1E)
+    self._host = None
 
   def sample(self, step: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The batch of `step` as numpy {role: ([B] timeline, [B] position)}, computed on the host's CPU."""
-    cpu = jax.local_devices(backend='cpu')[0]
-    tables, key = jax.device_put((self.tables, jax.random.fold_in(self.data_key, step)), cpu)
-    out = _sample_jit(tables, key, batch_size, self.neighbour_frames)
-    return jax.tree.map(np.asarray, out)
+    return jax.tree.map(np.asarray, _sample_on_host(*self._on_host(), step, batch_size, self.neighbour_frames))
 
   def rows(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
     """The batch of `step` as numpy {role: [B] first row in the packed features}, computed on the host's CPU."""
-    cpu = jax.local_devices(backend='cpu')[0]
-    tables, key = jax.device_put((self.tables, jax.random.fold_in(self.data_key, step)), cpu)
-    return jax.tree.map(np.asarray, _rows_jit(tables, key, batch_size, self.neighbour_frames))
+    return jax.tree.map(np.asarray, _rows_on_host(*self._on_host(), step, batch_size, self.neighbour_frames))
+
+  def _on_host(self):
+    """The tables and the data key on this process's CPU, placed once (the host store draws every step)."""
+    if self._host is None:
+      self._host = jax.device_put((self.tables, self.data_key), jax.local_devices(backend='cpu')[0])
+    return self._host
 
   def pieces(self, timeline: int, position: int) -> list[tuple[str, int, int]]:
     """(clip_id, start, stop) slices whose concatenation is the tile at `position` of `timeline`."""
@@ -197,5 +197,11 @@ class TripletSampler:
     return max(1, tiles // batch_size)
 
 
-_sample_jit = jax.jit(sample_triplets, static_argnums=(2, 3))
-_rows_jit = jax.jit(triplet_rows, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _sample_on_host(tables, data_key, step, batch_size, neighbour_frames):
+  return sample_triplets(tables, jax.random.fold_in(data_key, step), batch_size, neighbour_frames)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _rows_on_host(tables, data_key, step, batch_size, neighbour_frames):
+  return triplet_rows(tables, jax.random.fold_in(data_key, step), batch_size, neighbour_frames)
