@@ -266,6 +266,39 @@ def test_max_pool_from_slices_matches_reduce_window():
   np.testing.assert_allclose(loss(conv_ops.max_pool_slices), loss(reduce_window), rtol=1e-6)
 
 
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=onednn.unavailable_reason() or '')
+
+
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape, window, stride, pad', [
+    ((3, 9, 8, 5), 3, 2, 1),  # the stem's pooling, odd sizes
+    ((2, 8, 6, 4), 2, 2, 0),  # no padding, windows that do not overlap
+    ((2, 10, 9, 3), 3, 1, 1),  # every input in up to nine windows
+    ((2, 11, 7, 6), 3, 3, 2),  # padding on both sides that a window can be mostly made of
+])
+def test_native_max_pool_matches_the_slices_form_with_its_tied_gradient(dtype, shape, window, stride, pad):
+  # Small integers: many windows hold several tied maxima, whose gradient must be shared the same way.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.integers(-3, 4, shape).astype(np.float32), dtype)
+  y, pull = jax.vjp(lambda x: conv_ops.max_pool_slices(x, window, stride, pad), x)
+  y_native, pull_native = jax.vjp(lambda x: onednn.max_pool_native(x, window, stride, pad), x)
+  dy = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32), dtype)
+  assert y_native.dtype == dtype and pull_native(dy)[0].dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y_native, np.float32), np.asarray(y, np.float32))
+  np.testing.assert_allclose(np.asarray(pull_native(dy)[0], np.float32), np.asarray(pull(dy)[0], np.float32),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_native_max_pool_is_what_auto_runs_on_cpu_and_refuses_bad_settings():
+  hlo = jax.jit(lambda x: conv_ops.max_pool(x)).lower(jnp.zeros((1, 8, 8, 2))).as_text()
+  assert ('DemMaxPoolForward' in hlo) == onednn.available()
+  with pytest.raises(ValueError, match='0 <= pad < window'):
+    onednn.max_pool_native(jnp.zeros((1, 8, 8, 2)), window=2, stride=2, pad=2)
+  with pytest.raises(ValueError, match='float32 or bfloat16'):
+    onednn.max_pool_native(jnp.zeros((1, 8, 8, 2), jnp.float16))
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_max_pool_shares_the_gradient_between_tied_maxima(dtype):
   """All zeros (as after a ReLU): each output's gradient is split equally among the input elements of its window."""

@@ -1,7 +1,7 @@
 """Convolution and max-pooling forms that run fast on XLA:CPU, chosen per layer by `conv_impl`.
 
-On CPU, 'auto' runs every convolution on oneDNN through XLA FFI custom calls (`dem_jax.ops.onednn`): the triplet step
-then matches or beats PyTorch eager on the same machine. bfloat16 activations run on oneDNN's bfloat16 kernels where
+On CPU, 'auto' runs every convolution on oneDNN, and max-pooling on native loops, through XLA FFI custom calls
+(`dem_jax.ops.onednn`): the triplet step then matches or beats PyTorch eager on the same machine. bfloat16 activations run on oneDNN's bfloat16 kernels where
 the CPU has them (AVX512-BF16 or AMX), and elsewhere on its float32 kernels (converted around each convolution; one
 log line says so). Where the library cannot be built or loaded (no C++ compiler, not Linux x86_64,
 DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA forms below.
@@ -250,10 +250,14 @@ max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
 
 
 def max_pool(x: jax.Array, conv_impl: str = 'auto', window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-  """Max-pooling through reduce_window ('xla', and 'auto' off CPU) or `max_pool_slices` (otherwise)."""
+  """Max-pooling through reduce_window ('xla', and 'auto' off CPU), the native loops of `onednn.max_pool_native`
+  ('onednn', and 'auto' on CPU where the library loads) or `max_pool_slices` (otherwise)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   if conv_impl == 'xla' or (conv_impl == 'auto' and jax.default_backend() != 'cpu'):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
                              ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  native = conv_impl == 'onednn' or (conv_impl == 'auto' and onednn_available())
+  if native and x.dtype in (jnp.float32, jnp.bfloat16):
+    return onednn.max_pool_native(x, window, stride, pad)
   return max_pool_slices(x, window, stride, pad)

@@ -1,4 +1,5 @@
-// 2-D convolution (NHWC activations, HWIO kernel) and its two gradients as XLA FFI handlers on oneDNN.
+// 2-D convolution (NHWC activations, HWIO kernel) and its two gradients as XLA FFI handlers on oneDNN, and
+// max-pooling over NHWC with its gradient as plain loops.
 //
 // dem_jax/onednn.py compiles this file against jaxlib's FFI headers and the oneDNN wheel, registers the three
 // handlers below as CPU custom-call targets and wraps them in a differentiable `conv2d_onednn`. Every handler takes
@@ -7,6 +8,8 @@
 //   DemOnednnConvForward(x[N,H,W,C], kernel[KH,KW,C,O]) -> y[N,OH,OW,O]
 //   DemOnednnConvBackwardData(dy[N,OH,OW,O], kernel) -> dx[N,H,W,C]
 //   DemOnednnConvBackwardWeights(x, dy) -> dkernel[KH,KW,C,O]
+//   DemMaxPoolForward(x[N,H,W,C]) -> y[N,OH,OW,C]            attributes: window, stride, pad
+//   DemMaxPoolBackward(x, y, dy[N,OH,OW,C]) -> dx[N,H,W,C]
 //
 // Activations are float32 or bfloat16 (x, y, dy and dx share one type); the kernel and its gradient are float32,
 // or bfloat16 with bfloat16 activations. oneDNN accumulates in float32 either way, so a float32 kernel with
@@ -18,13 +21,17 @@
 // One convolution runs at a time: each already spreads over every core through OpenMP, and XLA may call two
 // handlers at once from its own threads, which would oversubscribe the cores.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -218,6 +225,170 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   });
 }
 
+// Max-pooling. XLA:CPU's pooling gradient (and even a gradient written as maxima of strided slices) makes several
+// passes over the largest activation of the network, the stem's; these loops make one pass forward and two back.
+// Channels are innermost (NHWC), so every loop over them runs over contiguous memory.
+
+struct PoolGeometry {
+  int64_t n, h, w, c, oh, ow, window, stride, pad;
+};
+
+[[gnu::always_inline]] inline float Load(const float* p, int64_t i) { return p[i]; }
+[[gnu::always_inline]] inline float Load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+[[gnu::always_inline]] inline void Store(float* p, int64_t i, float value) { p[i] = value; }
+[[gnu::always_inline]] inline void Store(uint16_t* p, int64_t i, float value) {  // to bfloat16, rounding to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  p[i] = std::isnan(value) ? 0x7fc0 : static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// The window positions of output row (or column) o that fall inside the input's `size` rows: [first, last).
+std::pair<int64_t, int64_t> Taps(int64_t o, const PoolGeometry& g, int64_t size) {
+  const int64_t start = o * g.stride - g.pad;
+  return {std::max<int64_t>(start, 0), std::min<int64_t>(start + g.window, size)};
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void MaxPoolForward(const T* x, T* y, const PoolGeometry& g) {
+#pragma omp parallel for collapse(2)
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t i = 0; i < g.oh; ++i) {
+      std::vector<float> best(g.c);
+      const auto [h0, h1] = Taps(i, g, g.h);
+      for (int64_t j = 0; j < g.ow; ++j) {
+        const auto [w0, w1] = Taps(j, g, g.w);
+        std::fill(best.begin(), best.end(), -INFINITY);
+        for (int64_t a = h0; a < h1; ++a) {
+          for (int64_t b = w0; b < w1; ++b) {
+            const int64_t at = ((n * g.h + a) * g.w + b) * g.c;
+            for (int64_t c = 0; c < g.c; ++c) best[c] = std::max(best[c], Load(x, at + c));
+          }
+        }
+        const int64_t out = ((n * g.oh + i) * g.ow + j) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) Store(y, out + c, best[c]);
+      }
+    }
+  }
+}
+
+// Each output's gradient is shared equally among the window elements equal to its maximum (all of them, for an
+// all-zero window after a ReLU), as dem_jax.ops.conv.max_pool_slices does.
+template <typename T>
+[[gnu::always_inline]] inline void MaxPoolBackward(const T* x, const T* y, const T* dy, T* dx, const PoolGeometry& g) {
+#pragma omp parallel for
+  for (int64_t n = 0; n < g.n; ++n) {
+    // Pass 1: each output's share, dy / (elements tied for the maximum).
+    std::vector<float> share(g.oh * g.ow * g.c);
+    for (int64_t i = 0; i < g.oh; ++i) {
+      const auto [h0, h1] = Taps(i, g, g.h);
+      for (int64_t j = 0; j < g.ow; ++j) {
+        const auto [w0, w1] = Taps(j, g, g.w);
+        const int64_t out = ((n * g.oh + i) * g.ow + j) * g.c;
+        float* s = &share[(i * g.ow + j) * g.c];
+        std::fill(s, s + g.c, 0.0f);
+        for (int64_t a = h0; a < h1; ++a) {
+          for (int64_t b = w0; b < w1; ++b) {
+            const int64_t at = ((n * g.h + a) * g.w + b) * g.c;
+            for (int64_t c = 0; c < g.c; ++c) s[c] += Load(x, at + c) == Load(y, out + c) ? 1.0f : 0.0f;
+          }
+        }
+        for (int64_t c = 0; c < g.c; ++c) s[c] = Load(dy, out + c) / s[c];
+      }
+    }
+    // Pass 2: each input element sums the shares of the (at most ceil(window / stride)^2) windows whose maximum it is.
+    std::vector<float> sum(g.c);
+    for (int64_t a = 0; a < g.h; ++a) {
+      const int64_t i0 = std::max<int64_t>(0, (a + g.pad - g.window + g.stride) / g.stride);
+      const int64_t i1 = std::min<int64_t>(g.oh, (a + g.pad) / g.stride + 1);
+      for (int64_t b = 0; b < g.w; ++b) {
+        const int64_t j0 = std::max<int64_t>(0, (b + g.pad - g.window + g.stride) / g.stride);
+        const int64_t j1 = std::min<int64_t>(g.ow, (b + g.pad) / g.stride + 1);
+        const int64_t at = ((n * g.h + a) * g.w + b) * g.c;
+        std::fill(sum.begin(), sum.end(), 0.0f);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t out = ((n * g.oh + i) * g.ow + j) * g.c;
+            const float* s = &share[(i * g.ow + j) * g.c];
+            for (int64_t c = 0; c < g.c; ++c) {
+              const float part = s[c];  // read unconditionally, so that the choice below is a vector select
+              sum[c] += Load(x, at + c) == Load(y, out + c) ? part : 0.0f;
+            }
+          }
+        }
+        for (int64_t c = 0; c < g.c; ++c) Store(dx, at + c, sum[c]);
+      }
+    }
+  }
+}
+
+// The loops compiled for AVX-512, AVX2 and plain x86-64, picked when the library loads: wider vectors for the
+// per-channel loops without building for one CPU.
+#define DEM_POOL_TARGETS [[gnu::target_clones("avx512f", "avx2", "default")]]
+DEM_POOL_TARGETS void PoolForwardF32(const float* x, float* y, const PoolGeometry& g) { MaxPoolForward(x, y, g); }
+DEM_POOL_TARGETS void PoolForwardBf16(const uint16_t* x, uint16_t* y, const PoolGeometry& g) {
+  MaxPoolForward(x, y, g);
+}
+DEM_POOL_TARGETS void PoolBackwardF32(const float* x, const float* y, const float* dy, float* dx,
+                                      const PoolGeometry& g) {
+  MaxPoolBackward(x, y, dy, dx, g);
+}
+DEM_POOL_TARGETS void PoolBackwardBf16(const uint16_t* x, const uint16_t* y, const uint16_t* dy, uint16_t* dx,
+                                       const PoolGeometry& g) {
+  MaxPoolBackward(x, y, dy, dx, g);
+}
+
+ffi::ErrorOr<PoolGeometry> MakePoolGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t window,
+                                            int64_t stride, int64_t pad) {
+  const auto in = x.dimensions(), out = y.dimensions();
+  if (in.size() != 4 || out.size() != 4 || x.element_type() != y.element_type() ||
+      (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("max_pool: expected float32 or bfloat16 NHWC input and output of one type");
+  }
+  PoolGeometry g{in[0], in[1], in[2], in[3], out[1], out[2], window, stride, pad};
+  const bool consistent = window > 0 && stride > 0 && pad >= 0 && pad < window && out[0] == g.n && out[3] == g.c &&
+                          g.oh == (g.h + 2 * pad - window) / stride + 1 && g.ow == (g.w + 2 * pad - window) / stride + 1;
+  if (!consistent) return ffi::Error::InvalidArgument("max_pool: input and output shapes do not match the window");
+  return g;
+}
+
+ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t window, int64_t stride, int64_t pad) {
+  auto g = MakePoolGeometry(x, *y, window, stride, pad);
+  if (g.has_error()) return g.error();
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
+  if (x.element_type() == ffi::DataType::F32) {
+    PoolForwardF32(static_cast<const float*>(x.untyped_data()), static_cast<float*>(y->untyped_data()), *g);
+  } else {
+    PoolForwardBf16(static_cast<const uint16_t*>(x.untyped_data()), static_cast<uint16_t*>(y->untyped_data()), *g);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
+                        int64_t window, int64_t stride, int64_t pad) {
+  auto g = MakePoolGeometry(x, y, window, stride, pad);
+  if (g.has_error()) return g.error();
+  if (dy.element_type() != x.element_type() || dx->element_type() != x.element_type() ||
+      dy.dimensions().size() != 4 || dx->dimensions().size() != 4 ||
+      !std::equal(dy.dimensions().begin(), dy.dimensions().end(), y.dimensions().begin()) ||
+      !std::equal(dx->dimensions().begin(), dx->dimensions().end(), x.dimensions().begin())) {
+    return ffi::Error::InvalidArgument("max_pool: the gradients must match the output's and the input's shapes");
+  }
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
+  if (x.element_type() == ffi::DataType::F32) {
+    PoolBackwardF32(static_cast<const float*>(x.untyped_data()), static_cast<const float*>(y.untyped_data()),
+                    static_cast<const float*>(dy.untyped_data()), static_cast<float*>(dx->untyped_data()), *g);
+  } else {
+    PoolBackwardBf16(static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(y.untyped_data()),
+                    static_cast<const uint16_t*>(dy.untyped_data()), static_cast<uint16_t*>(dx->untyped_data()), *g);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Whether bfloat16 convolutions have native kernels here: oneDNN detects AVX512-BF16 (or AMX, its superset) and
@@ -265,3 +436,20 @@ extern "C" int DemOnednnBf16Kernels(char* message, size_t size) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvForward, Forward, DEM_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardData, BackwardData, DEM_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardWeights, BackwardWeights, DEM_CONV_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolForward, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolBackward, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
