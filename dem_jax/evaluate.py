@@ -193,6 +193,18 @@ def protocol_name(features: Features, per_fold: bool, training_fold: int | None)
   return PROTOCOL_ONE_EMBEDDING if training_fold else PROTOCOL_ALL_FOLDS_HEARD
 
 
+def training_loss(workdirs: list[str]) -> str | None:
+  """The loss (config.loss.name) the workdirs were trained with, from their config.json; None if unknown."""
+  names = set()
+  for workdir in workdirs:
+    try:
+      with open(os.path.join(workdir, 'config.json')) as f:
+        names.add(json.load(f)['loss']['name'])
+    except (OSError, ValueError, KeyError, TypeError):
+      return None
+  return ', '.join(sorted(names)) or None
+
+
 def model_tile_fn(embedder: Embedder):
   """The model's two representations of a batch of tiles, from one forward pass."""
   def embed(tiles):
@@ -295,6 +307,7 @@ def evaluate(workdirs: str | list[str], *, features_dir: str | None = None, outp
       'num_tiles': int(len(index)),
       'retrieval_k': retrieval_k,
       'seed': seed,
+      'training_loss': training_loss([e.workdir for e in fold_embedders.values()]),
   }
   if per_fold:
     settings['workdirs'] = {fold: e.workdir for fold, e in fold_embedders.items()}

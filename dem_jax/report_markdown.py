@@ -19,7 +19,7 @@ __all__ = ['render_report_markdown', 'format_summary_table']
 
 # (key in the report, name shown).
 SYSTEMS = (
-    ('model', 'Model (triplet embedding)'),
+    ('model', 'Model (embedding)'),  # the training loss is named where settings.training_loss gives it
     ('model_trunk', 'Model trunk (pooled, before the head)'),
     ('logmel_stats', 'log-Mel stats baseline'),
     ('random_init', 'Random-init network'),
@@ -40,10 +40,19 @@ HEADLINE = (
 NA = 'n/a'
 
 
+def _system_names(report: Mapping[str, Any]) -> dict[str, str]:
+  """{key: name shown}; the embedding's name says which loss trained it, where the report knows."""
+  names = dict(SYSTEMS)
+  loss = (report.get('settings') or {}).get('training_loss')
+  if loss:
+    names['model'] = f'Model (embedding, {loss} loss)'
+  return names
+
+
 def _system_figs(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any] | None]]:
   baselines = report.get('baselines') or {}
   figs = []
-  for key, name in SYSTEMS:
+  for key, name in _system_names(report).items():
     fig = report.get(key) if key.startswith('model') else baselines.get(key)
     figs.append((name, fig if isinstance(fig, Mapping) else None))
   return figs
@@ -170,7 +179,7 @@ def render_report_markdown(
   descriptions = report.get('representations') or {}
   if descriptions:
     lines += ['## Representations', '']
-    names = dict(SYSTEMS)
+    names = _system_names(report)
     lines += [f'- {names.get(key, key)}: {text}.' for key, text in descriptions.items()]
     lines += ['- k-Means: on standardised features, and on the unit sphere (rows L2-normalised: "cosine").', '']
 

@@ -89,6 +89,7 @@ def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_featu
   assert report['settings']['dataset'] == 'dcase2018_task5'
   assert report['settings']['protocol_name'].startswith('one embedding for all folds')
   assert report['settings']['training_fold'] == 1
+  assert report['settings']['training_loss'] == 'triplet'  # the workdir's config.json
   assert set(report['representations']) == {'model', 'model_trunk', 'logmel_stats', 'random_init'}
   markdown = (out / 'report.md').read_text()
   assert '## Per fold' in markdown and '_std' not in markdown

@@ -37,7 +37,7 @@ def table_row(markdown, first_cell):
 def test_headline_rows_show_percent_with_fold_std():
   md = render_report_markdown(report(), {})
   assert 'Checkpoint step: 12000' in md
-  model = table_row(md, 'Model (triplet embedding)')
+  model = table_row(md, 'Model (embedding)')
   # F1 clip, F1 tile, accuracy, NMI, ARI, purity, NMI cosine, P@5: fold means 0.6/0.55/0.65/0.3/0.15/0.5/0.4/0.5,
   # std 0.1 etc.
   assert model[1:] == ['60.0 ± 10.0', '55.0 ± 10.0', '65.0 ± 10.0', '30.0 ± 10.0', '15.0 ± 5.0', '50.0 ± 10.0',
@@ -59,8 +59,8 @@ def test_per_class_table_lists_each_class_for_each_system():
 def test_per_fold_table_only_when_folds_are_given():
   md = render_report_markdown(report(with_folds=True), {})
   assert '## Per fold' in md
-  assert table_row(md, '1')[1:3] == ['Model (triplet embedding)', '50.0']
-  assert table_row(md, '2')[1:3] == ['Model (triplet embedding)', '70.0']
+  assert table_row(md, '1')[1:3] == ['Model (embedding)', '50.0']
+  assert table_row(md, '2')[1:3] == ['Model (embedding)', '70.0']
   assert '## Per fold' not in render_report_markdown(report(with_folds=False), {})
 
 
@@ -79,13 +79,13 @@ def test_missing_baseline_and_metric_show_as_not_available():
   del r['model']['kmeans']
   md = render_report_markdown(r, {})
   assert table_row(md, 'Random-init network')[1:] == ['n/a'] * 8
-  assert table_row(md, 'Model (triplet embedding)')[4:8] == ['n/a', 'n/a', 'n/a', '40.0']
+  assert table_row(md, 'Model (embedding)')[4:8] == ['n/a', 'n/a', 'n/a', '40.0']
 
 
 def test_summary_table_has_one_aligned_line_per_system():
   lines = format_summary_table(report()).splitlines()
   assert lines[0].split() == ['System', 'Probe', 'F1', '/', 'clip', 'k-Means', 'NMI', 'NMI', 'cosine', 'P@5']
-  assert lines[2].startswith('Model (triplet embedding)')
+  assert lines[2].startswith('Model (embedding)')
   assert lines[2].split()[-12:] == ['60.0', '±', '10.0', '30.0', '±', '10.0', '40.0', '±', '10.0', '50.0', '±',
                                     '10.0']
   assert lines[3].startswith('Model trunk') and lines[3].split()[-4:] == ['80.0', '35.0', '45.0', '70.0']
@@ -102,5 +102,13 @@ def test_protocol_and_representations_are_named():
   md = render_report_markdown(r, {})
   assert 'Checkpoint steps: fold1 100, fold2 120.' in md
   assert 'Protocol: per-fold embeddings: fold k is scored on its own.' in md
-  assert '- Model (triplet embedding): the L2-normalised embedding.' in md
+  assert '- Model (embedding): the L2-normalised embedding.' in md
   assert "- Model trunk (pooled, before the head): the head's input." in md
+
+
+def test_the_embedding_row_names_the_loss_that_trained_it():
+  r = report(with_folds=False)
+  r['settings']['training_loss'] = 'infonce'
+  md = render_report_markdown(r, {})
+  assert table_row(md, 'Model (embedding, infonce loss)')[1] == '60.0'
+  assert 'Model (embedding, infonce loss)' in format_summary_table(r)
