@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dem_jax.ops import conv as conv_ops
+from dem_jax.ops import norm as norm_ops
 
 STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
 BASE_CHANNELS = (64, 128, 256, 512)
@@ -106,8 +107,9 @@ class ResNet(nn.Module):
 
     channels = [max(1, round(c * self.width)) for c in BASE_CHANNELS]
     conv = functools.partial(Conv, conv_impl=self.conv_impl, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, axis_name=self.axis_name)
+    # flax's BatchNorm, with the gradient written out (`ops.norm`): in bfloat16 on CPU, flax's took a fifth of the step.
+    norm = functools.partial(norm_ops.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             axis_name=self.axis_name)
 
     x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -338,3 +339,54 @@ def test_auto_dtype_is_bfloat16_off_cpu_and_float32_on_cpu():
   assert models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='auto'))).dtype == jnp.float32
   with pytest.raises(ValueError, match=r"config.model.dtype='float16'; choose one of \('auto'"):
     models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='float16')))
+
+
+def _batch_norm_loss(module, variables, weights):
+  """A loss of BatchNorm's output and of the running averages it writes (so the statistics' gradients count too)."""
+  def loss(params, x):
+    y, updates = module.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, mutable=['batch_stats'])
+    stats = updates['batch_stats']
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights) + jnp.sum(3 * stats['mean'] + stats['var'] ** 2), y
+  return loss
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_has_flax_values_running_averages_and_gradients(dtype):
+  from dem_jax.ops import norm
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((8, 5, 6, 3)) * 2 + 1.5, dtype)
+  weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  ours = norm.BatchNorm(momentum=0.9, epsilon=1e-5)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  variables = flax_bn.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+  params = {'scale': jnp.linspace(0.5, 1.5, 3), 'bias': jnp.linspace(-1.0, 1.0, 3)}
+  y, grads = [], []
+  for module in (flax_bn, ours):
+    (_, out), g = jax.value_and_grad(_batch_norm_loss(module, variables, weights), argnums=(0, 1), has_aux=True)(
+        params, x)
+    assert out.dtype == dtype and g[1].dtype == dtype  # output and input gradient in the activations' type
+    y.append(np.asarray(out, np.float32))
+    grads.append(g)
+  np.testing.assert_allclose(y[1], y[0], atol=1e-6 if dtype == jnp.float32 else 1e-2)
+  for ours_g, flax_g in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    # bfloat16: the input gradient may differ by its last bit.
+    np.testing.assert_allclose(np.asarray(ours_g, np.float32), np.asarray(flax_g, np.float32), rtol=1e-5,
+                               atol=1e-5 if ours_g.dtype == jnp.float32 else 2e-2)
+  inference = {'params': params, 'batch_stats': {'mean': jnp.array([0.3, -0.2, 1.0]),
+                                                 'var': jnp.array([2.0, 0.5, 1.5])}}
+  np.testing.assert_allclose(
+      np.asarray(norm.BatchNorm(use_running_average=True).apply(inference, x), np.float32),
+      np.asarray(nn.BatchNorm(use_running_average=True, dtype=dtype).apply(inference, x), np.float32), atol=1e-2)
+
+
+def test_batch_norm_across_devices_has_flax_gradients_under_pmap():
+  from dem_jax.ops import norm
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 2, 5, 6, 3)) + 0.5, jnp.float32)
+  params = {'scale': jnp.linspace(0.5, 1.5, 3), 'bias': jnp.linspace(-1.0, 1.0, 3)}
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name='batch')
+  variables = flax_bn.init(jax.random.key(0), x[0])
+  grads = [jax.pmap(lambda x, m=m: jax.grad(_batch_norm_loss(m, variables, 1.3), argnums=(0, 1), has_aux=True)(
+      params, x), axis_name='batch')(x) for m in (flax_bn, norm.BatchNorm(momentum=0.9, axis_name='batch'))]
+  for ours_g, flax_g in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(ours_g, flax_g, rtol=1e-5, atol=2e-5)
