@@ -200,3 +200,21 @@ def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monke
   run = quality.train(flags, overrides, 'F', str(tmp_path / 'run2'))
   assert len(commands) == 1 and commands[0][-1] == '--config.num_steps=5'
   assert run['budget'] == 'num_steps given' and run['steps'] == 7
+
+
+@pytest.mark.parametrize('dataset', ['music', 'dcase'])
+def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'configs.{dataset}')
+  cpu, tiny, default = module.get_config('cpu'), module.get_config('tiny'), module.get_config()
+  # The budget ends a :cpu run (its step cap would take over 1,000 steps/s), and the learning rate's cosine follows
+  # the steps the budget reaches.
+  assert cpu.train_minutes > 0 and cpu.num_steps / (cpu.train_minutes * 60) > 1000
+  assert cpu.optimizer.schedule == 'cosine' and not cpu.optimizer.schedule_steps
+  assert tiny.train_minutes == 0 and tiny.num_steps <= 1000
+  # The dataset's own sampling rules hold in every variant; the original's settings stay the default.
+  for config in (cpu, tiny):
+    assert config.data.cross_clip_neighbours == default.data.cross_clip_neighbours
+  assert (default.loss.name, default.optimizer.schedule, default.model.width) == ('triplet', 'staircase', 1.0)
+  with pytest.raises(ValueError, match=':cpu'):
+    module.get_config('fast')
