@@ -57,13 +57,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = norm_ops.relu(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), name='conv2')(y)
     y = self.norm(name='bn2')(y)
     if x.shape != y.shape:
       x = self.conv(self.features, (1, 1), self.strides, name='proj_conv')(x)
       x = self.norm(name='proj_bn')(x)
-    return nn.relu(x + y)
+    return norm_ops.relu(x + y)
 
 
 class ResNet(nn.Module):
@@ -112,7 +112,7 @@ class ResNet(nn.Module):
                              axis_name=self.axis_name)
 
     x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
-    x = nn.relu(norm(name='stem_bn')(x))
+    x = norm_ops.relu(norm(name='stem_bn')(x))
     x = conv_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):

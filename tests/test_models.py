@@ -2,6 +2,8 @@
 
 import functools
 import os
+import subprocess
+import sys
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 
@@ -390,3 +392,45 @@ def test_batch_norm_across_devices_has_flax_gradients_under_pmap():
       params, x), axis_name='batch')(x) for m in (flax_bn, norm.BatchNorm(momentum=0.9, axis_name='batch'))]
   for ours_g, flax_g in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
     np.testing.assert_allclose(ours_g, flax_g, rtol=1e-5, atol=2e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_native_channel_sums_match_numpy(dtype):
+  rng = np.random.default_rng(6)
+  a = jnp.asarray(rng.standard_normal((7, 5, 3, 4)) + 2.0, dtype)
+  b = jnp.asarray(rng.standard_normal((7, 5, 3, 4)), dtype)
+  total, dot = jax.jit(onednn.channel_sums)(a, b)
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)  # the values as stored, summed exactly
+  np.testing.assert_allclose(total, a64.sum(axis=(0, 1, 2)), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(dot, (a64 * b64).sum(axis=(0, 1, 2)), rtol=1e-6, atol=1e-5)
+  with pytest.raises(ValueError, match='one shape'):
+    onednn.channel_sums(a, b[..., :2])
+
+
+@needs_onednn
+def test_native_channel_sums_are_the_same_with_one_thread(tmp_path):
+  """Fixed chunks added in a fixed order: the float32 sums do not depend on how many threads OpenMP runs."""
+  x = np.random.default_rng(7).standard_normal((300, 8, 16)).astype(np.float32) * 100
+  np.save(tmp_path / 'x.npy', x)
+  script = ('import sys, numpy as np, jax.numpy as jnp\n'
+            'from dem_jax.ops import onednn\n'
+            'x = jnp.asarray(np.load(sys.argv[1]))\n'
+            'np.save(sys.argv[2], np.stack(onednn.channel_sums(x, x)))\n')
+  sums = {}
+  for threads in ('1', '2'):
+    out = tmp_path / f'sums{threads}.npy'
+    subprocess.run([sys.executable, '-c', script, str(tmp_path / 'x.npy'), str(out)], check=True, timeout=120,
+                   env=dict(os.environ, OMP_NUM_THREADS=threads, JAX_PLATFORMS='cpu'))
+    sums[threads] = np.load(out)
+  np.testing.assert_array_equal(sums['1'], sums['2'])
+
+
+def test_relu_reading_its_output_has_the_gradient_of_jax_relu():
+  from dem_jax.ops import norm
+  x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0])  # zero included: both give it gradient 0
+  dy = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  ours, pull = jax.vjp(norm.relu, x)
+  reference, pull_reference = jax.vjp(jax.nn.relu, x)
+  np.testing.assert_array_equal(ours, reference)
+  np.testing.assert_array_equal(pull(dy)[0], pull_reference(dy)[0])

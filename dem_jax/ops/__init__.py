@@ -1,5 +1,7 @@
-"""The CPU convolution and pooling kernels: pure-XLA forms and oneDNN's through XLA FFI custom calls.
+"""The CPU kernels: convolution, pooling and BatchNorm in pure-XLA forms and as XLA FFI custom calls.
 
-`conv` chooses an implementation per layer (`conv_impl`) and holds the max-pool; `onednn` builds, checks and loads
-the native library (`native/onednn_conv.cc`) and wraps its handlers in a differentiable `conv2d_onednn`.
+`conv` chooses an implementation per layer (`conv_impl`) and holds the max-pool; `norm` is BatchNorm (and the ReLU
+after it) with the gradient written out; `onednn` builds, checks and loads the native library
+(`native/onednn_conv.cc`: oneDNN's convolutions, and plain loops for max-pooling and per-channel sums) and wraps its
+handlers in differentiable functions.
 """

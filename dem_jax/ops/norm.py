@@ -4,7 +4,8 @@
 convolution's output (its statistics, the normalisation and the backward pass each read it) and keeps float32
 intermediates for the backward pass. Here the forward pass reads the activation twice (statistics, then the
 normalisation folded into one multiply-add per channel) and keeps only the input and per-channel vectors; the
-backward pass reads input and output gradient twice (two per-channel sums, then the input gradient). `BatchNorm` is
+backward pass reads input and output gradient twice (two per-channel sums, then the input gradient). `relu` keeps
+its output, not its input, for the backward pass, so the sum or normalisation before it is never stored. `BatchNorm` is
 the module, with flax's parameters and running averages (same names, shapes and update), so checkpoints are shared. Every pass
 converts to float32 as it reads, so statistics and sums are float32 whatever the activations' type.
 
@@ -20,6 +21,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dem_jax.ops import onednn
+
 
 def _count(x: jax.Array, axis_name) -> jax.Array:
   """How many values each channel's statistics cover (on every device of `axis_name` together)."""
@@ -27,10 +30,13 @@ def _count(x: jax.Array, axis_name) -> jax.Array:
   return local if axis_name is None else lax.psum(local, axis_name)
 
 
-def _sum(values, axis_name):
-  """Per-channel sums over every axis but the last, over the devices of `axis_name` as well."""
-  sums = [jnp.sum(v, axis=tuple(range(v.ndim - 1))) for v in values]
-  return sums if axis_name is None else lax.psum(sums, axis_name)
+def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum(a), sum(a * b)) per channel over every axis but the last, in float32 (this device's part)."""
+  if a.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == 'cpu' and onednn.available():
+    return onednn.channel_sums(a, b)  # Reads bfloat16 as it is; XLA:CPU would copy it into float32 first.
+  af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+  axes = tuple(range(a.ndim - 1))
+  return jnp.sum(af, axis=axes), jnp.sum(af * bf, axis=axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -44,12 +50,17 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
   xf = x.astype(jnp.float32)
-  total, total_sq = _sum([xf, xf * xf], axis_name)
+  total, total_sq = _channel_sums(x, x)
+  if axis_name is not None:
+    total, total_sq = lax.psum((total, total_sq), axis_name)
   count = _count(x, axis_name)
   mean = total / count
   var = jnp.maximum(total_sq / count - mean * mean, 0.0)
   inv = lax.rsqrt(var + epsilon)
-  y = ((xf - mean) * (scale.astype(jnp.float32) * inv) + bias.astype(jnp.float32)).astype(x.dtype)
+  # One multiply-add per element with per-channel factors. No (x - mean) array is formed, here or in the backward
+  # pass: XLA would otherwise share one between the two and keep it, in float32, from one pass to the other.
+  gain = scale.astype(jnp.float32) * inv
+  y = (xf * gain + (bias.astype(jnp.float32) - mean * gain)).astype(x.dtype)
   return (y, mean, var), (x, mean, inv, scale, bias)
 
 
@@ -58,23 +69,43 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
   x, mean, inv, scale, bias = residuals
   dy, dmean, dvar = cotangents
   xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
-  centred = xf - mean
   # The parameters' gradients are this device's sums (flax's, under pmap); the input's gradient needs the sums over
-  # every device the statistics came from.
-  local = [jnp.sum(v, axis=tuple(range(v.ndim - 1))) for v in (dyf, dyf * centred)]
-  dbias, dscale = local[0], local[1] * inv
-  sum_dy, sum_dy_centred = local if axis_name is None else lax.psum(local, axis_name)
+  # every device the statistics came from. sum(dy * (x - mean)) = sum(dy * x) - mean * sum(dy).
+  local_dy, local_dy_x = _channel_sums(dy.astype(x.dtype), x)
+  dbias, dscale = local_dy, (local_dy_x - mean * local_dy) * inv
+  sum_dy, sum_dy_x = (local_dy, local_dy_x) if axis_name is None else lax.psum((local_dy, local_dy_x), axis_name)
   if axis_name is not None:
-    dmean, dvar = lax.psum([dmean, dvar], axis_name)
+    dmean, dvar = lax.psum((dmean, dvar), axis_name)
+  sum_dy_centred = sum_dy_x - mean * sum_dy
   count = _count(x, axis_name)
   gain = scale.astype(jnp.float32) * inv
-  # d y / d x through the normalisation, then what the mean and variance outputs' own cotangents add.
-  dx = gain * (dyf - sum_dy / count - centred * (inv * inv) * (sum_dy_centred / count))
-  dx = dx + (dmean + 2.0 * dvar * centred) / count
+  # dx = gain * (dy - mean(dy) - (x - mean) * inv^2 * mean(dy * (x - mean))) + (dmean + 2 dvar (x - mean)) / count,
+  # gathered into dx = gain * dy + x * slope + offset with per-channel slope and offset.
+  slope = (2.0 * dvar - gain * inv * inv * sum_dy_centred) / count
+  offset = (dmean - gain * sum_dy) / count - mean * slope
+  dx = dyf * gain + xf * slope + offset
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0), whose gradient (0 at 0, as jax.nn.relu's) is read from the output: what precedes it fuses into it."""
+  return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+  y = relu(x)
+  return y, y
+
+
+def _relu_bwd(y, dy):
+  return (jnp.where(y > 0, dy, jnp.zeros_like(dy)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 class BatchNorm(nn.Module):

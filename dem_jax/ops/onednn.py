@@ -1,4 +1,4 @@
-"""oneDNN's convolutions, and a native max-pooling, as XLA FFI custom calls: what `ops.conv` runs on CPU.
+"""oneDNN's convolutions, a native max-pooling and per-channel sums as XLA FFI custom calls: what `ops` runs on CPU.
 
 Why: this jaxlib runs convolutions on CPU through YNNPACK (or Eigen), whose kernels are 15-75% slower than oneDNN's
 on ResNet18's layers, most of all the kernel gradient, which also needs its inputs transposed first. PyTorch calls
@@ -12,7 +12,8 @@ where oneDNN has native bfloat16 kernels (AVX512-BF16 or AMX): `bf16_available()
 
 `max_pool_native` is max-pooling and its gradient in the same library: plain loops over NHWC, one pass forward and
 two back, where XLA:CPU made several over the network's largest activation (in bfloat16 the pooling and its
-gradient took about a fifth of the training step).
+gradient took about a fifth of the training step). `channel_sums` gives BatchNorm (`ops.norm`) its per-channel sums,
+read straight from bfloat16.
 
 The handlers live in `native/onednn_conv.cc`. `load()` compiles that file once per environment with the C++
 compiler (`$CXX`, else g++) against jaxlib's FFI headers and the oneDNN wheels that setup.cfg installs on Linux
@@ -46,7 +47,7 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
 TARGETS = {'forward': 'DemOnednnConvForward', 'backward_data': 'DemOnednnConvBackwardData',
            'backward_weights': 'DemOnednnConvBackwardWeights', 'max_pool': 'DemMaxPoolForward',
-           'max_pool_backward': 'DemMaxPoolBackward'}
+           'max_pool_backward': 'DemMaxPoolBackward', 'channel_sums': 'DemChannelSums'}
 BF16_QUERY = 'DemOnednnBf16Kernels'
 DISABLE_ENV = 'DEM_JAX_ONEDNN'
 LIBRARY_PREFIX = 'libdem_onednn_conv-'
@@ -344,6 +345,19 @@ def _max_pool_native_bwd(window, stride, pad, residuals, dy):
 
 
 max_pool_native.defvjp(_max_pool_native_fwd, _max_pool_native_bwd)
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum(a), sum(a * b)) over every axis but the last, float32, for float32 or bfloat16 `a` and `b` of one shape:
+  read as they are (XLA:CPU would first copy bfloat16 into float32) and summed in a fixed order. Not
+  differentiable; CPU only."""
+  if a.shape != b.shape or a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16) or a.ndim < 1:
+    raise ValueError(f'channel_sums takes two float32 or bfloat16 arrays of one shape, got {a.dtype}{a.shape} and '
+                     f'{b.dtype}{b.shape}')
+  load()
+  sums = jax.ffi.ffi_call(TARGETS['channel_sums'], jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32),
+                          vmap_method='sequential')(a, b)
+  return sums[0], sums[1]
 
 
 def main() -> None:

@@ -10,6 +10,7 @@
 //   DemOnednnConvBackwardWeights(x, dy) -> dkernel[KH,KW,C,O]
 //   DemMaxPoolForward(x[N,H,W,C]) -> y[N,OH,OW,C]            attributes: window, stride, pad
 //   DemMaxPoolBackward(x, y, dy[N,OH,OW,C]) -> dx[N,H,W,C]
+//   DemChannelSums(a[..., C], b[..., C]) -> sums[2, C]          float32: sum(a) and sum(a * b) over all but C
 //
 // Activations are float32 or bfloat16 (x, y, dy and dx share one type); the kernel and its gradient are float32,
 // or bfloat16 with bfloat16 activations. oneDNN accumulates in float32 either way, so a float32 kernel with
@@ -326,20 +327,78 @@ template <typename T>
   }
 }
 
-// The loops compiled for AVX-512, AVX2 and plain x86-64, picked when the library loads: wider vectors for the
-// per-channel loops without building for one CPU.
-#define DEM_POOL_TARGETS [[gnu::target_clones("avx512f", "avx2", "default")]]
-DEM_POOL_TARGETS void PoolForwardF32(const float* x, float* y, const PoolGeometry& g) { MaxPoolForward(x, y, g); }
-DEM_POOL_TARGETS void PoolForwardBf16(const uint16_t* x, uint16_t* y, const PoolGeometry& g) {
+// The plain loops below compiled for AVX-512, AVX2 and baseline x86-64, picked when the library loads: wider vectors
+// for the per-channel loops without building for one CPU.
+#define DEM_LOOP_TARGETS [[gnu::target_clones("avx512f", "avx2", "default")]]
+DEM_LOOP_TARGETS void PoolForwardF32(const float* x, float* y, const PoolGeometry& g) { MaxPoolForward(x, y, g); }
+DEM_LOOP_TARGETS void PoolForwardBf16(const uint16_t* x, uint16_t* y, const PoolGeometry& g) {
   MaxPoolForward(x, y, g);
 }
-DEM_POOL_TARGETS void PoolBackwardF32(const float* x, const float* y, const float* dy, float* dx,
+DEM_LOOP_TARGETS void PoolBackwardF32(const float* x, const float* y, const float* dy, float* dx,
                                       const PoolGeometry& g) {
   MaxPoolBackward(x, y, dy, dx, g);
 }
-DEM_POOL_TARGETS void PoolBackwardBf16(const uint16_t* x, const uint16_t* y, const uint16_t* dy, uint16_t* dx,
+DEM_LOOP_TARGETS void PoolBackwardBf16(const uint16_t* x, const uint16_t* y, const uint16_t* dy, uint16_t* dx,
                                        const PoolGeometry& g) {
   MaxPoolBackward(x, y, dy, dx, g);
+}
+
+// Per-channel sums for BatchNorm (dem_jax/ops/norm.py): sum(a) and sum(a * b) over every axis but the last, read
+// straight from bfloat16 or float32 and summed in float32. XLA:CPU converts a bfloat16 operand of a reduction into a
+// float32 copy first, which costs more than the sums. The rows are cut into a fixed number of chunks whatever the
+// thread count, each summed in order and the chunks added in order, so the result never depends on the threads.
+constexpr int64_t kSumChunks = 64;
+
+template <typename T>
+[[gnu::always_inline]] inline void ChannelSums(const T* a, const T* b, int64_t rows, int64_t c, float* out) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(kSumChunks, rows));
+  std::vector<float> partial(chunks * 2 * c, 0.0f);
+#pragma omp parallel for
+  for (int64_t k = 0; k < chunks; ++k) {
+    float* sum_a = &partial[k * 2 * c];
+    float* sum_ab = sum_a + c;
+    for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
+      for (int64_t j = 0; j < c; ++j) {
+        const float va = Load(a, r * c + j);
+        sum_a[j] += va;
+        sum_ab[j] += va * Load(b, r * c + j);
+      }
+    }
+  }
+  std::fill(out, out + 2 * c, 0.0f);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t j = 0; j < 2 * c; ++j) out[j] += partial[k * 2 * c + j];
+  }
+}
+
+DEM_LOOP_TARGETS void ChannelSumsF32(const float* a, const float* b, int64_t rows, int64_t c, float* out) {
+  ChannelSums(a, b, rows, c, out);
+}
+DEM_LOOP_TARGETS void ChannelSumsBf16(const uint16_t* a, const uint16_t* b, int64_t rows, int64_t c, float* out) {
+  ChannelSums(a, b, rows, c, out);
+}
+
+ffi::Error SumsOfChannels(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+  const auto dims = a.dimensions();
+  if (dims.size() == 0 || a.element_type() != b.element_type() ||
+      !std::equal(dims.begin(), dims.end(), b.dimensions().begin(), b.dimensions().end()) ||
+      (a.element_type() != ffi::DataType::F32 && a.element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("channel_sums: expected two float32 or bfloat16 arrays of one shape");
+  }
+  const int64_t c = dims.back();
+  const int64_t rows = c ? a.element_count() / c : 0;
+  if (sums->element_count() != static_cast<size_t>(2 * c)) {
+    return ffi::Error::InvalidArgument("channel_sums: the output must hold 2 x channels floats");
+  }
+  std::lock_guard<std::mutex> lock(ExecutionMutex());
+  if (a.element_type() == ffi::DataType::F32) {
+    ChannelSumsF32(static_cast<const float*>(a.untyped_data()), static_cast<const float*>(b.untyped_data()), rows, c,
+                   sums->typed_data());
+  } else {
+    ChannelSumsBf16(static_cast<const uint16_t*>(a.untyped_data()), static_cast<const uint16_t*>(b.untyped_data()),
+                    rows, c, sums->typed_data());
+  }
+  return ffi::Error::Success();
 }
 
 ffi::ErrorOr<PoolGeometry> MakePoolGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t window,
@@ -453,3 +512,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolBackward, PoolBackward,
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemChannelSums, SumsOfChannels,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
