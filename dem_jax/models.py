@@ -57,7 +57,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x)
-    y = norm_ops.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = self.conv(self.features, (3, 3), name='conv2')(y)
     y = self.norm(name='bn2')(y)
     if x.shape != y.shape:
@@ -112,8 +112,10 @@ class ResNet(nn.Module):
                              axis_name=self.axis_name)
 
     x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
-    x = norm_ops.relu(norm(name='stem_bn')(x))
-    x = conv_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
+    # ReLU after the max-pool: the same values and gradients as before it (the maximum and ReLU commute, and where
+    # a window's maximum is not positive no gradient passes either way), on a quarter of the positions.
+    x = conv_ops.max_pool(norm(name='stem_bn')(x), self.conv_impl, window=3, stride=2, pad=1)
+    x = norm_ops.relu(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)

@@ -293,6 +293,16 @@ def test_native_max_pool_matches_the_slices_form_with_its_tied_gradient(dtype, s
                              rtol=1e-6, atol=1e-6)
 
 
+@needs_onednn
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_native_max_pool_keeps_a_nan(dtype):
+  """A NaN in a window makes its maximum NaN, as jnp.maximum and reduce_window do: bad input never vanishes."""
+  x = np.zeros((1, 4, 4, 2), np.float32)
+  x[0, 1, 1, 0] = np.nan
+  y = np.asarray(onednn.max_pool_native(jnp.asarray(x, dtype)), np.float32)
+  assert np.isnan(y[..., 0]).sum() == 4 and not np.isnan(y[..., 1]).any()  # (1, 1) lies in all four windows
+
+
 def test_native_max_pool_is_what_auto_runs_on_cpu_and_refuses_bad_settings():
   hlo = jax.jit(lambda x: conv_ops.max_pool(x)).lower(jnp.zeros((1, 8, 8, 2))).as_text()
   assert ('DemMaxPoolForward' in hlo) == onednn.available()
@@ -343,30 +353,34 @@ def test_auto_dtype_is_bfloat16_off_cpu_and_float32_on_cpu():
     models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='float16')))
 
 
-def _batch_norm_loss(module, variables, weights):
-  """A loss of BatchNorm's output and of the running averages it writes (so the statistics' gradients count too)."""
+def _batch_norm_loss(module, variables, weights, relu=False):
+  """A loss of BatchNorm's output (after jax.nn.relu, for flax's, with `relu`) and of the running averages it writes
+  (so the statistics' gradients count too)."""
   def loss(params, x):
     y, updates = module.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, mutable=['batch_stats'])
+    y = jax.nn.relu(y) if relu else y
     stats = updates['batch_stats']
     return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights) + jnp.sum(3 * stats['mean'] + stats['var'] ** 2), y
   return loss
 
 
+@pytest.mark.parametrize('relu', [False, True])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_batch_norm_has_flax_values_running_averages_and_gradients(dtype):
+def test_batch_norm_has_flax_values_running_averages_and_gradients(dtype, relu):
+  """Ours, with relu=True, against flax's followed by jax.nn.relu."""
   from dem_jax.ops import norm
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((8, 5, 6, 3)) * 2 + 1.5, dtype)
   weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-  ours = norm.BatchNorm(momentum=0.9, epsilon=1e-5)
+  ours = norm.BatchNorm(momentum=0.9, epsilon=1e-5, relu=relu)
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
   variables = flax_bn.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
   params = {'scale': jnp.linspace(0.5, 1.5, 3), 'bias': jnp.linspace(-1.0, 1.0, 3)}
   y, grads = [], []
-  for module in (flax_bn, ours):
-    (_, out), g = jax.value_and_grad(_batch_norm_loss(module, variables, weights), argnums=(0, 1), has_aux=True)(
-        params, x)
+  for module, then_relu in ((flax_bn, relu), (ours, False)):
+    (_, out), g = jax.value_and_grad(_batch_norm_loss(module, variables, weights, then_relu), argnums=(0, 1),
+                                     has_aux=True)(params, x)
     assert out.dtype == dtype and g[1].dtype == dtype  # output and input gradient in the activations' type
     y.append(np.asarray(out, np.float32))
     grads.append(g)
@@ -377,9 +391,10 @@ def test_batch_norm_has_flax_values_running_averages_and_gradients(dtype):
                                atol=1e-5 if ours_g.dtype == jnp.float32 else 2e-2)
   inference = {'params': params, 'batch_stats': {'mean': jnp.array([0.3, -0.2, 1.0]),
                                                  'var': jnp.array([2.0, 0.5, 1.5])}}
+  flax_inference = nn.BatchNorm(use_running_average=True, dtype=dtype).apply(inference, x)
   np.testing.assert_allclose(
-      np.asarray(norm.BatchNorm(use_running_average=True).apply(inference, x), np.float32),
-      np.asarray(nn.BatchNorm(use_running_average=True, dtype=dtype).apply(inference, x), np.float32), atol=1e-2)
+      np.asarray(norm.BatchNorm(use_running_average=True, relu=relu).apply(inference, x), np.float32),
+      np.asarray(jax.nn.relu(flax_inference) if relu else flax_inference, np.float32), atol=1e-2)
 
 
 def test_batch_norm_across_devices_has_flax_gradients_under_pmap():
@@ -434,3 +449,17 @@ def test_relu_reading_its_output_has_the_gradient_of_jax_relu():
   reference, pull_reference = jax.vjp(jax.nn.relu, x)
   np.testing.assert_array_equal(ours, reference)
   np.testing.assert_array_equal(pull(dy)[0], pull_reference(dy)[0])
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_relu_after_the_max_pool_is_the_same_as_before_it(dtype):
+  """The stem pools and then applies ReLU (a quarter of the positions): the same values and gradients, ties and
+  all-negative windows included."""
+  from dem_jax.ops import norm
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.integers(-3, 4, (3, 9, 8, 5)).astype(np.float32), dtype)
+  y_before, pull_before = jax.vjp(lambda x: conv_ops.max_pool(norm.relu(x)), x)
+  y_after, pull_after = jax.vjp(lambda x: norm.relu(conv_ops.max_pool(x)), x)
+  dy = jnp.asarray(rng.standard_normal(y_before.shape).astype(np.float32), dtype)
+  np.testing.assert_array_equal(y_after, y_before)
+  np.testing.assert_array_equal(pull_after(dy)[0], pull_before(dy)[0])

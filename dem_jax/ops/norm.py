@@ -30,25 +30,31 @@ def _count(x: jax.Array, axis_name) -> jax.Array:
   return local if axis_name is None else lax.psum(local, axis_name)
 
 
-def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum(a), sum(a * b)) per channel over every axis but the last, in float32 (this device's part)."""
+def _channel_sums(a: jax.Array, b: jax.Array, where: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum(a), sum(a * b)) per channel over every axis but the last (only where `where` > 0, if given), in float32
+  (this device's part)."""
   if a.dtype in (jnp.float32, jnp.bfloat16) and jax.default_backend() == 'cpu' and onednn.available():
-    return onednn.channel_sums(a, b)  # Reads bfloat16 as it is; XLA:CPU would copy it into float32 first.
+    return onednn.channel_sums(a, b, where)  # Reads bfloat16 as it is; XLA:CPU would copy it into float32 first.
   af, bf = a.astype(jnp.float32), b.astype(jnp.float32)
+  if where is not None:
+    af = jnp.where(where > 0, af, 0.0)
   axes = tuple(range(a.ndim - 1))
   return jnp.sum(af, axis=axes), jnp.sum(af * bf, axis=axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name=None):
-  """(y, mean, var): `x` normalised by its batch statistics, times `scale` plus `bias` (per channel, the last axis).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name=None,
+                     relu: bool = False):
+  """(y, mean, var): `x` normalised by its batch statistics, times `scale` plus `bias` (per channel, the last axis),
+  then, with `relu`, max(., 0).
 
-  y has x's dtype; mean and var (biased) are float32, for the running averages.
+  y has x's dtype; mean and var (biased) are float32, for the running averages. With `relu` the backward pass
+  takes the ReLU's mask from y inside its own sums, so the masked gradient is never stored.
   """
-  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name, relu)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
+def _batch_norm_fwd(x, scale, bias, epsilon, axis_name, relu):
   xf = x.astype(jnp.float32)
   total, total_sq = _channel_sums(x, x)
   if axis_name is not None:
@@ -60,18 +66,22 @@ def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
   # One multiply-add per element with per-channel factors. No (x - mean) array is formed, here or in the backward
   # pass: XLA would otherwise share one between the two and keep it, in float32, from one pass to the other.
   gain = scale.astype(jnp.float32) * inv
-  y = (xf * gain + (bias.astype(jnp.float32) - mean * gain)).astype(x.dtype)
-  return (y, mean, var), (x, mean, inv, scale, bias)
+  y = xf * gain + (bias.astype(jnp.float32) - mean * gain)
+  y = (jnp.maximum(y, 0.0) if relu else y).astype(x.dtype)
+  return (y, mean, var), (x, y if relu else None, mean, inv, scale, bias)
 
 
-def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
+def _batch_norm_bwd(epsilon, axis_name, relu, residuals, cotangents):
   del epsilon  # in `inv` already
-  x, mean, inv, scale, bias = residuals
+  x, y, mean, inv, scale, bias = residuals
   dy, dmean, dvar = cotangents
+  dy = dy.astype(x.dtype)
   xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
+  if relu:  # Through the ReLU first: its gradient is 0 where it gave 0 (as jax.nn.relu's, at 0 included).
+    dyf = jnp.where(y > 0, dyf, 0.0)
   # The parameters' gradients are this device's sums (flax's, under pmap); the input's gradient needs the sums over
   # every device the statistics came from. sum(dy * (x - mean)) = sum(dy * x) - mean * sum(dy).
-  local_dy, local_dy_x = _channel_sums(dy.astype(x.dtype), x)
+  local_dy, local_dy_x = _channel_sums(dy, x, y if relu else None)
   dbias, dscale = local_dy, (local_dy_x - mean * local_dy) * inv
   sum_dy, sum_dy_x = (local_dy, local_dy_x) if axis_name is None else lax.psum((local_dy, local_dy_x), axis_name)
   if axis_name is not None:
@@ -110,11 +120,13 @@ relu.defvjp(_relu_fwd, _relu_bwd)
 
 class BatchNorm(nn.Module):
   """`flax.linen.BatchNorm` over the last axis (same parameters, running averages and results) on
-  `batch_norm_train`. The output has the input's dtype; parameters and statistics are float32."""
+  `batch_norm_train`, then a ReLU if `relu`. The output has the input's dtype; parameters and statistics are
+  float32."""
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   axis_name: str | None = None
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -125,10 +137,11 @@ class BatchNorm(nn.Module):
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
     if self.use_running_average:
       gain = scale * lax.rsqrt(running_var.value + self.epsilon)
-      return ((x.astype(jnp.float32) - running_mean.value) * gain + bias).astype(x.dtype)
+      y = (x.astype(jnp.float32) - running_mean.value) * gain + bias
+      return (jnp.maximum(y, 0.0) if self.relu else y).astype(x.dtype)
     # As flax: no statistics across devices while initialising.
     axis_name = None if self.is_initializing() else self.axis_name
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name, self.relu)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var

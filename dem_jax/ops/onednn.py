@@ -47,7 +47,8 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
 TARGETS = {'forward': 'DemOnednnConvForward', 'backward_data': 'DemOnednnConvBackwardData',
            'backward_weights': 'DemOnednnConvBackwardWeights', 'max_pool': 'DemMaxPoolForward',
-           'max_pool_backward': 'DemMaxPoolBackward', 'channel_sums': 'DemChannelSums'}
+           'max_pool_backward': 'DemMaxPoolBackward', 'channel_sums': 'DemChannelSums',
+           'masked_channel_sums': 'DemMaskedChannelSums'}
 BF16_QUERY = 'DemOnednnBf16Kernels'
 DISABLE_ENV = 'DEM_JAX_ONEDNN'
 LIBRARY_PREFIX = 'libdem_onednn_conv-'
@@ -347,16 +348,19 @@ def _max_pool_native_bwd(window, stride, pad, residuals, dy):
 max_pool_native.defvjp(_max_pool_native_fwd, _max_pool_native_bwd)
 
 
-def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum(a), sum(a * b)) over every axis but the last, float32, for float32 or bfloat16 `a` and `b` of one shape:
-  read as they are (XLA:CPU would first copy bfloat16 into float32) and summed in a fixed order. Not
-  differentiable; CPU only."""
-  if a.shape != b.shape or a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16) or a.ndim < 1:
-    raise ValueError(f'channel_sums takes two float32 or bfloat16 arrays of one shape, got {a.dtype}{a.shape} and '
-                     f'{b.dtype}{b.shape}')
+def channel_sums(a: jax.Array, b: jax.Array, where: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum(a), sum(a * b)) over every axis but the last, float32, for float32 or bfloat16 arrays of one shape and
+  type; with `where`, only over the positions where it is > 0. Read as they are (XLA:CPU would first copy bfloat16
+  into float32) and summed in a fixed order. Not differentiable; CPU only."""
+  arrays = (a, b) if where is None else (a, b, where)
+  if any(x.shape != a.shape or x.dtype != a.dtype for x in arrays) or a.dtype not in (jnp.float32, jnp.bfloat16) \
+      or a.ndim < 1:
+    raise ValueError('channel_sums takes float32 or bfloat16 arrays of one shape and type, got '
+                     + ', '.join(f'{x.dtype}{x.shape}' for x in arrays))
   load()
-  sums = jax.ffi.ffi_call(TARGETS['channel_sums'], jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32),
-                          vmap_method='sequential')(a, b)
+  target = TARGETS['channel_sums' if where is None else 'masked_channel_sums']
+  sums = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32),
+                          vmap_method='sequential')(*arrays)
   return sums[0], sums[1]
 
 

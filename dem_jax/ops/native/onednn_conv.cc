@@ -11,6 +11,7 @@
 //   DemMaxPoolForward(x[N,H,W,C]) -> y[N,OH,OW,C]            attributes: window, stride, pad
 //   DemMaxPoolBackward(x, y, dy[N,OH,OW,C]) -> dx[N,H,W,C]
 //   DemChannelSums(a[..., C], b[..., C]) -> sums[2, C]          float32: sum(a) and sum(a * b) over all but C
+//   DemMaskedChannelSums(a, b, mask) -> sums[2, C]              the same where mask > 0
 //
 // Activations are float32 or bfloat16 (x, y, dy and dx share one type); the kernel and its gradient are float32,
 // or bfloat16 with bfloat16 activations. oneDNN accumulates in float32 either way, so a float32 kernel with
@@ -267,7 +268,10 @@ template <typename T>
         for (int64_t a = h0; a < h1; ++a) {
           for (int64_t b = w0; b < w1; ++b) {
             const int64_t at = ((n * g.h + a) * g.w + b) * g.c;
-            for (int64_t c = 0; c < g.c; ++c) best[c] = std::max(best[c], Load(x, at + c));
+            for (int64_t c = 0; c < g.c; ++c) {
+              const float value = Load(x, at + c);
+              best[c] = value != value ? value : std::max(best[c], value);  // a NaN wins, as in jnp.maximum
+            }
           }
         }
         const int64_t out = ((n * g.oh + i) * g.ow + j) * g.c;
@@ -349,8 +353,9 @@ DEM_LOOP_TARGETS void PoolBackwardBf16(const uint16_t* x, const uint16_t* y, con
 // thread count, each summed in order and the chunks added in order, so the result never depends on the threads.
 constexpr int64_t kSumChunks = 64;
 
-template <typename T>
-[[gnu::always_inline]] inline void ChannelSums(const T* a, const T* b, int64_t rows, int64_t c, float* out) {
+template <typename T, bool kMasked>
+[[gnu::always_inline]] inline void ChannelSums(const T* a, const T* b, const T* mask, int64_t rows, int64_t c,
+                                               float* out) {
   const int64_t chunks = std::max<int64_t>(1, std::min(kSumChunks, rows));
   std::vector<float> partial(chunks * 2 * c, 0.0f);
 #pragma omp parallel for
@@ -359,7 +364,8 @@ template <typename T>
     float* sum_ab = sum_a + c;
     for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
       for (int64_t j = 0; j < c; ++j) {
-        const float va = Load(a, r * c + j);
+        float va = Load(a, r * c + j);
+        if constexpr (kMasked) va = Load(mask, r * c + j) > 0.0f ? va : 0.0f;
         sum_a[j] += va;
         sum_ab[j] += va * Load(b, r * c + j);
       }
@@ -371,19 +377,28 @@ template <typename T>
   }
 }
 
-DEM_LOOP_TARGETS void ChannelSumsF32(const float* a, const float* b, int64_t rows, int64_t c, float* out) {
-  ChannelSums(a, b, rows, c, out);
+template <bool kMasked>
+DEM_LOOP_TARGETS void ChannelSumsF32(const float* a, const float* b, const float* mask, int64_t rows, int64_t c,
+                                     float* out) {
+  ChannelSums<float, kMasked>(a, b, mask, rows, c, out);
 }
-DEM_LOOP_TARGETS void ChannelSumsBf16(const uint16_t* a, const uint16_t* b, int64_t rows, int64_t c, float* out) {
-  ChannelSums(a, b, rows, c, out);
+template <bool kMasked>
+DEM_LOOP_TARGETS void ChannelSumsBf16(const uint16_t* a, const uint16_t* b, const uint16_t* mask, int64_t rows,
+                                      int64_t c, float* out) {
+  ChannelSums<uint16_t, kMasked>(a, b, mask, rows, c, out);
 }
 
-ffi::Error SumsOfChannels(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+// sum(a) and sum(a * b) per channel; with `mask`, only where mask > 0 (the positions a ReLU let through).
+ffi::Error SumsOfChannels(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const ffi::AnyBuffer* mask,
+                          ffi::Result<ffi::Buffer<ffi::F32>>& sums) {
   const auto dims = a.dimensions();
-  if (dims.size() == 0 || a.element_type() != b.element_type() ||
-      !std::equal(dims.begin(), dims.end(), b.dimensions().begin(), b.dimensions().end()) ||
+  const auto same = [&](const ffi::AnyBuffer& other) {
+    return other.element_type() == a.element_type() &&
+           std::equal(dims.begin(), dims.end(), other.dimensions().begin(), other.dimensions().end());
+  };
+  if (dims.size() == 0 || !same(b) || (mask != nullptr && !same(*mask)) ||
       (a.element_type() != ffi::DataType::F32 && a.element_type() != ffi::DataType::BF16)) {
-    return ffi::Error::InvalidArgument("channel_sums: expected two float32 or bfloat16 arrays of one shape");
+    return ffi::Error::InvalidArgument("channel_sums: expected float32 or bfloat16 arrays of one shape and type");
   }
   const int64_t c = dims.back();
   const int64_t rows = c ? a.element_count() / c : 0;
@@ -391,14 +406,34 @@ ffi::Error SumsOfChannels(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::B
     return ffi::Error::InvalidArgument("channel_sums: the output must hold 2 x channels floats");
   }
   std::lock_guard<std::mutex> lock(ExecutionMutex());
+  float* out = sums->typed_data();
   if (a.element_type() == ffi::DataType::F32) {
-    ChannelSumsF32(static_cast<const float*>(a.untyped_data()), static_cast<const float*>(b.untyped_data()), rows, c,
-                   sums->typed_data());
+    const auto* pa = static_cast<const float*>(a.untyped_data());
+    const auto* pb = static_cast<const float*>(b.untyped_data());
+    if (mask == nullptr) {
+      ChannelSumsF32<false>(pa, pb, nullptr, rows, c, out);
+    } else {
+      ChannelSumsF32<true>(pa, pb, static_cast<const float*>(mask->untyped_data()), rows, c, out);
+    }
   } else {
-    ChannelSumsBf16(static_cast<const uint16_t*>(a.untyped_data()), static_cast<const uint16_t*>(b.untyped_data()),
-                    rows, c, sums->typed_data());
+    const auto* pa = static_cast<const uint16_t*>(a.untyped_data());
+    const auto* pb = static_cast<const uint16_t*>(b.untyped_data());
+    if (mask == nullptr) {
+      ChannelSumsBf16<false>(pa, pb, nullptr, rows, c, out);
+    } else {
+      ChannelSumsBf16<true>(pa, pb, static_cast<const uint16_t*>(mask->untyped_data()), rows, c, out);
+    }
   }
   return ffi::Error::Success();
+}
+
+ffi::Error ChannelSumsHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+  return SumsOfChannels(a, b, nullptr, sums);
+}
+
+ffi::Error MaskedChannelSumsHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer mask,
+                                    ffi::Result<ffi::Buffer<ffi::F32>> sums) {
+  return SumsOfChannels(a, b, &mask, sums);
 }
 
 ffi::ErrorOr<PoolGeometry> MakePoolGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t window,
@@ -512,8 +547,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolBackward, PoolBackward,
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DemChannelSums, SumsOfChannels,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemChannelSums, ChannelSumsHandler,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaskedChannelSums, MaskedChannelSumsHandler,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
