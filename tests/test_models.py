@@ -343,12 +343,19 @@ def test_retain_freed_memory_keeps_what_the_environment_set(monkeypatch):
   assert sorted(calls) == sorted([(m_arena_max, 1), (m_mmap_max, 0)])
 
 
-def test_auto_dtype_is_bfloat16_off_cpu_and_float32_on_cpu():
+def test_auto_dtype_is_bfloat16_off_cpu_and_on_cpus_where_it_wins():
   assert models.resolve_dtype('auto', backend='gpu') == jnp.bfloat16
-  assert models.resolve_dtype('auto', backend='cpu') == jnp.float32
+  # On CPU: bfloat16 only where oneDNN runs it natively, on networks of at least half width.
+  native = jnp.bfloat16 if onednn.bf16_available() else jnp.float32
+  assert models.resolve_dtype('auto', backend='cpu', width=1.0) == native
+  assert models.resolve_dtype('auto', backend='cpu', width=0.5) == native
+  assert models.resolve_dtype('auto', backend='cpu', width=0.25) == jnp.float32
+  assert models.resolve_dtype('auto', backend='cpu', width=1.0, conv_impl='xla') == jnp.float32
   assert models.resolve_dtype('float32', backend='gpu') == jnp.float32
   assert models.resolve_dtype('bfloat16', backend='cpu') == jnp.bfloat16  # as asked
-  assert models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='auto'))).dtype == jnp.float32
+  auto = lambda width: models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='auto',
+                                                                         width=width))).dtype
+  assert (auto(1.0), auto(0.125)) == (native, jnp.float32)
   with pytest.raises(ValueError, match=r"config.model.dtype='float16'; choose one of \('auto'"):
     models.create_model(ml_collections.ConfigDict(dict(name='resnet18', dtype='float16')))
 

@@ -54,7 +54,7 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   for c in flags.conv_impls:
     if c not in conv_ops.CONV_IMPLS:
       p.error(f'--conv_impl: {c!r} is not one of {conv_ops.CONV_IMPLS}')
-  flags.dtype = models.resolve_dtype(flags.dtype).name
+  flags.dtype = models.resolve_dtype(flags.dtype, width=flags.width, conv_impl=flags.conv_impls[0]).name
   return flags
 
 
