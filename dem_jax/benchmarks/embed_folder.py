@@ -31,11 +31,12 @@ import numpy as np
 import optax
 import threadpoolctl
 
-from dem_jax import cpu_ops
 from dem_jax import embed
 from dem_jax import models
+from dem_jax import process
 from dem_jax import train_step as step_lib
 from dem_jax.frontend import FrontEnd
+from dem_jax.ops import conv as conv_ops
 from preprocess import sample_data
 
 
@@ -45,12 +46,12 @@ def main(argv: list[str]) -> None:
   p.add_argument('--batch', type=int, default=64, help='tiles per forward pass (embed --batch_size)')
   p.add_argument('--width', type=float, default=1.0, help='channel multiplier of the ResNet')
   p.add_argument('--model', default='resnet18', choices=('resnet18', 'resnet34'))
-  p.add_argument('--conv_impl', default='auto', choices=cpu_ops.CONV_IMPLS)
+  p.add_argument('--conv_impl', default='auto', choices=conv_ops.CONV_IMPLS)
   p.add_argument('--num_workers', type=int, default=None, help='decoding threads (default: as the command)')
   p.add_argument('--rounds', type=int, default=2, help='timed rounds of each, interleaved')
   p.add_argument('--per_file_clips', type=int, default=4, help='clips timed the per-file way (0: skip)')
   args = p.parse_args(argv)
-  cpu_ops.retain_freed_memory()
+  process.retain_freed_memory()
 
   frontend = FrontEnd()
   tile_frames, hop_frames = frontend.frames_for_seconds(5.0), int(round(5.0 * frontend.frame_rate))
