@@ -138,7 +138,8 @@ DTYPES = ('auto', 'float32', 'bfloat16')
 BF16_CPU_MIN_WIDTH = 0.5
 
 
-def resolve_dtype(dtype: str, backend: str | None = None, *, width: float = 1.0, conv_impl: str = 'auto') -> jnp.dtype:
+def resolve_dtype(dtype: str, backend: str | None = None, *, width: float = 1.0,
+                  conv_impl: str = 'auto') -> jnp.dtype:
   """The computation dtype `config.model.dtype` names: 'float32', 'bfloat16', or 'auto'.
 
   'auto' is bfloat16 on GPU/TPU. On CPU it is bfloat16 where oneDNN runs bfloat16 natively (AVX512-BF16 or AMX),

@@ -2,16 +2,17 @@
 
 `flax.linen.BatchNorm`, differentiated by JAX, in bfloat16 on XLA:CPU materialises a float32 copy of every
 convolution's output (its statistics, the normalisation and the backward pass each read it) and keeps float32
-intermediates for the backward pass. Here the forward pass reads the activation twice (statistics, then the
-normalisation folded into one multiply-add per channel) and keeps only the input and per-channel vectors; the
-backward pass reads input and output gradient twice (two per-channel sums, then the input gradient). `relu` keeps
-its output, not its input, for the backward pass, so the sum or normalisation before it is never stored. `BatchNorm` is
-the module, with flax's parameters and running averages (same names, shapes and update), so checkpoints are shared. Every pass
-converts to float32 as it reads, so statistics and sums are float32 whatever the activations' type.
+intermediates for the backward pass. Here the forward pass reads the activation twice (per-channel sums, then the
+normalisation folded into one multiply-add per channel) and keeps only its input (and, with the ReLU folded in, its
+output) and per-channel vectors; the backward pass reads input and output gradient twice (two per-channel sums,
+then the input gradient). On CPU a native kernel (`onednn.channel_sums`) takes the sums, reading bfloat16 as it is.
+Every pass converts to float32 as it reads, so statistics and sums are float32 whatever the activations' type.
+`relu` keeps its output, not its input, for the backward pass, so the sum before it is never stored.
 
-The results are flax's: statistics over every axis but the last (and over the devices of `axis_name` under pmap),
-the biased variance as mean(x^2) - mean^2 clipped at 0, and the same gradients, including those that reach the
-statistics themselves.
+`BatchNorm` is the module, with flax's parameters and running averages (same names, shapes and update), so
+checkpoints are shared. The results are flax's: statistics over every axis but the last (and over the devices of
+`axis_name` under pmap), the biased variance as mean(x^2) - mean^2 clipped at 0, and the same gradients, including
+those that reach the statistics themselves.
 """
 
 import functools

@@ -243,7 +243,8 @@ struct PoolGeometry {
   return value;
 }
 [[gnu::always_inline]] inline void Store(float* p, int64_t i, float value) { p[i] = value; }
-[[gnu::always_inline]] inline void Store(uint16_t* p, int64_t i, float value) {  // to bfloat16, rounding to nearest even
+// To bfloat16, rounding to nearest even.
+[[gnu::always_inline]] inline void Store(uint16_t* p, int64_t i, float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   p[i] = std::isnan(value) ? 0x7fc0 : static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
@@ -445,7 +446,8 @@ ffi::ErrorOr<PoolGeometry> MakePoolGeometry(const ffi::AnyBuffer& x, const ffi::
   }
   PoolGeometry g{in[0], in[1], in[2], in[3], out[1], out[2], window, stride, pad};
   const bool consistent = window > 0 && stride > 0 && pad >= 0 && pad < window && out[0] == g.n && out[3] == g.c &&
-                          g.oh == (g.h + 2 * pad - window) / stride + 1 && g.ow == (g.w + 2 * pad - window) / stride + 1;
+                          g.oh == (g.h + 2 * pad - window) / stride + 1 &&
+                          g.ow == (g.w + 2 * pad - window) / stride + 1;
   if (!consistent) return ffi::Error::InvalidArgument("max_pool: input and output shapes do not match the window");
   return g;
 }
