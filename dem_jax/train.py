@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 
@@ -267,6 +268,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if eval_batches:
       eval_step = eval_step.lower(device_state, eval_batches[0]).compile()
     logging.info('Compiled the training loop (%d steps per call) in %.1f s.', steps_per_call, time.time() - t0)
+    if budget_s:
+      # One step on a copy of the state (the loop donates it), so that a budget too short for a single step fails
+      # here, before any file is written, instead of training one call and stopping.
+      t0 = time.time()
+      jax.block_until_ready(loop(parallel.put_state(state), parallel.put_replicated(zero_metrics), example_data,
+                                 lrs, rng, placed_count(1)))
+      step_s = time.time() - t0
+      if budget_s - spent_s < step_s:
+        left = f'{(budget_s - spent_s) / 60:.4g} min left of ' if spent_s else ''
+        raise TrainingError(
+            f'config.train_minutes={config.train_minutes} ({left}{budget_s:.3g} s) is shorter than one training '
+            f'step here ({step_s:.3g} s at batch {config.batch_size}). Raise it (a useful run takes thousands of '
+            f'steps; --config.train_minutes={math.ceil(1000 * step_s / 60)} buys about 1000 here), or set it to 0 '
+            'and bound the run with config.num_steps.')
 
   # ---- Loop -------------------------------------------------------------------------------------------------
   writer = MetricWriter(workdir, enabled=is_chief, purge_step=start_step)

@@ -229,6 +229,16 @@ def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_fe
     train_lib.train_and_evaluate(config, workdir)
 
 
+def test_budget_shorter_than_one_step_fails_before_training(dcase_features, tmp_path):
+  # 0.6 ms: no training step fits. The run stops after compiling, names the setting and writes nothing.
+  config = tiny_config(dcase_features, num_steps=100, train_minutes=1e-5)
+  with pytest.raises(train_lib.TrainingError, match=r'train_minutes=1e-05 .*shorter than one training step.*'
+                                                    r'--config.train_minutes=\d+'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert checkpoint_lib.Checkpointer(str(tmp_path / 'w')).all_steps() == []
+  assert not os.path.exists(tmp_path / 'w' / 'model.json')
+
+
 def test_damaged_latest_checkpoint_resumes_from_the_intact_one_before(dcase_features, tmp_path):
   workdir = tmp_path / 'w'
   train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2, log_every=1),
