@@ -22,6 +22,9 @@ def get_config(arg=None):
   # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
   # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
   # device_memory_fraction of one device's memory).
+  # Label-free tile augmentations (dem_jax/augment.py), off in the original: shifts of up to +-freq_shift mel
+  # bands, and up to a `mixup` fraction of another tile of the batch mixed in.
+  config.data.augment = ml_collections.ConfigDict({'freq_shift': 0, 'mixup': 0.0})
   config.data.store = 'auto'
   config.data.device_memory_fraction = 0.5
   config.data.eval_batches = 4  # Held-out triplet batches per evaluation.

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from dem_jax import augment as augment_lib
 from dem_jax import checkpoint as checkpoint_lib
 from dem_jax import input_pipeline
 from dem_jax import losses
@@ -186,6 +187,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = models.create_model(config.model, band_mean=band_mean, band_std=band_std, axis_name=parallel.axis_name)
   optimizer = step_lib.make_optimizer(config.optimizer)
   loss_fn = losses.get_loss_fn(config.loss.name, **{k: v for k, v in config.loss.items() if k != 'name'})
+  try:
+    augment = augment_lib.make_augment(**config.data.get('augment', {}))
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+  except TypeError as e:
+    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift and mixup.') from None
   model_info = {
       'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
       'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)),
@@ -217,7 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         f'train on to config.num_steps={num_steps}.')
 
   # ---- Step -------------------------------------------------------------------------------------------------
-  train_step = step_lib.make_train_step(model, optimizer, loss_fn, axis_name=parallel.axis_name, guard=False)
+  train_step = step_lib.make_train_step(model, optimizer, loss_fn, axis_name=parallel.axis_name, guard=False,
+                                        augment=augment)
   if store == 'device':
     batch_fn = input_pipeline.device_batch_fn(parallel, batch_size=config.batch_size, tile_frames=tile_frames,
                                               neighbour_frames=neighbour_frames)

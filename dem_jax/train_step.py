@@ -121,7 +121,7 @@ def _with_axis_name(model: nn.Module, axis_name: str | None) -> nn.Module:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: Callable,
-                    axis_name: str | None = None, *, guard: bool = True):
+                    axis_name: str | None = None, *, guard: bool = True, augment: Callable | None = None):
   """`train_step(state, batch, rng, lr) -> (state, metrics)`; batch holds [B, T, M] tiles per role (any float).
 
   The optimizer's update is multiplied by `lr` (a scalar: `make_optimizer`'s updates are a direction). The dropout
@@ -130,6 +130,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, l
   that setting, so the model's own axis_name does not matter). metrics['finite'] is 1 when the loss and the
   gradient are finite. With `guard`, a step that is not finite returns the state unchanged, with the non-finite
   values in its metrics, so the caller can stop with the last good state in hand; without it the caller guards.
+  `augment(batch, rng) -> batch` (dem_jax.augment), when given, changes the tiles first, with a key drawn like the
+  dropout key's.
   """
   model = _with_axis_name(model, axis_name)
 
@@ -138,8 +140,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, l
     if axis_name is not None:  # Different masks on every device, as one big batch would have.
       dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
+    tiles = batch if augment is None else augment(batch, jax.random.fold_in(dropout_rng, 1))
+
     def objective(params):
-      (za, zn, zd), batch_stats = _forward(model, params, state.batch_stats, batch, train=True, rng=dropout_rng)
+      (za, zn, zd), batch_stats = _forward(model, params, state.batch_stats, tiles, train=True, rng=dropout_rng)
       loss, metrics = loss_fn(za, zn, zd, axis_name=axis_name)
       return loss, (metrics, batch_stats)
 

@@ -239,6 +239,21 @@ def test_budget_shorter_than_one_step_fails_before_training(dcase_features, tmp_
   assert not os.path.exists(tmp_path / 'w' / 'model.json')
 
 
+def test_augmented_training_changes_the_run_and_bad_settings_fail_at_start(dcase_features, tmp_path):
+  plain = train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=3, log_every=3), str(tmp_path / 'p'))
+  augmented = train_lib.train_and_evaluate(
+      tiny_config(dcase_features, num_steps=3, log_every=3, **{'data.augment.freq_shift': 4,
+                                                               'data.augment.mixup': 0.4}), str(tmp_path / 'a'))
+  assert np.isfinite(augmented['loss']) and augmented['loss'] != plain['loss']
+  with pytest.raises(train_lib.TrainingError, match=r'config.data.augment.mixup=1.5'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=3, **{'data.augment.mixup': 1.5}),
+                                 str(tmp_path / 'b'))
+  config = tiny_config(dcase_features, num_steps=3)
+  config.data.augment.pitch = 2
+  with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift and mixup'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'c'))
+
+
 def test_damaged_latest_checkpoint_resumes_from_the_intact_one_before(dcase_features, tmp_path):
   workdir = tmp_path / 'w'
   train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2, log_every=1),
