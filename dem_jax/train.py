@@ -142,8 +142,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel = DataParallel(config.parallel)
   devices = jax.device_count()
   if config.batch_size % devices:
+    fits = devices * max(1, config.batch_size // devices)
     raise TrainingError(f'config.batch_size={config.batch_size} does not divide across {devices} devices; use a '
-                        f'multiple of {devices} (e.g. --config.batch_size={devices * max(1, config.batch_size // devices)}).')
+                        f'multiple of {devices} (e.g. --config.batch_size={fits}).')
   budget_s = 60.0 * float(config.get('train_minutes', 0.0))
   if budget_s < 0:
     raise TrainingError(f'config.train_minutes={config.train_minutes} must be >= 0 (0: no time budget).')

@@ -201,12 +201,13 @@ def init_loop_metrics(loss_fn: Callable, embedding_dim: int = 2) -> dict:
 def make_train_loop(train_step, batch_fn: Callable):
   """`loop(state, acc, data, lrs, rng, num_steps) -> (state, acc)`: `num_steps` train steps in one compiled call.
 
-  `train_step` is built with guard=False; `rng` is raw key data; `batch_fn(data, step, k)` gives step `step`'s batch (the k-th of this call)
-  from `data` (packed features on the device, or the steps' batches sent from the host); `lrs` [K] holds each
-  step's learning rate, and `num_steps` (a device scalar, at most K) how many to run: one compilation serves calls
-  of any length up to K, so checkpoints, evaluations and logs can fall anywhere. Metrics stay on the device, summed into `acc` (`init_loop_metrics`). The first step
-  whose loss or gradient is not finite is recorded in acc['first_bad_step'] and is sticky: that step and every
-  later one leave the state as it was, so the caller, fetching `acc` when it likes, stops with the last good state.
+  `train_step` is built with guard=False; `rng` is raw key data; `batch_fn(data, step, k)` gives step `step`'s
+  batch (the k-th of this call) from `data` (packed features on the device, or the steps' batches sent from the
+  host); `lrs` [K] holds each step's learning rate, and `num_steps` (a device scalar, at most K) how many to run: one
+  compilation serves calls of any length up to K, so checkpoints, evaluations and logs can fall anywhere. Metrics
+  stay on the device, summed into `acc` (`init_loop_metrics`). The first step whose loss or gradient is not finite
+  is recorded in acc['first_bad_step'] and is sticky: that step and every later one leave the state as it was, so
+  the caller, fetching `acc` when it likes, stops with the last good state.
   """
 
   def loop(state, acc, data, lrs, rng, num_steps):
