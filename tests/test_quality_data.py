@@ -169,7 +169,7 @@ def test_flags_pass_config_settings_on_and_reject_the_rest():
 
 def test_config_budget_detection_reads_the_config_file():
   # The music config of this repository: train_minutes is used when the config defines it, as the trainer would.
-  from configs import music  # pylint: disable=import-outside-toplevel
+  from configs import music
   assert quality.config_has_train_minutes('configs/music.py:cpu') == ('train_minutes' in music.get_config('cpu'))
   with pytest.raises(quality.QualityBenchError, match='not a Python config'):
     quality.config_has_train_minutes('configs/nothing.py')
@@ -204,7 +204,7 @@ def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monke
 
 @pytest.mark.parametrize('dataset', ['music', 'dcase'])
 def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
-  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib
   module = importlib.import_module(f'configs.{dataset}')
   cpu, tiny, default = module.get_config('cpu'), module.get_config('tiny'), module.get_config()
   # The budget ends a :cpu run (its step cap would take over 1,000 steps/s), and the learning rate's cosine follows
@@ -218,3 +218,41 @@ def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
   assert (default.loss.name, default.optimizer.schedule, default.model.width) == ('triplet', 'staircase', 1.0)
   with pytest.raises(ValueError, match=':cpu'):
     module.get_config('fast')
+
+
+@pytest.mark.filterwarnings('ignore:Number of distinct clusters')  # 2 distinct points, 6 clusters asked for
+def test_clusters_follow_scores_the_evaluation_clusters_against_family_program_and_tune(tmp_path, monkeypatch):
+  qd.build(str(tmp_path / 'data'), tunes=TUNES, read_events=events_of, render=CountingRenderer(),
+           config=small_config(), log=lambda _: None)
+  from configs import features as features_config
+  from dem_jax import embed
+  from dem_jax.features import open_features
+  from preprocess import job
+  features_dir = str(tmp_path / 'features')
+  job.run(features_config.get_config(), dataset='folder', data_dir=str(tmp_path / 'data' / 'audio'),
+          output_dir=features_dir, split_file=str(tmp_path / 'data' / 'split.csv'))
+  features = open_features(features_dir)
+
+  class TuneEmbedder:
+    """Tiles of a tune share one point far from the others': any clustering then follows the tune."""
+
+    def __init__(self, workdir):
+      assert workdir == 'W'
+
+    def embed_features(self, features, clips, with_trunk):
+      assert with_trunk and {c.split for c in clips} == {'test'}
+      tunes = sorted({c.group for c in clips})
+      clip_index = np.repeat(np.arange(len(clips)), 3)
+      points = 10.0 * np.eye(8)[[tunes.index(c.group) for c in clips]][clip_index]
+      return {'clips': clips, 'clip_index': clip_index, 'embeddings': points, 'trunk_features': points}
+
+  monkeypatch.setattr(embed, 'Embedder', TuneEmbedder)
+  follow = quality.clusters_follow('W', features_dir)
+  # The 2 test tunes fall in separate clusters, each holding every family and program, so the clusters say all
+  # about the tune and nothing about the family or the program.
+  test_tunes = {c.group for c in features.clips if c.split == 'test'}
+  assert len(test_tunes) == 2
+  for name in ('model', 'model_trunk'):
+    assert set(follow[name]) == {'family', 'program', 'tune'}
+    assert follow[name]['tune'] == pytest.approx(1.0) and follow[name]['family'] == pytest.approx(0.0, abs=1e-9)
+    assert follow[name]['program'] < 0.5
