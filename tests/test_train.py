@@ -70,7 +70,9 @@ def test_two_step_run_through_the_launcher(dcase_features, tmp_path):
 
 
 def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(dcase_features, tmp_path):
-  flags = ['--config.num_steps=40', '--config.checkpoint_every=4', '--config.log_every=1', '--config.eval_every=40']
+  # With augmentation on: its draws follow the step, so a resumed run draws what the uninterrupted one did.
+  flags = ['--config.num_steps=40', '--config.checkpoint_every=4', '--config.log_every=1', '--config.eval_every=40',
+           '--config.data.augment.freq_shift=4', '--config.data.augment.mixup=0.2']
   reference = tmp_path / 'reference'
   cmd, env = train_cli(reference, dcase_features, *flags)
   subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
