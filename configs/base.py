@@ -19,12 +19,12 @@ def get_config(arg=None):
   config.data.neighbour_seconds = 5.0  # A neighbour starts within +-5 s of its anchor.
   config.data.cross_clip_neighbours = True  # Neighbours may cross into the next clip of the same recording.
   config.data.distant_other_group = True  # Distant tiles from another session/song, not just another file.
-  # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
-  # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
-  # device_memory_fraction of one device's memory).
   # Label-free tile augmentations (dem_jax/augment.py), off in the original: shifts of up to +-freq_shift mel
   # bands, and up to a `mixup` fraction of another tile of the batch mixed in.
   config.data.augment = ml_collections.ConfigDict({'freq_shift': 0, 'mixup': 0.0})
+  # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
+  # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
+  # device_memory_fraction of one device's memory).
   config.data.store = 'auto'
   config.data.device_memory_fraction = 0.5
   config.data.eval_batches = 4  # Held-out triplet batches per evaluation.
