@@ -335,17 +335,24 @@ template <typename T>
 // The plain loops below compiled for AVX-512, AVX2 and baseline x86-64, picked when the library loads: wider vectors
 // for the per-channel loops without building for one CPU.
 #define DEM_LOOP_TARGETS [[gnu::target_clones("avx512f", "avx2", "default")]]
-DEM_LOOP_TARGETS void PoolForwardF32(const float* x, float* y, const PoolGeometry& g) { MaxPoolForward(x, y, g); }
-DEM_LOOP_TARGETS void PoolForwardBf16(const uint16_t* x, uint16_t* y, const PoolGeometry& g) {
+template <typename T>
+DEM_LOOP_TARGETS void PoolForwardLoop(const T* x, T* y, const PoolGeometry& g) {
   MaxPoolForward(x, y, g);
 }
-DEM_LOOP_TARGETS void PoolBackwardF32(const float* x, const float* y, const float* dy, float* dx,
-                                      const PoolGeometry& g) {
+template <typename T>
+DEM_LOOP_TARGETS void PoolBackwardLoop(const T* x, const T* y, const T* dy, T* dx, const PoolGeometry& g) {
   MaxPoolBackward(x, y, dy, dx, g);
 }
-DEM_LOOP_TARGETS void PoolBackwardBf16(const uint16_t* x, const uint16_t* y, const uint16_t* dy, uint16_t* dx,
-                                       const PoolGeometry& g) {
-  MaxPoolBackward(x, y, dy, dx, g);
+
+// Calls body(T{}) with the C++ type of `type`'s elements: float for float32, uint16_t (the bits) for bfloat16, the
+// two types the handlers accept.
+template <typename Body>
+void WithElementType(ffi::DataType type, Body body) {
+  if (type == ffi::DataType::F32) {
+    body(float{});
+  } else {
+    body(uint16_t{});
+  }
 }
 
 // Per-channel sums for BatchNorm (dem_jax/ops/norm.py): sum(a) and sum(a * b) over every axis but the last, read
@@ -378,15 +385,9 @@ template <typename T, bool kMasked>
   }
 }
 
-template <bool kMasked>
-DEM_LOOP_TARGETS void ChannelSumsF32(const float* a, const float* b, const float* mask, int64_t rows, int64_t c,
-                                     float* out) {
-  ChannelSums<float, kMasked>(a, b, mask, rows, c, out);
-}
-template <bool kMasked>
-DEM_LOOP_TARGETS void ChannelSumsBf16(const uint16_t* a, const uint16_t* b, const uint16_t* mask, int64_t rows,
-                                      int64_t c, float* out) {
-  ChannelSums<uint16_t, kMasked>(a, b, mask, rows, c, out);
+template <typename T, bool kMasked>
+DEM_LOOP_TARGETS void ChannelSumsLoop(const T* a, const T* b, const T* mask, int64_t rows, int64_t c, float* out) {
+  ChannelSums<T, kMasked>(a, b, mask, rows, c, out);
 }
 
 // sum(a) and sum(a * b) per channel; with `mask`, only where mask > 0 (the positions a ReLU let through).
@@ -408,23 +409,16 @@ ffi::Error SumsOfChannels(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, cons
   }
   std::lock_guard<std::mutex> lock(ExecutionMutex());
   float* out = sums->typed_data();
-  if (a.element_type() == ffi::DataType::F32) {
-    const auto* pa = static_cast<const float*>(a.untyped_data());
-    const auto* pb = static_cast<const float*>(b.untyped_data());
+  WithElementType(a.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const auto* pa = static_cast<const T*>(a.untyped_data());
+    const auto* pb = static_cast<const T*>(b.untyped_data());
     if (mask == nullptr) {
-      ChannelSumsF32<false>(pa, pb, nullptr, rows, c, out);
+      ChannelSumsLoop<T, false>(pa, pb, nullptr, rows, c, out);
     } else {
-      ChannelSumsF32<true>(pa, pb, static_cast<const float*>(mask->untyped_data()), rows, c, out);
+      ChannelSumsLoop<T, true>(pa, pb, static_cast<const T*>(mask->untyped_data()), rows, c, out);
     }
-  } else {
-    const auto* pa = static_cast<const uint16_t*>(a.untyped_data());
-    const auto* pb = static_cast<const uint16_t*>(b.untyped_data());
-    if (mask == nullptr) {
-      ChannelSumsBf16<false>(pa, pb, nullptr, rows, c, out);
-    } else {
-      ChannelSumsBf16<true>(pa, pb, static_cast<const uint16_t*>(mask->untyped_data()), rows, c, out);
-    }
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -456,11 +450,10 @@ ffi::Error PoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t 
   auto g = MakePoolGeometry(x, *y, window, stride, pad);
   if (g.has_error()) return g.error();
   std::lock_guard<std::mutex> lock(ExecutionMutex());
-  if (x.element_type() == ffi::DataType::F32) {
-    PoolForwardF32(static_cast<const float*>(x.untyped_data()), static_cast<float*>(y->untyped_data()), *g);
-  } else {
-    PoolForwardBf16(static_cast<const uint16_t*>(x.untyped_data()), static_cast<uint16_t*>(y->untyped_data()), *g);
-  }
+  WithElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    PoolForwardLoop(static_cast<const T*>(x.untyped_data()), static_cast<T*>(y->untyped_data()), *g);
+  });
   return ffi::Error::Success();
 }
 
@@ -475,13 +468,11 @@ ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy, f
     return ffi::Error::InvalidArgument("max_pool: the gradients must match the output's and the input's shapes");
   }
   std::lock_guard<std::mutex> lock(ExecutionMutex());
-  if (x.element_type() == ffi::DataType::F32) {
-    PoolBackwardF32(static_cast<const float*>(x.untyped_data()), static_cast<const float*>(y.untyped_data()),
-                    static_cast<const float*>(dy.untyped_data()), static_cast<float*>(dx->untyped_data()), *g);
-  } else {
-    PoolBackwardBf16(static_cast<const uint16_t*>(x.untyped_data()), static_cast<const uint16_t*>(y.untyped_data()),
-                    static_cast<const uint16_t*>(dy.untyped_data()), static_cast<uint16_t*>(dx->untyped_data()), *g);
-  }
+  WithElementType(x.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    PoolBackwardLoop(static_cast<const T*>(x.untyped_data()), static_cast<const T*>(y.untyped_data()),
+                     static_cast<const T*>(dy.untyped_data()), static_cast<T*>(dx->untyped_data()), *g);
+  });
   return ffi::Error::Success();
 }
 
