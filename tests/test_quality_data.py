@@ -221,7 +221,7 @@ def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
 
 
 @pytest.mark.filterwarnings('ignore:Number of distinct clusters')  # 2 distinct points, 6 clusters asked for
-def test_clusters_follow_scores_the_evaluation_clusters_against_family_program_and_tune(tmp_path, monkeypatch):
+def test_cluster_figures_score_the_evaluation_clusters_against_family_program_and_tune_over_seeds(tmp_path, monkeypatch):
   qd.build(str(tmp_path / 'data'), tunes=TUNES, read_events=events_of, render=CountingRenderer(),
            config=small_config(), log=lambda _: None)
   from configs import features as features_config
@@ -233,26 +233,37 @@ def test_clusters_follow_scores_the_evaluation_clusters_against_family_program_a
           output_dir=features_dir, split_file=str(tmp_path / 'data' / 'split.csv'))
   features = open_features(features_dir)
 
-  class TuneEmbedder:
-    """Tiles of a tune share one point far from the others': any clustering then follows the tune."""
+  class PointEmbedder:
+    """Tiles that share a key (the tune, or the family) share one point far from the others': any clustering with
+    as many clusters as keys then follows the key."""
+    key = None
 
     def __init__(self, workdir):
       assert workdir == 'W'
 
     def embed_features(self, features, clips, with_trunk):
       assert with_trunk and {c.split for c in clips} == {'test'}
-      tunes = sorted({c.group for c in clips})
+      keys = sorted({self.key(c) for c in clips})
       clip_index = np.repeat(np.arange(len(clips)), 3)
-      points = 10.0 * np.eye(8)[[tunes.index(c.group) for c in clips]][clip_index]
+      points = 10.0 * np.eye(8)[[keys.index(self.key(c)) for c in clips]][clip_index]
       return {'clips': clips, 'clip_index': clip_index, 'embeddings': points, 'trunk_features': points}
 
-  monkeypatch.setattr(embed, 'Embedder', TuneEmbedder)
-  follow = quality.clusters_follow('W', features_dir)
+  monkeypatch.setattr(embed, 'Embedder', PointEmbedder)
+  PointEmbedder.key = staticmethod(lambda clip: clip.group)
+  follow, spread = quality.cluster_figures('W', features_dir, spread_seeds=3)
   # The 2 test tunes fall in separate clusters, each holding every family and program, so the clusters say all
-  # about the tune and nothing about the family or the program.
+  # about the tune and nothing about the family or the program, whatever the k-Means seed.
   test_tunes = {c.group for c in features.clips if c.split == 'test'}
   assert len(test_tunes) == 2
   for name in ('model', 'model_trunk'):
     assert set(follow[name]) == {'family', 'program', 'tune'}
     assert follow[name]['tune'] == pytest.approx(1.0) and follow[name]['family'] == pytest.approx(0.0, abs=1e-9)
     assert follow[name]['program'] < 0.5
+    assert set(spread[name]) == {'min', 'median', 'max'}
+    assert spread[name]['max'] == pytest.approx(0.0, abs=1e-9)
+  # Points by family: every seed's clusters are the families.
+  PointEmbedder.key = staticmethod(lambda clip: clip.label)
+  follow, spread = quality.cluster_figures('W', features_dir, spread_seeds=3)
+  for name in ('model', 'model_trunk'):
+    assert follow[name]['family'] == pytest.approx(1.0)
+    assert spread[name]['min'] == pytest.approx(1.0) and spread[name]['median'] == pytest.approx(1.0)
