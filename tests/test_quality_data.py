@@ -221,7 +221,7 @@ def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
 
 
 @pytest.mark.filterwarnings('ignore:Number of distinct clusters')  # 2 distinct points, 6 clusters asked for
-def test_cluster_figures_score_the_evaluation_clusters_against_family_program_and_tune_over_seeds(tmp_path, monkeypatch):
+def test_cluster_figures_score_the_clusters_against_family_program_and_tune_over_seeds(tmp_path, monkeypatch):
   qd.build(str(tmp_path / 'data'), tunes=TUNES, read_events=events_of, render=CountingRenderer(),
            config=small_config(), log=lambda _: None)
   from configs import features as features_config
