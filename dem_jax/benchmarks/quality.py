@@ -183,13 +183,12 @@ def cluster_figures(workdir: str, features_dir: str, *, seed: int = 0,
              'tune': per_tile([c.group for c in clips])}
   follow, spread = {}, {}
   for name, key in (('model', 'embeddings'), ('model_trunk', 'trunk_features')):
-    def clusters(k_seed: int) -> np.ndarray:
-      return probes.kmeans_scores(table[key], family, seed=k_seed, label_names=features.labels,
-                                  space='standardised', return_assignments=True)[1]
-    assignments = clusters(seed)
-    follow[name] = {source: float(normalized_mutual_info_score(values, assignments))
+    # One clustering per k-Means seed; `seed`'s also serves `follow`.
+    runs = {s: probes.kmeans_scores(table[key], family, seed=s, label_names=features.labels, space='standardised',
+                                    return_assignments=True) for s in {seed, *range(spread_seeds)}}
+    follow[name] = {source: float(normalized_mutual_info_score(values, runs[seed][1]))
                     for source, values in sources.items()}
-    nmi = [float(normalized_mutual_info_score(family, clusters(s))) for s in range(spread_seeds)]
+    nmi = [runs[s][0]['nmi'] for s in range(spread_seeds)]
     spread[name] = {'min': min(nmi), 'median': float(np.median(nmi)), 'max': max(nmi)}
   return follow, spread
 
