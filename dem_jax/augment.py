@@ -6,6 +6,12 @@ the loss rewards what survives the change:
   sound's register changes while its spectral shape stays, so the absolute pitch of a melody tells less.
 - `mixup`: a random fraction, up to `mixup`, of another tile of the batch is added, in power, not in log:
   log((1 - a) * exp(x) + a * exp(y)) (BYOL-A's mixing). A background of other sound, as recordings have.
+- `eq_db`: a smooth gain curve over the mel bands, up to +-eq_db decibels, is added to the tile: the gains at
+  EQ_KNOTS evenly spaced bands are drawn uniformly and joined by straight lines. Brighter or duller, a louder low or
+  high end: what sets apart instruments of one kind, or one instrument in two rooms.
+- `time_stretch`: a random stretch of the tile's time axis by 1 to 1 / (1 - time_stretch): a window of (1 - s) T
+  to T frames at a random offset, resampled to T frames by linear interpolation. A slower tempo, with the
+  spectrum as it was.
 """
 
 from __future__ import annotations
@@ -32,25 +38,64 @@ def mix_in_power(tiles: jax.Array, others: jax.Array, amounts: jax.Array) -> jax
   return mixed.astype(tiles.dtype)
 
 
-def make_augment(freq_shift: int = 0, mixup: float = 0.0) -> Callable | None:
-  """`augment(batch, rng) -> batch` over the roles' [B, T, M] tiles, or None when both are off.
+EQ_KNOTS = 5  # Bands whose gain `eq_db` draws; the curve is straight between them.
+DB_TO_LOG = 0.05 * 2.302585092994046  # One decibel in the natural log of a magnitude (the front end's log-Mel).
 
-  Raises ValueError, naming the setting, for a negative shift or a mixing fraction outside [0, 1).
+
+def equalise(tiles: jax.Array, knot_db: jax.Array) -> jax.Array:
+  """tiles [B, T, M] plus a per-tile gain curve over M bands through knot_db [B, K] decibels at K even bands."""
+  m, k = tiles.shape[-1], knot_db.shape[-1]
+  position = jnp.linspace(0.0, k - 1.0, m)  # each band's place between the knots
+  low = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, k - 2)
+  frac = position - low
+  curve = knot_db[:, low] * (1 - frac) + knot_db[:, low + 1] * frac  # [B, M]
+  return (tiles.astype(jnp.float32) + DB_TO_LOG * curve[:, None, :]).astype(tiles.dtype)
+
+
+def stretch_time(tiles: jax.Array, lengths: jax.Array, offsets: jax.Array) -> jax.Array:
+  """tiles [B, T, M], each a window of lengths[b] frames from offsets[b] (fractional, within the tile) resampled
+  to T frames by linear interpolation; lengths T and offsets 0 give the tile back."""
+  t = tiles.shape[1]
+  step = (lengths - 1.0) / max(t - 1, 1)  # [B]
+  source = jnp.clip(offsets[:, None] + step[:, None] * jnp.arange(t)[None, :], 0.0, t - 1.0)  # [B, T]
+  low = jnp.clip(jnp.floor(source).astype(jnp.int32), 0, max(t - 2, 0))
+  frac = (source - low)[:, :, None]
+  x = tiles.astype(jnp.float32)
+  before = jnp.take_along_axis(x, low[:, :, None], axis=1)
+  after = jnp.take_along_axis(x, jnp.minimum(low + 1, t - 1)[:, :, None], axis=1)
+  return (before * (1 - frac) + after * frac).astype(tiles.dtype)
+
+
+def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
+                 time_stretch: float = 0.0) -> Callable | None:
+  """`augment(batch, rng) -> batch` over the roles' [B, T, M] tiles, or None when all are off.
+
+  Raises ValueError, naming the setting, for a negative shift or gain, or a fraction outside [0, 1).
   """
   if int(freq_shift) != freq_shift or freq_shift < 0:
     raise ValueError(f'config.data.augment.freq_shift={freq_shift} must be a whole number of mel bands >= 0 '
                      '(0: off; e.g. 4).')
   if not 0.0 <= mixup < 1.0:
     raise ValueError(f'config.data.augment.mixup={mixup} must lie in [0, 1) (0: off; e.g. 0.4).')
+  if not eq_db >= 0.0:
+    raise ValueError(f'config.data.augment.eq_db={eq_db} must be >= 0 decibels (0: off; e.g. 6).')
+  if not 0.0 <= time_stretch < 1.0:
+    raise ValueError(f'config.data.augment.time_stretch={time_stretch} must lie in [0, 1) (0: off; e.g. 0.2).')
   freq_shift = int(freq_shift)
-  if not freq_shift and not mixup:
+  if not (freq_shift or mixup or eq_db or time_stretch):
     return None
 
   def augment(batch: dict, rng) -> dict:
     out = {}
     for i, (role, tiles) in enumerate(sorted(batch.items())):
       k_shift, k_amount, k_other = jax.random.split(jax.random.fold_in(rng, i), 3)
-      b = tiles.shape[0]
+      # The later settings' keys come from their own fold, so adding them leaves the first ones' draws as they were.
+      k_eq, k_length, k_offset = jax.random.split(jax.random.fold_in(rng, 1000 + i), 3)
+      b, t = tiles.shape[:2]
+      if time_stretch:
+        lengths = t * jax.random.uniform(k_length, (b,), minval=1.0 - time_stretch, maxval=1.0)
+        offsets = jax.random.uniform(k_offset, (b,)) * (t - lengths)
+        tiles = stretch_time(tiles, lengths, offsets)
       if mixup:
         amounts = jax.random.uniform(k_amount, (b,), maxval=mixup)
         # Another tile of the same role and batch: a rotation by 1..B-1, so never the tile itself.
@@ -58,6 +103,8 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0) -> Callable | None:
         tiles = mix_in_power(tiles, others, amounts)
       if freq_shift:
         tiles = shift_bands(tiles, jax.random.randint(k_shift, (b,), -freq_shift, freq_shift + 1))
+      if eq_db:
+        tiles = equalise(tiles, jax.random.uniform(k_eq, (b, EQ_KNOTS), minval=-eq_db, maxval=eq_db))
       out[role] = tiles
     return out
 

@@ -1,4 +1,4 @@
-"""The label-free tile augmentations: band shifts, mixing in power, and their settings."""
+"""The label-free tile augmentations: band shifts, mixing in power, gain curves, time stretches, their settings."""
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,24 @@ def test_mix_in_power_matches_the_formula_and_keeps_the_dtype():
   assert loud.dtype == jnp.float16 and np.allclose(np.asarray(loud, np.float32), 80 + np.log(0.5), atol=0.1)
 
 
+def test_equalise_adds_a_curve_straight_between_the_knots_in_decibels():
+  tiles = np.zeros((2, 3, 9), np.float32)
+  knots = jnp.array([[20.0] * 5, [-20.0, 0.0, 0.0, 0.0, 20.0]])  # 5 knots over 9 bands: one every 2 bands
+  out = np.asarray(augment.equalise(jnp.asarray(tiles), knots))
+  np.testing.assert_allclose(out[0], np.log(10.0), rtol=1e-6)  # +20 dB in magnitude is x10: ln 10 in log-Mel
+  expected_db = np.array([-20, -10, 0, 0, 0, 0, 0, 10, 20])
+  np.testing.assert_allclose(out[1, 2], expected_db / 20 * np.log(10.0), atol=1e-6)
+  assert augment.equalise(jnp.zeros((1, 2, 9), jnp.float16), knots[:1]).dtype == jnp.float16
+
+
+def test_stretch_time_resamples_a_window_to_the_tile_length():
+  tiles = np.tile(np.arange(11, dtype=np.float32)[None, :, None], (3, 1, 2))  # frame t holds t
+  out = np.asarray(augment.stretch_time(jnp.asarray(tiles), jnp.array([11.0, 6.0, 3.0]), jnp.array([0.0, 2.0, 7.5])))
+  np.testing.assert_allclose(out[0], tiles[0], atol=1e-6)  # the whole tile: unchanged
+  np.testing.assert_allclose(out[1, :, 0], np.linspace(2, 7, 11), atol=1e-5)  # frames 2..7 over 11 frames
+  np.testing.assert_allclose(out[2, :, 1], np.linspace(7.5, 9.5, 11), atol=1e-5)  # between frames, interpolated
+
+
 def test_augment_draws_per_tile_and_role_and_repeats_with_the_key():
   fn = augment.make_augment(freq_shift=3, mixup=0.4)
   rng = np.random.default_rng(1)
@@ -56,3 +74,25 @@ def test_augment_off_is_none_and_bad_settings_name_the_setting():
     augment.make_augment(freq_shift=1.5)
   with pytest.raises(ValueError, match=r'config.data.augment.mixup=1.0 must lie in \[0, 1\)'):
     augment.make_augment(mixup=1.0)
+  with pytest.raises(ValueError, match=r'config.data.augment.eq_db=-3 must be >= 0'):
+    augment.make_augment(eq_db=-3)
+  with pytest.raises(ValueError, match=r'config.data.augment.time_stretch=1.0 must lie in \[0, 1\)'):
+    augment.make_augment(time_stretch=1.0)
+
+
+@pytest.mark.parametrize('setting', [{'eq_db': 6.0}, {'time_stretch': 0.3}])
+def test_each_new_setting_alone_changes_the_tiles_and_leaves_the_band_shift_draws_alone(setting):
+  rng = np.random.default_rng(2)
+  batch = {r: jnp.asarray(rng.normal(size=(8, 20, 16)), jnp.float32) for r in ('anchor', 'neighbour', 'distant')}
+  out = augment.make_augment(**setting)(batch, jax.random.key(3))
+  for role in batch:
+    assert out[role].shape == batch[role].shape
+    assert not np.allclose(np.asarray(out[role]), np.asarray(batch[role]))
+  # Turning a later setting on keeps the band shifts an earlier run drew: a gain curve moves every band of a tile
+  # by a smooth amount, so the shift per tile is still read off as the offset that best lines the bands up.
+  if 'eq_db' in setting:
+    ramp = {r: jnp.asarray(np.tile(np.arange(16.0) * 100, (8, 20, 1)), jnp.float32) for r in batch}
+    shifted = augment.make_augment(freq_shift=3)(ramp, jax.random.key(3))
+    both = augment.make_augment(freq_shift=3, **setting)(ramp, jax.random.key(3))
+    for role in ramp:
+      np.testing.assert_array_equal(np.round(np.asarray(both[role]) / 100), np.round(np.asarray(shifted[role]) / 100))

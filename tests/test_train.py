@@ -245,14 +245,18 @@ def test_augmented_training_changes_the_run_and_bad_settings_fail_at_start(dcase
   plain = train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=3, log_every=3), str(tmp_path / 'p'))
   augmented = train_lib.train_and_evaluate(
       tiny_config(dcase_features, num_steps=3, log_every=3, **{'data.augment.freq_shift': 4,
-                                                               'data.augment.mixup': 0.4}), str(tmp_path / 'a'))
+                                                               'data.augment.mixup': 0.4,
+                                                               'data.augment.eq_db': 6.0,
+                                                               'data.augment.time_stretch': 0.2}),
+      str(tmp_path / 'a'))
   assert np.isfinite(augmented['loss']) and augmented['loss'] != plain['loss']
   with pytest.raises(train_lib.TrainingError, match=r'config.data.augment.mixup=1.5'):
     train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=3, **{'data.augment.mixup': 1.5}),
                                  str(tmp_path / 'b'))
   config = tiny_config(dcase_features, num_steps=3)
   config.data.augment.pitch = 2
-  with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift and mixup'):
+  with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift, mixup, eq_db and '
+                                                    r'time_stretch'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'c'))
 
 
