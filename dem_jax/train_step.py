@@ -187,8 +187,6 @@ def make_embed_fn(model: nn.Module):
   return jax.jit(lambda variables, tiles: model.apply(variables, tiles, train=False))
 
 
-
-
 def init_loop_metrics(loss_fn: Callable, embedding_dim: int = 2) -> dict:
   """The accumulator `make_train_loop` carries: per-metric sums over good steps, their count, and the first
   non-finite step (-1 while there is none) with its loss and gradient norm."""

@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from dem_jax.benchmarks import op_profile
+from dem_jax.ops import onednn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,8 +27,62 @@ def test_every_benchmark_module_imports():
   import importlib  # pylint: disable=import-outside-toplevel
   import pkgutil  # pylint: disable=import-outside-toplevel
   from dem_jax import benchmarks  # pylint: disable=import-outside-toplevel
-  helpers = {'harness', 'quality_data', 'torch_reference'}  # torch_reference runs under PyTorch's interpreter
+  helpers = {'harness', 'op_profile', 'quality_data', 'torch_reference'}  # torch_reference runs under PyTorch's interpreter
   names = {m.name for m in pkgutil.iter_modules(benchmarks.__path__)} - helpers
   assert {'embed_folder', 'train_step', 'quality', 'preprocess'} <= names
   for name in sorted(names):
     assert callable(importlib.import_module(f'dem_jax.benchmarks.{name}').main), name
+
+
+HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %inner_add = f32[4]{0} add(f32[4]{0} %param_0, f32[4]{0} %param_0)
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %pool_in_loop = f32[4]{0} custom-call(%p), custom_call_target="DemMaxPoolForward"
+  ROOT %t = (s32[], /*index=1*/f32[4]{0}) tuple(%p, %pool_in_loop)
+}
+
+ENTRY %main.7 (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %add_fusion = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused_computation
+  %ffi_call.3 = f32[4]{0} custom-call(%add_fusion), custom_call_target="DemOnednnConvBackwardWeights"
+  %ffi_call.4 = f32[4]{0} custom-call(%ffi_call.3), custom_call_target="SomeoneElsesKernel"
+  %loop = (s32[], f32[4]{0}) while(%x), condition=%cond, body=%body
+  ROOT %copy.1 = f32[4]{0} copy(%ffi_call.4)
+}
+"""
+
+
+def test_instruction_kinds_name_the_operations_a_program_runs_and_skip_those_inside_fusions():
+  kinds = op_profile.instruction_kinds(HLO)
+  assert kinds['add_fusion'] == 'XLA fusion' and kinds['copy.1'] == 'XLA copy' and kinds['loop'] == 'XLA while'
+  assert kinds['ffi_call.3'] == 'conv kernel gradient (oneDNN)'
+  assert kinds['ffi_call.4'] == 'SomeoneElsesKernel'  # an unknown target goes by its own name
+  assert kinds['pool_in_loop'] == 'max-pool forward'  # a loop body's operations run as operations of their own
+  assert 'inner_add' not in kinds and 'param_0' not in kinds  # they run inside their fusion
+  with pytest.raises(ValueError, match='no ENTRY computation'):
+    op_profile.instruction_kinds('%fused (p: f32[]) -> f32[] {\n}\n')
+
+
+@pytest.mark.skipif(not onednn.available(), reason='the oneDNN handlers are not built here')
+def test_train_step_bench_with_profile_steps_prints_the_step_time_by_kind_of_operation():
+  cmd = [sys.executable, '-m', 'dem_jax.bench', 'train_step', '--batch=2', '--frames=32', '--mels=16',
+         '--width=0.125', '--steps=1', '--rounds=1', '--reference=none', '--profile_steps=2']
+  # One device, as on a workstation: the operations of one program, not of four side by side.
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'time per call by kind of operation' in result.stdout
+  profile = json.loads(result.stdout.strip().splitlines()[-1])['profile_ms_per_call']
+  by_kind = profile['by_kind']
+  for kind in ('conv forward (oneDNN)', 'conv input gradient (oneDNN)', 'conv kernel gradient (oneDNN)',
+               'max-pool forward', 'max-pool gradient', 'BatchNorm channel sums', 'XLA fusion'):
+    assert by_kind[kind] > 0, (kind, by_kind)
+  assert abs(sum(by_kind.values()) - profile['ops_ms']) < 0.01 * profile['ops_ms'] + 0.01
+  # The operations run one after another here, within the traced calls' wall time.
+  assert 0 < profile['ops_ms'] <= 1.2 * profile['wall_ms']

@@ -20,6 +20,7 @@ import jax
 
 from dem_jax.ops import conv as conv_ops
 from dem_jax import models
+from dem_jax.benchmarks import op_profile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_TORCH_PYTHON = REPO_ROOT / '.venv-torch' / 'bin' / 'python'
@@ -43,6 +44,9 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
                  'runs the PyTorch reference with bfloat16 autocast and channels_last')
   p.add_argument('--parallel', default='jit', choices=('jit', 'pmap'), help='how the step is compiled')
   p.add_argument('--reference', default='torch', choices=('torch', 'none'))
+  p.add_argument('--profile_steps', type=int, default=0,
+                 help='> 0: also trace that many calls of the first conv_impl and print the time per call by kind '
+                 'of operation (oneDNN convolutions, pooling, BatchNorm sums, XLA fusions; benchmarks/op_profile.py)')
   p.add_argument('--torch_python', default='',
                  help=f'interpreter with torch for the reference (default: {DEFAULT_TORCH_PYTHON} if present, '
                  'else this one if it has torch)')
@@ -123,10 +127,13 @@ def summarise(windows: list[float], items_per_step: int) -> dict:
 
 
 def run_and_report(result: dict, candidates: dict[str, Callable[[int], float]], flags: argparse.Namespace, *,
-                   mode: str, rate_key: str, time_key: str, unit: str) -> None:
+                   mode: str, rate_key: str, time_key: str, unit: str,
+                   profile: Callable[[int], dict] | None = None) -> None:
   """Times the JAX candidates beside the PyTorch reference (when found), fills `result` and prints it as JSON.
 
   `rate_key` names the throughput ('triplets_per_s'), `time_key` the per-call seconds, `unit` the printed unit.
+  With --profile_steps=N, `profile(N)` (op_profile.op_times of the first candidate) runs after the timing windows;
+  its table is printed and its figures go under 'profile_ms_per_call'.
   """
   reference = None
   if flags.reference == 'torch':
@@ -154,6 +161,10 @@ def run_and_report(result: dict, candidates: dict[str, Callable[[int], float]], 
       result['torch'].update(entry)
     else:
       result[name] = entry
+  if flags.profile_steps > 0 and profile is not None:
+    figures = profile(flags.profile_steps)
+    print(op_profile.format_table(figures), flush=True)
+    result['profile_ms_per_call'] = figures
   result[rate_key] = result[f'jax_{flags.conv_impls[0]}'][rate_key]
   if 'torch_eager' in windows:
     result['ratio_vs_torch'] = {c: result[f'jax_{c}'][rate_key] / result['torch'][rate_key] for c in flags.conv_impls}
