@@ -31,6 +31,7 @@ def _jax_candidate(flags, conv_impl: str):
   embed = step_lib.make_embed_fn(model)
   tiles = jax.device_put(np.random.default_rng(0).standard_normal((flags.batch, flags.frames, flags.mels),
                                                                   np.float32))
+
   def profile(calls: int) -> dict:
     return op_profile.op_times(lambda: embed(variables, tiles), embed.lower(variables, tiles).compile().as_text(),
                                calls)
