@@ -77,8 +77,8 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
                      '(0: off; e.g. 4).')
   if not 0.0 <= mixup < 1.0:
     raise ValueError(f'config.data.augment.mixup={mixup} must lie in [0, 1) (0: off; e.g. 0.4).')
-  if not eq_db >= 0.0:
-    raise ValueError(f'config.data.augment.eq_db={eq_db} must be >= 0 decibels (0: off; e.g. 6).')
+  if not 0.0 <= eq_db < float('inf'):
+    raise ValueError(f'config.data.augment.eq_db={eq_db} must be a finite number of decibels >= 0 (0: off; e.g. 6).')
   if not 0.0 <= time_stretch < 1.0:
     raise ValueError(f'config.data.augment.time_stretch={time_stretch} must lie in [0, 1) (0: off; e.g. 0.2).')
   freq_shift = int(freq_shift)

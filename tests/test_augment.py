@@ -74,8 +74,9 @@ def test_augment_off_is_none_and_bad_settings_name_the_setting():
     augment.make_augment(freq_shift=1.5)
   with pytest.raises(ValueError, match=r'config.data.augment.mixup=1.0 must lie in \[0, 1\)'):
     augment.make_augment(mixup=1.0)
-  with pytest.raises(ValueError, match=r'config.data.augment.eq_db=-3 must be >= 0'):
-    augment.make_augment(eq_db=-3)
+  for gain in (-3, float('inf'), float('nan')):
+    with pytest.raises(ValueError, match=rf'config.data.augment.eq_db={gain} must be a finite number of decibels'):
+      augment.make_augment(eq_db=gain)
   with pytest.raises(ValueError, match=r'config.data.augment.time_stretch=1.0 must lie in \[0, 1\)'):
     augment.make_augment(time_stretch=1.0)
 
