@@ -36,8 +36,8 @@ _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 def instruction_kinds(hlo_text: str) -> dict[str, str]:
   """{instruction name: kind} for the instructions a compiled program runs as its own operations.
 
-  Those of the entry computation and of the computations it runs as loops or branches; not the instructions
-  inside fusions, which run as part of their fusion.
+  Those of the entry computation and of the computations it runs as loops, branches or calls; not the
+  instructions inside fusions, which run as part of their fusion.
   """
   blocks, name, lines = {}, None, []
   for line in hlo_text.splitlines():
