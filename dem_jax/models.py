@@ -37,26 +37,44 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, norm=None, residual=None, relu: bool = False):
+    """The convolution of x; with `norm`, the (mean, gain, bias) of an inference-mode BatchNorm
+    (`norm_ops.BatchNorm(...)(features=...)`), folded into it together with `residual` and `relu`
+    (`conv_ops.conv2d_folded_norm`; only where `conv_ops.folds_norm`)."""
     kh, kw = self.kernel_size
     kernel = self.param('kernel', conv_kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
     # Symmetric padding k // 2, as torchvision's ResNet (and the PyTorch reference benchmark): with stride 2 on an
     # even size, 'SAME' would pad (0, 1) instead and sample a shifted grid.
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    x = x.astype(self.dtype)
+    if norm is not None:
+      return conv_ops.conv2d_folded_norm(x, kernel, *norm, residual, self.strides, padding, relu)
     # The float32 kernel goes in as it is: ops.conv casts it to the computation dtype, or oneDNN does so itself
     # and returns its gradient summed in float32.
-    return conv_ops.conv2d(x.astype(self.dtype), kernel, self.strides, padding, conv_impl=self.conv_impl)
+    return conv_ops.conv2d(x, kernel, self.strides, padding, conv_impl=self.conv_impl)
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with a residual connection (1x1 projection when the shape changes)."""
+  """Two 3x3 convolutions with a residual connection (1x1 projection when the shape changes).
+
+  With `fold_norm` (inference on oneDNN) each BatchNorm, and the residual sum and ReLUs after it, run inside the
+  convolution before it; the variables are the same.
+  """
   features: int
   strides: tuple[int, int]
   conv: Any
   norm: Any
+  fold_norm: bool = False
 
   @nn.compact
   def __call__(self, x):
+    if self.fold_norm:
+      folded = lambda name: self.norm(name=name)(features=self.features)
+      y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x, folded('bn1'), relu=True)
+      shortcut = x.astype(y.dtype)
+      if x.shape != y.shape:  # as below: conv2 keeps conv1's output shape
+        shortcut = self.conv(self.features, (1, 1), self.strides, name='proj_conv')(x, folded('proj_bn'))
+      return self.conv(self.features, (3, 3), name='conv2')(y, folded('bn2'), residual=shortcut, relu=True)
     y = self.conv(self.features, (3, 3), self.strides, name='conv1')(x)
     y = self.norm(name='bn1', relu=True)(y)
     y = self.conv(self.features, (3, 3), name='conv2')(y)
@@ -79,6 +97,8 @@ class ResNet(nn.Module):
     conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `ops.conv.resolve_conv_impl`).
     dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
     axis_name: BatchNorm averages its batch statistics over this mapped axis (pmap); None otherwise.
+    fold_norm: at inference, where `ops.conv.folds_norm` (the convolutions on oneDNN), run each BatchNorm, residual
+      sum and ReLU inside the convolution before it: one pass over each activation instead of two or three.
   """
   stage_sizes: Sequence[int]
   width: float = 1.0
@@ -89,6 +109,7 @@ class ResNet(nn.Module):
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  fold_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -112,15 +133,22 @@ class ResNet(nn.Module):
     norm = functools.partial(norm_ops.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              axis_name=self.axis_name)
 
-    x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
-    # ReLU after the max-pool: the same values and gradients as before it (the maximum and ReLU commute, and where
-    # a window's maximum is not positive no gradient passes either way), on a quarter of the positions.
-    x = conv_ops.max_pool(norm(name='stem_bn')(x), self.conv_impl, window=3, stride=2, pad=1)
-    x = norm_ops.relu(x)
+    fold = self.fold_norm and not train and conv_ops.folds_norm(self.conv_impl, self.dtype)
+    if fold:  # the ReLU inside the convolution, before the max-pool: the same values
+      x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x, norm(name='stem_bn')(features=channels[0]),
+                                                               relu=True)
+      x = conv_ops.max_pool(x, self.conv_impl, window=3, stride=2, pad=1)
+    else:
+      x = conv(channels[0], (7, 7), (2, 2), name='stem_conv')(x)
+      # ReLU after the max-pool: the same values and gradients as before it (the maximum and ReLU commute, and where
+      # a window's maximum is not positive no gradient passes either way), on a quarter of the positions.
+      x = conv_ops.max_pool(norm(name='stem_bn')(x), self.conv_impl, window=3, stride=2, pad=1)
+      x = norm_ops.relu(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = BasicBlock(channels[i], strides, conv=conv, norm=norm, name=f'stage{i + 1}_block{j + 1}')(x)
+        x = BasicBlock(channels[i], strides, conv=conv, norm=norm, fold_norm=fold,
+                       name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     z = nn.Dense(self.embedding_dim, dtype=self.dtype, name='head')(x).astype(jnp.float32)

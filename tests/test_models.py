@@ -170,6 +170,8 @@ def test_cpu_convolutions_match_xla_convolution_and_its_gradients(impl, x_shape,
 
 
 needs_onednn_bf16 = pytest.mark.skipif(not onednn.bf16_available(), reason='no oneDNN bfloat16 kernels on this CPU')
+needs_onednn_folding = pytest.mark.skipif(not conv_ops.folds_norm('auto', jnp.float32),
+                                          reason='no oneDNN convolutions here')
 BF16_ULP = 2.0**-7  # bfloat16 keeps 8 significant bits: one rounding is off by at most half of this, relatively
 
 
@@ -192,6 +194,80 @@ def test_bfloat16_onednn_convolution_rounds_the_float32_result_once(x_shape, k_s
   for got, want in ((y, y_ref), (dx, dx_ref)):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=BF16_ULP, atol=1e-5 * np.abs(want).max())
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * np.abs(dk_ref).max())
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
+def test_onednn_inference_convolution_adds_bias_residual_and_relu_in_one_call(dtype, x_shape, k_shape, strides,
+                                                                                padding):
+  """conv2d_bias_onednn: the convolution plus a per-channel bias, plus the residual, then the ReLU, summed in
+  float32 and rounded once (bfloat16: within one rounding of the float32 result of the same bfloat16 inputs)."""
+  if not onednn.available() or (dtype == jnp.bfloat16 and not onednn.bf16_available()):
+    pytest.skip('no oneDNN (bfloat16) kernels here')
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(k_shape[3]), jnp.float32)
+  y_ref = conv_ops.conv2d_xla(x.astype(jnp.float32), k.astype(dtype).astype(jnp.float32), strides, padding) + bias
+  residual = jnp.asarray(rng.standard_normal(y_ref.shape), dtype)
+  call = jax.jit(onednn.conv2d_bias_onednn, static_argnums=(3, 4, 6))
+  for with_residual in (False, True):
+    for relu in (False, True):
+      want = y_ref + (residual.astype(jnp.float32) if with_residual else 0.0)
+      want = jnp.maximum(want, 0.0) if relu else want
+      got = call(x, k, bias, strides, padding, residual if with_residual else None, relu)
+      assert got.dtype == dtype
+      rtol = 1e-5 if dtype == jnp.float32 else BF16_ULP
+      np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=1e-5 * np.abs(want).max())
+  with pytest.raises(ValueError, match='bias must have shape'):
+    onednn.conv2d_bias_onednn(x, k, bias[:-1], strides, padding)
+  with pytest.raises(ValueError, match='residual must be'):
+    onednn.conv2d_bias_onednn(x, k, bias, strides, padding, residual[:, :-1])
+
+
+def _with_running_statistics(variables, seed=3):
+  """The variables with running means and variances away from their initial 0 and 1, and scales and biases away
+  from 1 and 0, so that folding each BatchNorm into its convolution changes the kernels and biases."""
+  rng = np.random.default_rng(seed)
+  stats = jax.tree.map(lambda a: a + 0.5 * rng.uniform(size=a.shape).astype(np.float32), variables['batch_stats'])
+  params = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(np.float32), variables['params'])
+  return {'params': params, 'batch_stats': stats}
+
+
+@needs_onednn_folding
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_inference_folds_batch_norm_into_the_convolutions(variables, dtype):
+  """At inference on oneDNN each BatchNorm, residual sum and ReLU runs inside the convolution before it: the same
+  embeddings as the unfolded network (float32: to rounding; bfloat16: no further from float32 than the unfolded
+  network is), the same gradient with respect to the input, and no convolution left without its folded form."""
+  if dtype == jnp.bfloat16 and not onednn.bf16_available():
+    pytest.skip('no oneDNN bfloat16 kernels here')
+  v = _with_running_statistics(variables)
+  folded, unfolded = tiny(dtype=dtype), tiny(dtype=dtype, fold_norm=False)
+  z, z_ref = apply_fn(folded)(v, TILES), apply_fn(unfolded)(v, TILES)
+  hlo = jax.jit(lambda x: folded.apply(v, x)).lower(TILES).as_text()
+  assert hlo.count('DemOnednnConvBias') == 12 and 'DemOnednnConvForward' not in hlo  # stem, 4 x 2, 3 projections
+  assert 'DemOnednnConvForward' in jax.jit(lambda x: unfolded.apply(v, x)).lower(TILES).as_text()
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(z, z_ref, rtol=1e-5, atol=1e-6)
+  else:
+    z32 = apply_fn(tiny())(v, TILES)
+    assert np.abs(z - z32).max() <= max(np.abs(z_ref - z32).max(), 2 * BF16_ULP)
+  embed_sum = lambda model: jax.jit(jax.grad(lambda x: jnp.sum(model.apply(v, x) * jnp.arange(8.0))))
+  g, g_ref = embed_sum(folded)(TILES), embed_sum(unfolded)(TILES)
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
+  else:  # the tolerance of the bfloat16 training test above
+    g32 = embed_sum(tiny())(TILES)
+    assert np.linalg.norm(g - g32) / np.linalg.norm(g32) < 0.3
+
+
+def test_folding_runs_only_where_every_convolution_is_on_onednn(monkeypatch):
+  assert not conv_ops.folds_norm('xla', jnp.float32)
+  assert not conv_ops.folds_norm('auto', jnp.float32, backend='gpu')
+  assert not conv_ops.folds_norm('im2col', jnp.float32)
+  monkeypatch.setattr(conv_ops, 'onednn_bf16_available', lambda: False)
+  assert not conv_ops.folds_norm('onednn', jnp.bfloat16)
 
 
 def test_bfloat16_without_native_kernels_runs_onednn_in_float32(monkeypatch):

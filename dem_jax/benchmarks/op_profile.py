@@ -24,6 +24,8 @@ KIND_NAMES = {
     'DemOnednnConvForward': 'conv forward (oneDNN)',
     'DemOnednnConvBackwardData': 'conv input gradient (oneDNN)',
     'DemOnednnConvBackwardWeights': 'conv kernel gradient (oneDNN)',
+    'DemOnednnConvBias': 'conv + BatchNorm [+ ReLU], inference (oneDNN)',
+    'DemOnednnConvBiasAdd': 'conv + BatchNorm + residual + ReLU, inference (oneDNN)',
     'DemMaxPoolForward': 'max-pool forward',
     'DemMaxPoolBackward': 'max-pool gradient',
     'DemChannelSums': 'BatchNorm channel sums',

@@ -197,6 +197,54 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   return _CONV_FNS[impl](x, kernel, strides, padding)
 
 
+def folds_norm(conv_impl: str, dtype, backend: str | None = None) -> bool:
+  """Whether inference folds each BatchNorm (and the residual sum and ReLU after it) into the convolution before it
+  (`conv2d_folded_norm`): where every layer runs on oneDNN in `dtype` natively, that is on CPU with the library
+  loaded, in float32, or in bfloat16 where the CPU has bfloat16 kernels."""
+  if resolve_conv_impl(conv_impl, (SMALL_MAP_POSITIONS + 1, 1), (SMALL_MAP_POSITIONS + 1, 1), backend,
+                       dtype) != 'onednn':
+    return False
+  return jnp.dtype(dtype) == jnp.float32 or (jnp.dtype(dtype) == jnp.bfloat16 and onednn_bf16_available())
+
+
+def _folded_norm_reference(x, kernel, mean, gain, bias, residual, strides, padding, relu):
+  """The unfolded computation: the convolution in x's dtype, then (y - mean) * gain + bias in float32, the
+  residual and the ReLU."""
+  y = (onednn.conv2d_onednn(x, kernel, strides, padding).astype(jnp.float32) - mean) * gain + bias
+  if residual is not None:
+    y = y + residual.astype(jnp.float32)
+  return (jnp.maximum(y, 0.0) if relu else y).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def conv2d_folded_norm(x: jax.Array, kernel: jax.Array, mean: jax.Array, gain: jax.Array, bias: jax.Array,
+                       residual: jax.Array | None, strides: Sequence[int] = (1, 1),
+                       padding: Padding = ((0, 0), (0, 0)), relu: bool = False) -> jax.Array:
+  """A convolution followed by an inference-mode BatchNorm, (conv(x, kernel) - mean) * gain + bias per channel
+  (float32 vectors), plus `residual` if given, then max(., 0) if `relu`, as one oneDNN call: the kernel scaled by
+  `gain` and the bias bias - mean * gain.
+
+  Computes in x's dtype, summing in float32 and rounding once (the unfolded form rounds the convolution's output
+  and the BatchNorm's separately, so bfloat16 results differ by about a rounding). Where `folds_norm` is True only.
+  Differentiable: the gradient is that of the unfolded form.
+  """
+  kernel = kernel.astype(jnp.float32) * gain
+  return onednn.conv2d_bias_onednn(x, kernel, bias - mean * gain, strides, padding, residual, relu)
+
+
+def _conv2d_folded_norm_fwd(x, kernel, mean, gain, bias, residual, strides, padding, relu):
+  return (conv2d_folded_norm(x, kernel, mean, gain, bias, residual, strides, padding, relu),
+          (x, kernel, mean, gain, bias, residual))
+
+
+def _conv2d_folded_norm_bwd(strides, padding, relu, primals, dy):
+  reference = functools.partial(_folded_norm_reference, strides=strides, padding=padding, relu=relu)
+  return jax.vjp(reference, *primals)[1](dy)
+
+
+conv2d_folded_norm.defvjp(_conv2d_folded_norm_fwd, _conv2d_folded_norm_bwd)
+
+
 def _pool_taps(x: jax.Array, window: int, stride: int, pad: int):
   """x padded with -inf, the output size, and a function giving the strided slice of window position (i, j)."""
   n, h, w, c = x.shape

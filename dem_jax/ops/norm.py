@@ -122,7 +122,12 @@ relu.defvjp(_relu_fwd, _relu_bwd)
 class BatchNorm(nn.Module):
   """`flax.linen.BatchNorm` over the last axis (same parameters, running averages and results) on
   `batch_norm_train`, then a ReLU if `relu`. The output has the input's dtype; parameters and statistics are
-  float32."""
+  float32.
+
+  Called as `bn(features=C)` with no input (and `use_running_average`), it declares the same variables and returns
+  its inference-mode normalisation as per-channel float32 (mean, gain, bias), y = (x - mean) * gain + bias, for
+  folding into the convolution before it (`ops.conv.conv2d_folded_norm`).
+  """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
@@ -130,14 +135,20 @@ class BatchNorm(nn.Module):
   relu: bool = False
 
   @nn.compact
-  def __call__(self, x):
-    features = x.shape[-1]
+  def __call__(self, x=None, *, features: int | None = None):
+    if (x is None) == (features is None):
+      raise ValueError('BatchNorm takes either an input or, to fold it into a convolution, features=')
+    if x is None and not self.use_running_average:
+      raise ValueError('only an inference-mode BatchNorm (use_running_average=True) folds into a convolution')
+    features = x.shape[-1] if x is not None else features
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
     if self.use_running_average:
       gain = scale * lax.rsqrt(running_var.value + self.epsilon)
+      if x is None:
+        return running_mean.value, gain, bias
       y = (x.astype(jnp.float32) - running_mean.value) * gain + bias
       return (jnp.maximum(y, 0.0) if self.relu else y).astype(x.dtype)
     # As flax: no statistics across devices while initialising.

@@ -46,7 +46,8 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
 TARGETS = {'forward': 'DemOnednnConvForward', 'backward_data': 'DemOnednnConvBackwardData',
-           'backward_weights': 'DemOnednnConvBackwardWeights', 'max_pool': 'DemMaxPoolForward',
+           'backward_weights': 'DemOnednnConvBackwardWeights', 'bias': 'DemOnednnConvBias',
+           'bias_add': 'DemOnednnConvBiasAdd', 'max_pool': 'DemMaxPoolForward',
            'max_pool_backward': 'DemMaxPoolBackward', 'channel_sums': 'DemChannelSums',
            'masked_channel_sums': 'DemMaskedChannelSums'}
 BF16_QUERY = 'DemOnednnBf16Kernels'
@@ -257,12 +258,12 @@ def _output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, in
   return (n, (h + sum(padding[0]) - kh) // strides[0] + 1, (w + sum(padding[1]) - kw) // strides[1] + 1, o)
 
 
-def _call(target: str, out_shape, out_dtype, a: jax.Array, b: jax.Array, strides, padding) -> jax.Array:
+def _call(target: str, out_shape, out_dtype, *args: jax.Array, strides, padding, **extra) -> jax.Array:
   (pad_top, pad_bottom), (pad_left, pad_right) = padding
   attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pad_top, pad_bottom=pad_bottom, pad_left=pad_left,
-               pad_right=pad_right)
+               pad_right=pad_right, **extra)
   return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method='sequential')(
-      a, b, **{k: np.int64(v) for k, v in attrs.items()})
+      *args, **{k: np.int64(v) for k, v in attrs.items()})
 
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:
@@ -288,8 +289,8 @@ def conv2d_onednn(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 
   cannot be loaded, or for bfloat16 where `bf16_available()` is False.
   """
   _check(x, kernel)
-  return _call('forward', _output_shape(x.shape, kernel.shape, strides, padding), x.dtype, x, kernel, strides,
-               padding)
+  return _call('forward', _output_shape(x.shape, kernel.shape, strides, padding), x.dtype, x, kernel,
+               strides=strides, padding=padding)
 
 
 def _conv2d_onednn_fwd(x, kernel, strides, padding):
@@ -298,17 +299,35 @@ def _conv2d_onednn_fwd(x, kernel, strides, padding):
 
 def _conv2d_onednn_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
-  dx = _call('backward_data', x.shape, x.dtype, dy, kernel, strides, padding)
+  dx = _call('backward_data', x.shape, x.dtype, dy, kernel, strides=strides, padding=padding)
   if kernel.shape[:2] == (1, 1) and tuple(strides) != (1, 1) and not any(map(any, padding)):
     # A strided 1x1 convolution reads only every stride-th position: its kernel gradient is that of a stride-1
     # convolution over those positions, which oneDNN computes several times faster (most of all in bfloat16).
     x = x[:, :(dy.shape[1] - 1) * strides[0] + 1:strides[0], :(dy.shape[2] - 1) * strides[1] + 1:strides[1]]
     strides = (1, 1)
-  dkernel = _call('backward_weights', kernel.shape, kernel.dtype, x, dy, strides, padding)
+  dkernel = _call('backward_weights', kernel.shape, kernel.dtype, x, dy, strides=strides, padding=padding)
   return dx, dkernel
 
 
 conv2d_onednn.defvjp(_conv2d_onednn_fwd, _conv2d_onednn_bwd)
+
+
+def conv2d_bias_onednn(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: Sequence[int] = (1, 1),
+                       padding: Padding = ((0, 0), (0, 0)), residual: jax.Array | None = None,
+                       relu: bool = False) -> jax.Array:
+  """conv2d_onednn(x, kernel) + bias (float32, one value per output channel), plus `residual` (the output's shape
+  and type) if given, then max(., 0) if `relu`: one oneDNN inference call that writes its output once, summing in
+  float32 and rounding once to x's type. Not differentiable (`ops.conv.conv2d_folded_norm` is)."""
+  _check(x, kernel)
+  out_shape = _output_shape(x.shape, kernel.shape, strides, padding)
+  if bias.shape != (out_shape[3],):
+    raise ValueError(f'conv2d_bias_onednn: the bias must have shape ({out_shape[3]},), got {bias.shape}')
+  if residual is not None and (residual.shape != out_shape or residual.dtype != x.dtype):
+    raise ValueError(f'conv2d_bias_onednn: the residual must be {x.dtype}{out_shape}, got '
+                     f'{residual.dtype}{residual.shape}')
+  args = (x, kernel, bias.astype(jnp.float32)) + (() if residual is None else (residual,))
+  return _call('bias' if residual is None else 'bias_add', out_shape, x.dtype, *args, strides=strides,
+               padding=padding, relu=int(relu))
 
 
 def _pool_call(target: str, out_like, *args, window: int, stride: int, pad: int) -> jax.Array:

@@ -1,13 +1,17 @@
-// 2-D convolution (NHWC activations, HWIO kernel) and its two gradients as XLA FFI handlers on oneDNN, and
-// max-pooling over NHWC with its gradient as plain loops.
+// 2-D convolution (NHWC activations, HWIO kernel), its two gradients and an inference form with a bias, residual
+// and ReLU folded in, as XLA FFI handlers on oneDNN; max-pooling over NHWC with its gradient and per-channel sums
+// as plain loops.
 //
-// dem_jax/onednn.py compiles this file against jaxlib's FFI headers and the oneDNN wheel, registers the three
-// handlers below as CPU custom-call targets and wraps them in a differentiable `conv2d_onednn`. Every handler takes
-// the same attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right.
+// dem_jax/ops/onednn.py compiles this file against jaxlib's FFI headers and the oneDNN wheel, registers the handlers
+// below as CPU custom-call targets and wraps them (the convolution in a differentiable `conv2d_onednn`). Every
+// convolution handler takes the attributes stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right; the
+// inference ones also relu (0 or 1).
 //
 //   DemOnednnConvForward(x[N,H,W,C], kernel[KH,KW,C,O]) -> y[N,OH,OW,O]
 //   DemOnednnConvBackwardData(dy[N,OH,OW,O], kernel) -> dx[N,H,W,C]
 //   DemOnednnConvBackwardWeights(x, dy) -> dkernel[KH,KW,C,O]
+//   DemOnednnConvBias(x, kernel, bias[O]) -> y                 inference: conv + bias, then max(., 0) if relu != 0
+//   DemOnednnConvBiasAdd(x, kernel, bias, residual[N,OH,OW,O]) -> y    the same with the residual added before it
 //   DemMaxPoolForward(x[N,H,W,C]) -> y[N,OH,OW,C]            attributes: window, stride, pad
 //   DemMaxPoolBackward(x, y, dy[N,OH,OW,C]) -> dx[N,H,W,C]
 //   DemChannelSums(a[..., C], b[..., C]) -> sums[2, C]          float32: sum(a) and sum(a * b) over all but C
@@ -33,6 +37,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -476,6 +481,90 @@ ffi::Error PoolBackward(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer dy, f
   return ffi::Error::Success();
 }
 
+// Inference: one convolution with a per-channel bias (a BatchNorm folded into it), optionally a residual added and a
+// ReLU, in oneDNN's post-ops, so that the output is written once instead of being read and written again by each.
+struct InferencePrimitives {
+  memory::desc user_weights;
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward forward;
+};
+
+const InferencePrimitives& GetInferencePrimitives(const Geometry& g, bool residual, bool relu) {
+  static std::mutex mutex;
+  static std::map<std::tuple<decltype(g.Key()), bool, bool>, std::unique_ptr<InferencePrimitives>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<InferencePrimitives>& slot = cache[{g.Key(), residual, relu}];
+  if (slot) return *slot;
+  const memory::desc src({g.n, g.c, g.h, g.w}, g.activations, Tag::nhwc);
+  const memory::desc dst({g.n, g.o, g.oh, g.ow}, g.activations, Tag::nhwc);
+  const memory::desc any_weights({g.o, g.c, g.kh, g.kw}, g.activations, Tag::any);
+  const memory::desc bias({g.o}, Type::f32, Tag::a);
+  dnnl::post_ops ops;
+  if (residual) ops.append_binary(dnnl::algorithm::binary_add, dst);
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  auto p = std::make_unique<InferencePrimitives>();
+  p->user_weights = memory::desc({g.o, g.c, g.kh, g.kw}, g.kernel, Tag::hwio);
+  p->pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, any_weights, bias, dst,
+      {g.stride_h, g.stride_w}, {g.pad_top, g.pad_left}, {g.pad_bottom, g.pad_right}, attr);
+  p->forward = dnnl::convolution_forward(p->pd);
+  slot = std::move(p);
+  return *slot;
+}
+
+ffi::Error InferenceForward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, const ffi::AnyBuffer& bias,
+                            const ffi::AnyBuffer* residual, ffi::Result<ffi::AnyBuffer>& y, int64_t stride_h,
+                            int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                            int64_t pad_right, int64_t relu) {
+  auto g = MakeGeometry(x, kernel, *y, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right);
+  if (g.has_error()) return g.error();
+  if (bias.element_type() != ffi::DataType::F32 || bias.element_count() != static_cast<size_t>(g->o)) {
+    return ffi::Error::InvalidArgument("onednn_conv: the bias must be float32 with one value per output channel");
+  }
+  if (residual != nullptr &&
+      (residual->element_type() != y->element_type() ||
+       !std::equal(residual->dimensions().begin(), residual->dimensions().end(), y->dimensions().begin(),
+                   y->dimensions().end()))) {
+    return ffi::Error::InvalidArgument("onednn_conv: the residual must have the output's shape and type");
+  }
+  try {
+    const InferencePrimitives& p = GetInferencePrimitives(*g, residual != nullptr, relu != 0);
+    std::lock_guard<std::mutex> lock(ExecutionMutex());
+    dnnl::stream stream(Engine());
+    memory src(p.pd.src_desc(), Engine(), x.untyped_data());
+    memory dst(p.pd.dst_desc(), Engine(), y->untyped_data());
+    memory bias_memory(p.pd.bias_desc(), Engine(), bias.untyped_data());
+    memory weights = As(p.pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias_memory}, {DNNL_ARG_DST, dst}};
+    if (residual != nullptr) {
+      args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+          memory(p.pd.dst_desc(), Engine(), residual->untyped_data());
+    }
+    p.forward.execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: oneDNN failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BiasHandler(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                       int64_t pad_right, int64_t relu) {
+  return InferenceForward(x, kernel, bias, nullptr, y, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
+                          relu);
+}
+
+ffi::Error BiasAddHandler(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::AnyBuffer bias, ffi::AnyBuffer residual,
+                          ffi::Result<ffi::AnyBuffer> y, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                          int64_t pad_bottom, int64_t pad_left, int64_t pad_right, int64_t relu) {
+  return InferenceForward(x, kernel, bias, &residual, y, stride_h, stride_w, pad_top, pad_bottom, pad_left,
+                          pad_right, relu);
+}
+
 }  // namespace
 
 // Whether bfloat16 convolutions have native kernels here: oneDNN detects AVX512-BF16 (or AMX, its superset) and
@@ -523,6 +612,34 @@ extern "C" int DemOnednnBf16Kernels(char* message, size_t size) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvForward, Forward, DEM_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardData, BackwardData, DEM_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardWeights, BackwardWeights, DEM_CONV_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBias, BiasHandler,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBiasAdd, BiasAddHandler,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolForward, PoolForward,
                               ffi::Ffi::Bind()
