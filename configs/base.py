@@ -46,6 +46,7 @@ def get_config(arg=None):
   config.loss.margin = 1.0
   config.loss.l2 = 0.01  # tile2vec only: weight of the embedding-norm penalty.
   config.loss.temperature = 0.1  # infonce only: softmax temperature over cosine similarities.
+  config.loss.debias = 0.0  # infonce only: expected share of same-class negatives, corrected for (0 = off).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4

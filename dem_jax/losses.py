@@ -170,7 +170,7 @@ def batch_hard_triplet_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, margin:
                 **_pair_metrics(za, zn, zd)}
 
 
-def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float = 0.1,
+def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float = 0.1, debias: float = 0.0,
                  axis_name: str | None = None) -> tuple[jax.Array, Metrics]:
   """InfoNCE over the batch (COLA-style): pick each anchor's own neighbour out of all neighbours and distant tiles.
 
@@ -179,6 +179,13 @@ def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float
   temperature means the same for any encoder (the default one is already unit-norm). COLA's bilinear similarity is
   left out: with unit-norm outputs and a trained dense head before them, the dot product has the same reach.
 
+  debias > 0 is the debiased contrastive loss (Chuang et al. 2020): without labels, some of the negatives share the
+  anchor's class (another recording of the same instrument), and plain InfoNCE pushes them away as hard as the
+  rest. With `debias` the expected share of such negatives (the class prior, e.g. 1/6 for six balanced classes),
+  each anchor's sum over its N negatives, N mean(exp(s_neg)), becomes
+  N max((mean(exp(s_neg)) - debias exp(s_pos)) / (1 - debias), exp(-1 / temperature)): the positive's part in it
+  taken out, floored at the smallest value the sum can take. debias = 0 is plain InfoNCE.
+
   Returns:
     (loss, metrics); 'active_fraction' is the share of anchors for which some negative is at least as similar as
     their neighbour (the anchors not yet ranked right).
@@ -186,9 +193,19 @@ def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float
   unit = lambda x: x / _norm(x)[:, None]
   candidates, positive = _batch_candidates(zn, zd, axis_name)
   logits = unit(za) @ unit(candidates).T / temperature
-  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
   positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)
   is_negative = jnp.arange(candidates.shape[0])[None, :] != positive[:, None]
+  if debias:
+    # Shifted by the largest logit a cosine can give, 1 / temperature, so that no exponential overflows.
+    top = 1.0 / temperature
+    num_negatives = candidates.shape[0] - 1
+    exp_positive = jnp.exp(positive_logit[:, 0] - top)
+    mean_negative = jnp.sum(jnp.where(is_negative, jnp.exp(logits - top), 0.0), axis=1) / num_negatives
+    negatives = num_negatives * jnp.maximum((mean_negative - debias * exp_positive) / (1.0 - debias),
+                                            jnp.exp(-1.0 / temperature - top))
+    loss = jnp.mean(jnp.log(exp_positive + negatives) - (positive_logit[:, 0] - top))
+  else:
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive))
   misranked = jnp.any(is_negative & (logits >= positive_logit), axis=1)
   return loss, {'loss': loss, 'active_fraction': jnp.mean(misranked.astype(jnp.float32)),
                 **_pair_metrics(za, zn, zd)}
@@ -199,7 +216,7 @@ LOSSES = {
     'tile2vec': (tile2vec_loss, ('margin', 'l2')),
     'batch_all': (batch_all_triplet_loss, ('margin',)),
     'batch_hard': (batch_hard_triplet_loss, ('margin',)),
-    'infonce': (infonce_loss, ('temperature',)),
+    'infonce': (infonce_loss, ('temperature', 'debias')),
 }
 
 
@@ -219,4 +236,7 @@ def get_loss_fn(name: str, **hyper) -> LossFn:
     raise ValueError(f'unknown loss settings {unknown}; the losses take {known}.')
   if 'temperature' in takes and hyper.get('temperature', 1.0) <= 0:
     raise ValueError(f'config.loss.temperature={hyper["temperature"]} must be positive (e.g. 0.1).')
+  if 'debias' in takes and not 0.0 <= hyper.get('debias', 0.0) < 1.0:
+    raise ValueError(f'config.loss.debias={hyper["debias"]} must be in [0, 1): the expected share of negatives of '
+                     "the anchor's own class (0 turns it off).")
   return functools.partial(fn, **{k: v for k, v in hyper.items() if k in takes})

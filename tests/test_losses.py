@@ -105,6 +105,9 @@ def test_get_loss_fn_rejects_unknown_names_and_settings():
     losses.get_loss_fn('triplet', alpha=0.1)
   with pytest.raises(ValueError, match='config.loss.temperature'):
     losses.get_loss_fn('infonce', temperature=0.0)
+  for share in (1.0, -0.1):
+    with pytest.raises(ValueError, match='config.loss.debias'):
+      losses.get_loss_fn('infonce', debias=share)
 
 
 # Batch-wide losses on the same two triplets. Candidates in order [n0, n1, d0, d1] = [(0,1), (-1,0), (-1,0), (0,1)];
@@ -150,6 +153,27 @@ def test_infonce_is_cross_entropy_over_all_neighbours_and_distant_tiles():
   assert float(losses.infonce_loss(3 * A, 2 * N, D, temperature=0.5)[0]) == pytest.approx(float(loss), rel=1e-6)
 
 
+def test_debiased_infonce_takes_the_positives_share_out_of_the_negatives_by_hand():
+  # Same batch as above: anchor 0's positive logit is 0 and its negatives' logits [-1, -1, 0]; anchor 1's
+  # positive logit is -1, its negatives' [0, -1, 0]. N = 3 negatives each; floor exp(-1 / t).
+  t, share = 1.0, 0.25
+  def by_hand(pos, negs):
+    g = max((np.mean(np.exp(negs)) - share * np.exp(pos)) / (1 - share), np.exp(-1 / t))
+    return np.log(np.exp(pos) + 3 * g) - pos
+  loss, _ = losses.infonce_loss(A, N, D, temperature=t, debias=share)
+  want = np.mean([by_hand(0.0, np.array([-1., -1., 0.])), by_hand(-1.0, np.array([0., -1., 0.]))])
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  # debias=0 is plain InfoNCE; a positive share lowers the loss here (the negatives weigh less).
+  plain = float(losses.infonce_loss(A, N, D, temperature=t)[0])
+  assert float(losses.infonce_loss(A, N, D, temperature=t, debias=0.0)[0]) == pytest.approx(plain, rel=1e-6)
+  assert float(loss) < plain
+  # When the correction would make the negatives' sum smaller than it can be, the floor holds it there.
+  za = zn = jnp.array([[1., 0.], [0., 1.]])
+  zd = jnp.array([[-1., 0.], [0., -1.]])
+  floored = float(losses.infonce_loss(za, zn, zd, temperature=1.0, debias=0.9)[0])
+  assert floored == pytest.approx(np.log(np.exp(1.0) + 3 * np.exp(-1.0)) - 1.0, rel=1e-5)
+
+
 def test_infonce_counts_an_anchor_ranked_right_as_solved():
   za = jnp.array([[1., 0.], [0., 1.]])
   zn = jnp.array([[1., 0.], [0., 1.]])  # each anchor's own neighbour is the closest candidate
@@ -171,7 +195,7 @@ def test_batch_losses_have_finite_gradients_when_embeddings_coincide(name):
 def test_loss_under_pmap_equals_the_single_device_loss_and_gradient(name):
   # 8 triplets on 4 devices: the batch-wide losses gather every device's neighbours and distant tiles, so each
   # anchor meets the same 15 negatives as on one device, and the averaged gradient is the single-device one.
-  loss_fn = losses.get_loss_fn(name, margin=1.0, temperature=0.2)
+  loss_fn = losses.get_loss_fn(name, margin=1.0, temperature=0.2, debias=0.1 if name == 'infonce' else 0.0)
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   za, zn, zd = (jnp.asarray(unit(rng.normal(size=(8, 3))), jnp.float32) for _ in range(3))
