@@ -5,7 +5,8 @@ On CPU, 'auto' runs every convolution on oneDNN, and max-pooling on native loops
 activations run on oneDNN's bfloat16 kernels where the CPU has them (AVX512-BF16 or AMX), and elsewhere on its
 float32 kernels (converted around each convolution; one log line says so). Where the library cannot be built or
 loaded (no C++ compiler, not Linux x86_64, DEM_JAX_ONEDNN=0), 'auto' logs why once and falls back to the pure-XLA
-forms below.
+forms below. At inference on oneDNN, `conv2d_folded_norm` runs a convolution with the BatchNorm, residual sum and
+ReLU after it in one call (`folds_norm` says where).
 
 Why those exist: the straightforward Flax ResNet ran its triplet step on CPU ~15x slower than PyTorch eager. Three
 XLA:CPU behaviours account for it (measured with jaxlib 0.12 on a 2-core AVX-512 x86 VM):
