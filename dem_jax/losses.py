@@ -196,11 +196,11 @@ def infonce_loss(za: jax.Array, zn: jax.Array, zd: jax.Array, temperature: float
   positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)
   is_negative = jnp.arange(candidates.shape[0])[None, :] != positive[:, None]
   if debias:
-    # Shifted by the largest logit a cosine can give, 1 / temperature, so that no exponential overflows.
-    top = 1.0 / temperature
+    # Shifted by each row's largest logit, so that no exponential overflows and the largest is 1.
+    top = lax.stop_gradient(jnp.max(logits, axis=1))
     num_negatives = candidates.shape[0] - 1
     exp_positive = jnp.exp(positive_logit[:, 0] - top)
-    mean_negative = jnp.sum(jnp.where(is_negative, jnp.exp(logits - top), 0.0), axis=1) / num_negatives
+    mean_negative = jnp.sum(jnp.where(is_negative, jnp.exp(logits - top[:, None]), 0.0), axis=1) / num_negatives
     negatives = num_negatives * jnp.maximum((mean_negative - debias * exp_positive) / (1.0 - debias),
                                             jnp.exp(-1.0 / temperature - top))
     loss = jnp.mean(jnp.log(exp_positive + negatives) - (positive_logit[:, 0] - top))
