@@ -177,12 +177,13 @@ memory As(const memory::desc& want, const memory::desc& have, void* data, dnnl::
   return blocked;
 }
 
-// Runs `body(primitives, stream)` for one convolution under the execution lock; oneDNN errors become FFI errors.
-template <typename Body>
-ffi::Error Execute(ffi::ErrorOr<Geometry> g, Body body) {
+// Runs `body(primitives, stream)` for one convolution under the execution lock, with the primitives `get` builds
+// (or finds cached) for its geometry; oneDNN errors become FFI errors.
+template <typename Body, typename Get = decltype(&GetPrimitives)>
+ffi::Error Execute(ffi::ErrorOr<Geometry> g, Body body, Get get = &GetPrimitives) {
   if (g.has_error()) return g.error();
   try {
-    const Primitives& p = GetPrimitives(*g);
+    const auto& p = get(*g);
     std::lock_guard<std::mutex> lock(ExecutionMutex());
     dnnl::stream stream(Engine());
     body(p, stream);
@@ -529,10 +530,10 @@ ffi::Error InferenceForward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kerne
                    y->dimensions().end()))) {
     return ffi::Error::InvalidArgument("onednn_conv: the residual must have the output's shape and type");
   }
-  try {
-    const InferencePrimitives& p = GetInferencePrimitives(*g, residual != nullptr, relu != 0);
-    std::lock_guard<std::mutex> lock(ExecutionMutex());
-    dnnl::stream stream(Engine());
+  const auto get = [&](const Geometry& geometry) -> const InferencePrimitives& {
+    return GetInferencePrimitives(geometry, residual != nullptr, relu != 0);
+  };
+  return Execute(g, [&](const InferencePrimitives& p, dnnl::stream& stream) {
     memory src(p.pd.src_desc(), Engine(), x.untyped_data());
     memory dst(p.pd.dst_desc(), Engine(), y->untyped_data());
     memory bias_memory(p.pd.bias_desc(), Engine(), bias.untyped_data());
@@ -544,11 +545,7 @@ ffi::Error InferenceForward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kerne
           memory(p.pd.dst_desc(), Engine(), residual->untyped_data());
     }
     p.forward.execute(stream, args);
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn_conv: oneDNN failed: ") + e.what());
-  }
-  return ffi::Error::Success();
+  }, get);
 }
 
 ffi::Error BiasHandler(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
