@@ -594,17 +594,17 @@ extern "C" int DemOnednnBf16Kernels(char* message, size_t size) {
   return ok;
 }
 
-#define DEM_CONV_BINDING                                                                                     \
-  ffi::Ffi::Bind()                                                                                           \
-      .Arg<ffi::AnyBuffer>()                                                                                 \
-      .Arg<ffi::AnyBuffer>()                                                                                 \
-      .Ret<ffi::AnyBuffer>()                                                                                 \
-      .Attr<int64_t>("stride_h")                                                                             \
-      .Attr<int64_t>("stride_w")                                                                             \
-      .Attr<int64_t>("pad_top")                                                                              \
-      .Attr<int64_t>("pad_bottom")                                                                           \
-      .Attr<int64_t>("pad_left")                                                                             \
+// The attributes of every convolution handler: its strides and padding.
+#define DEM_CONV_ATTRIBUTES           \
+  .Attr<int64_t>("stride_h")          \
+      .Attr<int64_t>("stride_w")      \
+      .Attr<int64_t>("pad_top")       \
+      .Attr<int64_t>("pad_bottom")    \
+      .Attr<int64_t>("pad_left")      \
       .Attr<int64_t>("pad_right")
+
+#define DEM_CONV_BINDING \
+  ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() DEM_CONV_ATTRIBUTES
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvForward, Forward, DEM_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBackwardData, BackwardData, DEM_CONV_BINDING);
@@ -615,13 +615,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBias, BiasHandler,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right")
+                                  .Ret<ffi::AnyBuffer>() DEM_CONV_ATTRIBUTES
                                   .Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBiasAdd, BiasAddHandler,
                               ffi::Ffi::Bind()
@@ -629,13 +623,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DemOnednnConvBiasAdd, BiasAddHandler,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right")
+                                  .Ret<ffi::AnyBuffer>() DEM_CONV_ATTRIBUTES
                                   .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DemMaxPoolForward, PoolForward,
