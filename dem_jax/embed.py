@@ -265,9 +265,9 @@ class Embedder:
     """
     return self.embed_frames(self._log_mel_of_audio(samples, sample_rate))
 
-  def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+  def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int, *, finite: bool = False) -> np.ndarray:
     samples = to_mono(samples)
-    if not np.all(np.isfinite(samples)):
+    if not finite and not np.all(np.isfinite(samples)):  # `finite`: known already (audio.load_audio checks)
       raise EmbedError('the audio holds NaN or infinite samples')
     if int(sample_rate) != self.frontend.sample_rate:
       samples = soxr.resample(samples, int(sample_rate), self.frontend.sample_rate, quality='HQ')
@@ -289,7 +289,8 @@ class Embedder:
   def _file_tiles(self, path: str) -> _FileTiles:
     """Decode and log-Mel of one file, and where its tiles start (in a worker thread); failures are returned."""
     try:
-      frames = self._log_mel_of_audio(audio.load_audio(path, self.frontend.sample_rate), self.frontend.sample_rate)
+      frames = self._log_mel_of_audio(audio.load_audio(path, self.frontend.sample_rate), self.frontend.sample_rate,
+                                      finite=True)
       _check_log_mel(frames)
     except audio.AudioError as e:
       return _FileTiles(path, error=e)

@@ -1,7 +1,9 @@
 import librosa
 import numpy as np
 import pytest
+import soundfile
 
+from dem_jax import audio
 from dem_jax.frontend import FrontEnd, log_mel, mel_matrix
 
 
@@ -58,3 +60,21 @@ def test_bad_settings_name_the_field():
     FrontEnd(sample_rate=8000, fmax=8000.0)
   with pytest.raises(ValueError, match='win_length'):
     FrontEnd(win_length=2048)
+
+
+@pytest.mark.parametrize('channels', [1, 2, 3, 4, 6])
+@pytest.mark.parametrize('fmt,subtype', [('WAV', 'PCM_16'), ('FLAC', 'PCM_16'), ('WAV', 'PCM_24'), ('WAV', 'FLOAT')])
+def test_read_audio_gives_libsndfiles_floats_and_their_channel_mean(tmp_path, channels, fmt, subtype):
+  # 16-bit PCM is decoded as integers and scaled in the channel mean; the samples must be exactly those of
+  # libsndfile's float32 decoding averaged over the channels, for every channel count and format.
+  path = str(tmp_path / f'x.{fmt.lower()}')
+  rng = np.random.default_rng(channels)
+  data = np.clip(rng.standard_normal((16000, channels)) * 0.3, -1, 1)
+  data[:8] = [[-1.0] * channels, [1.0] * channels] * 4  # full scale both ways
+  soundfile.write(path, data, 16000, format=fmt, subtype=subtype)
+  reference, _ = soundfile.read(path, dtype='float32', always_2d=True)
+  expected = reference @ np.full(channels, 1 / channels, np.float32) if channels > 1 else reference[:, 0]
+  samples, warnings = audio.read_audio(path, 16000)
+  assert samples.dtype == np.float32 and samples.flags.c_contiguous and not warnings
+  np.testing.assert_array_equal(samples, expected)
+  assert samples.min() < -0.5 and samples.max() > 0.5  # not silence: the scale is right
