@@ -200,6 +200,13 @@ def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monke
   run = quality.train(flags, overrides, 'F', str(tmp_path / 'run2'))
   assert len(commands) == 1 and commands[0][-1] == '--config.num_steps=5'
   assert run['budget'] == 'num_steps given' and run['steps'] == 7
+  # A config with a time budget gets --minutes as its budget and keeps its own length (no step setting passed).
+  monkeypatch.setattr(quality, 'config_has_train_minutes', lambda _: True)
+  commands.clear()
+  run = quality.train(flags, overrides[:1], 'F', str(tmp_path / 'run3'))
+  assert len(commands) == 1 and '--config.train_minutes=1.0' in commands[0]
+  assert not [a for a in commands[0] if a.startswith(('--config.num_steps=', '--config.num_epochs='))]
+  assert run['budget'] == 'config.train_minutes'
 
 
 @pytest.mark.parametrize('dataset', ['music', 'dcase'])
@@ -207,9 +214,9 @@ def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
   import importlib
   module = importlib.import_module(f'configs.{dataset}')
   cpu, tiny, default = module.get_config('cpu'), module.get_config('tiny'), module.get_config()
-  # The budget ends a :cpu run (its step cap would take over 1,000 steps/s), and the learning rate's cosine follows
-  # the steps the budget reaches.
-  assert cpu.train_minutes > 0 and cpu.num_steps / (cpu.train_minutes * 60) > 1000
+  # A :cpu run ends after 30 passes over the training tiles or when the budget is spent, whichever comes first, and
+  # the learning rate's cosine follows the steps the run will reach.
+  assert cpu.train_minutes > 0 and cpu.num_steps == 0 and cpu.num_epochs == 30
   assert cpu.optimizer.schedule == 'cosine' and not cpu.optimizer.schedule_steps
   assert tiny.train_minutes == 0 and tiny.num_steps <= 1000
   # The dataset's own sampling rules hold in every variant; the original's settings stay the default.

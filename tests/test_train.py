@@ -231,6 +231,24 @@ def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_fe
     train_lib.train_and_evaluate(config, workdir)
 
 
+def test_run_length_ends_a_budgeted_run_when_it_comes_first(dcase_features, tmp_path):
+  # The `:cpu` recipe's shape: num_epochs with a time budget far from spent. The run stops after its passes, with a
+  # checkpoint there, and the cosine spans exactly those steps.
+  ends = []
+  for epochs in (1, 2):
+    workdir = str(tmp_path / f'e{epochs}')
+    config = tiny_config(dcase_features, num_steps=0, num_epochs=epochs, train_minutes=10.0, batch_size=64,
+                         log_every=1, checkpoint_every=1000, **{'optimizer.schedule': 'cosine'})
+    train_lib.train_and_evaluate(config, workdir)
+    (step,) = checkpoint_lib.Checkpointer(workdir).all_steps()
+    records = read_metrics(workdir)
+    assert max(r['step'] for r in records) == step
+    assert [r['train/schedule_steps'] for r in records if 'train/schedule_steps' in r][-1] == step
+    assert [r for r in records if 'train/train_seconds' in r][-1]['train/train_seconds'] < 300
+    ends.append(step)
+  assert ends[0] > 0 and ends[1] == 2 * ends[0], ends
+
+
 def test_budget_shorter_than_one_step_fails_before_training(dcase_features, tmp_path):
   # 0.6 ms: no training step fits. The run stops after compiling, names the setting and writes nothing.
   config = tiny_config(dcase_features, num_steps=100, train_minutes=1e-5)

@@ -6,9 +6,10 @@ r"""Quality on real audio within a training budget: the model against the no-lea
 1. Builds, once, the labelled set of dem_jax.benchmarks.quality_data (real tunes on sampled instruments, 6
    instrument families, split by tune; about 80 minutes of audio) under --data_dir, and preprocesses it with the
    preprocessing job (`python -m preprocess --dataset=folder --split_file=...`). Both are cached.
-2. Trains through the training CLI for --minutes of wall time: with config.train_minutes when the config has it,
-   otherwise for as many steps as a short calibration run of the same config says fit in the budget (held-out
-   monitoring then runs once, at the end, and is not counted).
+2. Trains through the training CLI within --minutes of wall time: with config.train_minutes when the config has it
+   (the config's own length, num_steps or num_epochs, still ends the run if it comes first), otherwise for as many
+   steps as a short calibration run of the same config says fit in the budget (held-out monitoring then runs once,
+   at the end, and is not counted).
 3. Evaluates through the evaluation CLI and prints, for the model and each baseline, tile and clip macro F1 of the
    linear probe, k-Means NMI and precision@5, what the model's clusters follow (`clusters_follow`: NMI against
    family, instrument program and tune), and how far NMI moves with the k-Means seed alone
@@ -118,10 +119,11 @@ def train(flags: argparse.Namespace, overrides: list[str], features_dir: str, wo
   if any(o.startswith('--config.num_steps=') for o in overrides):
     how, extra, rate = 'num_steps given', [], None  # A budget in steps (e.g. to compare losses at equal steps).
   elif config_has_train_minutes(flags.config):
-    # The budget decides the length: the step cap lifted, held-out monitoring and the checkpoint at the end only.
+    # The budget caps the length and the config's own length stands (a recipe may stop sooner: `:cpu` does on a
+    # small set); held-out monitoring and the checkpoint at the end only.
     how, rate = 'config.train_minutes', None
-    extra = [f'--config.train_minutes={flags.minutes}', f'--config.num_steps={UNCAPPED}',
-             f'--config.eval_every={UNCAPPED}', f'--config.checkpoint_every={UNCAPPED}']
+    extra = [f'--config.train_minutes={flags.minutes}', f'--config.eval_every={UNCAPPED}',
+             f'--config.checkpoint_every={UNCAPPED}']
   else:
     first, second, last = CALIBRATION_STEPS
     calibration = os.path.join(workdir, 'calibration')
