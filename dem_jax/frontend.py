@@ -6,8 +6,8 @@ Frames start at sample 0 and only whole windows count (no centring), so a 5-s ti
 
 Written with numpy rather than librosa.stft because librosa frames the signal with n_fft samples (1024) and centres
 the shorter window in them, which changes the frame count (494 vs 498 per 5 s); the magnitudes are the same, as the
-golden test shows. The arithmetic runs in float32 in blocks of 256 frames, whose FFT buffers (1 MiB) stay in a
-core's L2 cache; long files never allocate the whole spectrogram.
+golden test shows. The arithmetic runs in float32 in blocks of 256 frames (1 MiB of FFT input), small enough to stay
+in a core's cache; long files never allocate the whole spectrogram.
 """
 
 from __future__ import annotations
