@@ -263,12 +263,13 @@ class Embedder:
     centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}. Tiles lie on the hop grid, plus
     one aligned to the end of the audio where the grid stops short of it (see `tile_starts`).
     """
+    samples = to_mono(samples)
+    if not np.all(np.isfinite(samples)):  # Decoded files are checked by audio.load_audio already.
+      raise EmbedError('the audio holds NaN or infinite samples')
     return self.embed_frames(self._log_mel_of_audio(samples, sample_rate))
 
-  def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int, *, finite: bool = False) -> np.ndarray:
-    samples = to_mono(samples)
-    if not finite and not np.all(np.isfinite(samples)):  # `finite`: known already (audio.load_audio checks)
-      raise EmbedError('the audio holds NaN or infinite samples')
+  def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """float32 [frames, bands] log-Mel of finite mono `samples` at `sample_rate`."""
     if int(sample_rate) != self.frontend.sample_rate:
       samples = soxr.resample(samples, int(sample_rate), self.frontend.sample_rate, quality='HQ')
     frames = log_mel(np.asarray(samples, np.float32), self.frontend)
@@ -289,8 +290,7 @@ class Embedder:
   def _file_tiles(self, path: str) -> _FileTiles:
     """Decode and log-Mel of one file, and where its tiles start (in a worker thread); failures are returned."""
     try:
-      frames = self._log_mel_of_audio(audio.load_audio(path, self.frontend.sample_rate), self.frontend.sample_rate,
-                                      finite=True)
+      frames = self._log_mel_of_audio(audio.load_audio(path, self.frontend.sample_rate), self.frontend.sample_rate)
       _check_log_mel(frames)
     except audio.AudioError as e:
       return _FileTiles(path, error=e)
