@@ -37,6 +37,7 @@ def get_config(arg=None):
   config.model.width = 1.0  # Channel multiplier: 1.0 is 64-128-256-512.
   config.model.embedding_dim = 128
   config.model.dropout_rate = 0.5
+  config.model.head_hidden = 0  # 0: one dense layer after pooling (the original's); N: a hidden layer of N and a ReLU.
   config.model.conv_impl = 'auto'  # oneDNN on CPU (dem_jax.ops.onednn), XLA's convolution on GPU/TPU.
   config.model.dtype = 'auto'  # bfloat16 on GPU/TPU (parameters, statistics and loss stay float32), float32 on CPU.
 

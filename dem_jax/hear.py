@@ -30,11 +30,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dem_jax import models
 from dem_jax.embed import EmbedError, Embedder, pool_per_clip
 
 TIMESTAMP_HOP_FRAMES = 4  # 40 ms at the default 10-ms frame hop; HEAR asks for a hop of at most 50 ms.
@@ -68,7 +68,8 @@ class HearModel:
     self.fill = float(np.log(self.frontend.log_offset))  # log-Mel of silence
     last_block = f'stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}'
     self._variables = jax.device_put(embedder.embed_tiles.variables, jax.local_devices()[0])
-    head = nn.Dense(model.embedding_dim, dtype=model.dtype)
+    self._head_params = {k: v for k, v in self._variables['params'].items() if k in ('head', 'head_hidden')}
+    head = models.Head(model.embedding_dim, model.head_hidden, model.dtype)
 
     def position_features(variables, frames):
       """[shifts, L, M] log-Mel -> [shifts, L / stride, C]: the trunk's features per time position, mel-averaged."""
@@ -167,7 +168,7 @@ class HearModel:
       # One shifted copy at a time: the trunk's activations of one copy of a 20-minute sound take a few GB.
       features = jnp.stack([self._position_features(self._variables, copy[None])[0] for copy in shifted])
       interleaved = jnp.swapaxes(features, 0, 1).reshape(-1, features.shape[-1])  # [shifts * J, C]: k = shifts j + s
-      out[i] = np.asarray(self._window_embeddings(self._variables['params']['head'], interleaved, count))
+      out[i] = np.asarray(self._window_embeddings(self._head_params, interleaved, count))
     return self._finite(out), np.broadcast_to(timestamps, (len(audio), count)).copy()
 
 

@@ -93,6 +93,8 @@ class ResNet(nn.Module):
     width: channel multiplier on 64-128-256-512 (0.125 gives a tiny test network).
     embedding_dim: output size.
     dropout_rate: dropout before the projection, while training.
+    head_hidden: 0: the projection is one dense layer (the original's); N: a hidden layer of N units and a ReLU
+      before it (an MLP head, as in SimCLR), so the trunk need not serve the loss alone. See `project`.
     band_mean, band_std: per-mel-band statistics (M floats each) to standardise the input with, or None.
     conv_impl: 'auto' | 'xla' | 'im2col' | 'onednn' (see `ops.conv.resolve_conv_impl`).
     dtype: computation dtype (bfloat16 on GPU); parameters and the output stay float32.
@@ -104,6 +106,7 @@ class ResNet(nn.Module):
   width: float = 1.0
   embedding_dim: int = 128
   dropout_rate: float = 0.5
+  head_hidden: int = 0
   band_mean: Sequence[float] | None = None
   band_std: Sequence[float] | None = None
   conv_impl: str = 'auto'
@@ -151,8 +154,33 @@ class ResNet(nn.Module):
                        name=f'stage{i + 1}_block{j + 1}')(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    z = nn.Dense(self.embedding_dim, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    z = project(x, self.embedding_dim, self.head_hidden, self.dtype)
     return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
+
+
+def project(x, embedding_dim: int, hidden: int, dtype) -> jax.Array:
+  """The head: pooled trunk features [B, C] -> [B, embedding_dim] float32, before the L2 normalisation.
+
+  Called inside a compact module, whose scope holds the layers: 'head' (the last), and 'head_hidden' with `hidden`
+  > 0. A network without a hidden layer keeps the parameter names of the original's single projection.
+  """
+  if hidden < 0:
+    raise ValueError(f'config.model.head_hidden={hidden}; give 0 (one dense layer) or the hidden width.')
+  if hidden:
+    x = nn.relu(nn.Dense(hidden, dtype=dtype, name='head_hidden')(x))
+  return nn.Dense(embedding_dim, dtype=dtype, name='head')(x).astype(jnp.float32)
+
+
+class Head(nn.Module):
+  """`project` alone, for callers that apply the head to features of their own (the HEAR timestamps): its
+  parameters are the network's 'head' (and 'head_hidden') entries."""
+  embedding_dim: int
+  hidden: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return project(x, self.embedding_dim, self.hidden, self.dtype)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet18'])
@@ -188,7 +216,7 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
                  band_std: Sequence[float] | None = None, axis_name: str | None = None) -> nn.Module:
   """Builds the encoder named by `model_config.name` ('resnet18' | 'resnet34').
 
-  Reads name, width, embedding_dim, dropout_rate, conv_impl and dtype ('auto' | 'float32' | 'bfloat16'; see
+  Reads name, width, embedding_dim, dropout_rate, head_hidden, conv_impl and dtype ('auto' | 'float32' | 'bfloat16'; see
   `resolve_dtype`).
   """
   if model_config.name not in STAGE_SIZES:
@@ -198,6 +226,7 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
       width=float(model_config.get('width', 1.0)),
       embedding_dim=int(model_config.get('embedding_dim', 128)),
       dropout_rate=float(model_config.get('dropout_rate', 0.5)),
+      head_hidden=int(model_config.get('head_hidden', 0)),
       band_mean=None if band_mean is None else tuple(float(v) for v in band_mean),
       band_std=None if band_std is None else tuple(float(v) for v in band_std),
       conv_impl=model_config.get('conv_impl', 'auto'),

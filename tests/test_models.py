@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dem_jax.ops import conv as conv_ops  # noqa: E402
+from dem_jax import embed  # noqa: E402
 from dem_jax import models  # noqa: E402
 from dem_jax import process  # noqa: E402
 from dem_jax.ops import onednn  # noqa: E402
@@ -69,6 +70,32 @@ def test_architecture_follows_name_and_width(name, blocks):
   # A 1x1 projection wherever the shape changes: the first block of stages 2-4.
   assert [k for k in params if 'proj_conv' in params[k]] == ['stage2_block1', 'stage3_block1', 'stage4_block1']
   assert params['head']['kernel'].shape == (64, 16)
+
+
+@pytest.mark.parametrize('hidden', [0, 24])
+def test_head_is_one_layer_or_an_mlp_and_models_head_applies_it_alone(hidden):
+  """The embedding is `models.Head` applied to the pooled trunk features, normalised (what HEAR's timestamps do)."""
+  config = ml_collections.ConfigDict(dict(name='resnet18', width=0.125, embedding_dim=16, head_hidden=hidden,
+                                          conv_impl='xla', dtype='float32'))
+  model = models.create_model(config)
+  tiles = np.random.default_rng(0).standard_normal((3, 40, 16)).astype(np.float32)
+  variables = model.init(jax.random.key(0), tiles)
+  params = variables['params']
+  if hidden:
+    assert params['head_hidden']['kernel'].shape == (64, hidden) and params['head']['kernel'].shape == (hidden, 16)
+  else:
+    assert 'head_hidden' not in params and params['head']['kernel'].shape == (64, 16)
+  out = embed.forward_with_trunk(model, variables, tiles)
+  head_params = {k: v for k, v in params.items() if k.startswith('head')}
+  z = models.Head(16, hidden).apply({'params': head_params}, out['trunk'])
+  np.testing.assert_allclose(out['embedding'], z / np.linalg.norm(z, axis=-1, keepdims=True), atol=1e-5)
+  if hidden:  # not one linear map: a negated trunk does not negate the projection
+    assert not np.allclose(models.Head(16, hidden).apply({'params': head_params}, -out['trunk']), -z, atol=1e-3)
+
+
+def test_negative_head_width_is_refused():
+  with pytest.raises(ValueError, match='head_hidden=-1'):
+    models.Head(16, -1).init(jax.random.key(0), jnp.zeros((1, 8)))
 
 
 def test_unknown_model_name_is_rejected():
