@@ -274,3 +274,64 @@ def test_cluster_figures_score_the_clusters_against_family_program_and_tune_over
   for name in ('model', 'model_trunk'):
     assert follow[name]['family'] == pytest.approx(1.0)
     assert spread[name]['min'] == pytest.approx(1.0) and spread[name]['median'] == pytest.approx(1.0)
+
+
+def test_seeds_train_one_run_each_then_summarise_and_a_restart_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+  """`--seeds=0,1,2`: a run per seed in WORKDIR/seed_N with --config.seed=N, each figure's mean, sd, min and max
+  over the runs; started again, the finished runs are read back, an interrupted one is trained again."""
+  trained = []
+
+  def fake_train(flags, overrides, features_dir, workdir):
+    os.makedirs(os.path.join(workdir, 'checkpoints'))
+    trained.append(overrides)
+    return {'budget': 'config.train_minutes', 'steps': 10, 'train_wall_seconds': 1.0, 'calibration_steps_per_s': None}
+
+  def fake_evaluate(cmd, what):
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    seed = int(workdir.rsplit('_', 1)[1])
+    fig = lambda f1: {'linear_probe': {'macro_f1_tile': f1, 'macro_f1_clip': 1.0}, 'kmeans': {'nmi': 0.5},
+                      'retrieval': {'k': 5, 'precision_at_k': 0.5}}
+    os.makedirs(os.path.join(workdir, 'eval'))
+    with open(os.path.join(workdir, 'eval', 'report.json'), 'w', encoding='utf-8') as f:
+      json.dump({'model': fig(0.8 + 0.05 * seed), 'model_trunk': fig(0.9), 'baselines': {'logmel_stats': fig(0.6)}}, f)
+
+  def fake_clusters(workdir, features_dir):
+    seed = int(workdir.rsplit('_', 1)[1])
+    spread = {'min': 0.4, 'median': 0.5 + 0.01 * seed, 'max': 0.6}
+    return {'model': {'family': 0.5}}, {'model': spread, 'model_trunk': spread}
+
+  monkeypatch.setattr(quality, 'prepare', lambda *a, **k: (
+      {'files': 1, 'tunes': 1, 'audio_seconds': 60, 'labels': ['a']}, str(tmp_path / 'features')))
+  monkeypatch.setattr(quality, 'train', fake_train)
+  monkeypatch.setattr(quality, '_run', fake_evaluate)
+  monkeypatch.setattr(quality, 'cluster_figures', fake_clusters)
+  argv = ['--seeds=0,1,2', f'--workdir={tmp_path / "runs"}', '--config.loss.name=infonce']
+  quality.main(argv)
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert trained == [['--config.loss.name=infonce', f'--config.seed={s}'] for s in (0, 1, 2)]
+  assert out['seeds'] == [0, 1, 2] and sorted(out['runs']) == ['0', '1', '2']
+  tile = out['over_seeds']['model']['tile_f1']
+  assert tile['mean'] == pytest.approx(0.85) and tile['sd'] == pytest.approx(0.05)
+  assert (tile['min'], tile['max']) == (pytest.approx(0.8), pytest.approx(0.9))
+  assert out['over_seeds']['model_trunk']['nmi_median']['mean'] == pytest.approx(0.51)
+  assert out['over_seeds']['logmel_stats']['tile_f1']['sd'] == 0
+  # Started again after seed 1 was interrupted (no figures): 0 and 2 are read back, 1 is trained again.
+  os.remove(tmp_path / 'runs' / 'seed_1' / 'quality.json')
+  trained.clear()
+  quality.main(argv)
+  printed = capsys.readouterr().out
+  assert trained == [['--config.loss.name=infonce', '--config.seed=1']]
+  assert 'seed 1:' in printed and 'did not finish' in printed
+  assert json.loads(printed.strip().splitlines()[-1])['over_seeds'] == out['over_seeds']
+  # The same workdir with other settings is refused rather than mixed in.
+  for other in (['--config.loss.name=triplet'], ['--config.loss.name=infonce', '--minutes=5']):
+    with pytest.raises(SystemExit, match='holds a run with the settings'):
+      quality.main(['--seeds=0,1', f'--workdir={tmp_path / "runs"}'] + other)
+
+
+@pytest.mark.parametrize('argv', [['--seeds=0,x'], ['--seeds=1,1'], ['--seeds=3'], ['--seeds=0,-1'],
+                                  ['--seeds=0,1', '--config.seed=4']])
+def test_bad_seed_lists_are_refused(argv, capsys):
+  with pytest.raises(SystemExit):
+    quality.parse_flags(argv)
+  assert '--seeds' in capsys.readouterr().err

@@ -1,6 +1,7 @@
 r"""Quality on real audio within a training budget: the model against the no-learning baselines.
 
     ./launch.sh bench quality [--minutes=15] [--config=configs/music.py:cpu] [--config.loss.name=infonce ...]
+    ./launch.sh bench quality --seeds=0,1,2,3,4      # one run per training seed, then each figure over them
     ./launch.sh bench quality --build_only          # only build (or find) the data set and its features
 
 1. Builds, once, the labelled set of dem_jax.benchmarks.quality_data (real tunes on sampled instruments, 6
@@ -16,6 +17,12 @@ r"""Quality on real audio within a training budget: the model against the no-lea
    (`nmi_over_kmeans_seeds`: min, median, max over seeds 0-9); the last line is JSON.
 Any `--config.X=V` is passed to training as it is; `--config.num_steps=N` sets the budget in steps instead (no
 calibration), e.g. to compare objectives at equal steps.
+
+Training seeds move these figures by several points (README, Quality), so a recipe is judged over seeds:
+`--seeds=0,1,2` trains and scores one run per seed (`--config.seed=N`, in WORKDIR/seed_N), prints each run's
+figures, then their mean, standard deviation, min and max, and the JSON line holds both. Each finished run leaves
+its figures in its directory (quality.json), so the same command started again after a kill keeps the runs done,
+trains the interrupted one again from the start, and goes on with the rest.
 """
 
 import argparse
@@ -23,7 +30,9 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -52,12 +61,23 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument('--build_only', action='store_true', help='build the set and its features, then stop')
   p.add_argument('--no_install', action='store_true', help='never install missing packages; fail with the command')
   p.add_argument('--num_workers', type=int, default=os.cpu_count() or 1, help='preprocessing worker processes')
+  p.add_argument('--seeds', default='', help='comma-separated training seeds: one run each (WORKDIR/seed_N), then '
+                 'every figure over them (mean, standard deviation, min, max); default: one run, the config\'s seed')
   flags, rest = p.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith('--config.')]
   if unknown:
     p.error(f'unrecognised arguments {unknown}; only --config.X=V settings are passed on to training')
   if flags.minutes <= 0:
     p.error(f'--minutes={flags.minutes} must be positive')
+  try:
+    flags.seeds = [int(v) for v in flags.seeds.split(',')] if flags.seeds.strip() else []
+  except ValueError:
+    p.error(f'--seeds={flags.seeds}: give training seeds as integers separated by commas, e.g. --seeds=0,1,2')
+  if len(set(flags.seeds)) != len(flags.seeds) or any(v < 0 for v in flags.seeds) or len(flags.seeds) == 1:
+    p.error(f'--seeds={",".join(map(str, flags.seeds))}: give two or more different seeds >= 0 (one run needs no '
+            '--seeds: use --config.seed=N)')
+  if flags.seeds and any(a.startswith('--config.seed=') for a in rest):
+    p.error('--seeds and --config.seed both set the training seed; give one of them')
   return flags, rest
 
 
@@ -195,10 +215,81 @@ def cluster_figures(workdir: str, features_dir: str, *, seed: int = 0,
   return follow, spread
 
 
+RUN_RECORD = 'quality.json'  # A finished run's figures, in its workdir.
+
+
+def run_once(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> dict:
+  """Trains, evaluates and clusters one run in `workdir`; returns its record (also written there as RUN_RECORD)."""
+  if os.path.exists(os.path.join(workdir, 'checkpoints')):
+    raise QualityBenchError(f'{workdir} already holds a run; pass a new --workdir, or remove that directory to '
+                            'train it again.')
+  run = train(flags, overrides, features_dir, workdir)
+  eval_dir = os.path.join(workdir, 'eval')
+  _run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={workdir}', f'--output_dir={eval_dir}'], 'evaluation')
+  with open(os.path.join(eval_dir, 'report.json'), encoding='utf-8') as f:
+    rows = summary(json.load(f))
+  follow, spread = cluster_figures(workdir, features_dir)
+  record = {'config': flags.config, 'minutes': flags.minutes, 'overrides': overrides, 'workdir': workdir, **run,
+            'figures': rows, 'clusters_follow': follow,
+            'nmi_over_kmeans_seeds': spread}
+  tmp = os.path.join(workdir, RUN_RECORD + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(record, f)
+  os.replace(tmp, os.path.join(workdir, RUN_RECORD))
+  return record
+
+
+def finished_run(flags: argparse.Namespace, overrides: list[str], workdir: str) -> dict | None:
+  """The record a finished run left in `workdir`, or None; a run of other settings there is an error."""
+  path = os.path.join(workdir, RUN_RECORD)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    record = json.load(f)
+  wanted = {'config': flags.config, 'minutes': flags.minutes, 'overrides': overrides}
+  found = {k: record.get(k) for k in wanted}
+  if found != wanted:
+    raise QualityBenchError(f'{workdir} holds a run with the settings {found}, not {wanted}; pass a new --workdir.')
+  return record
+
+
+def over_seeds(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+  """{system: {figure: {mean, sd, min, max}}} over runs; 'nmi_median' is the median NMI over k-Means seeds."""
+  values: dict[str, dict[str, list[float]]] = {}
+  for record in records:
+    for system, row in record['figures'].items():
+      for name, v in row.items():
+        values.setdefault(system, {}).setdefault(name, []).append(v)
+    for system, spread in record['nmi_over_kmeans_seeds'].items():
+      values.setdefault(system, {}).setdefault('nmi_median', []).append(spread['median'])
+  return {system: {name: {'mean': statistics.fmean(v), 'sd': statistics.stdev(v), 'min': min(v), 'max': max(v)}
+                   for name, v in row.items()} for system, row in values.items()}
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
   columns = list(next(iter(rows.values())))
   lines = ['| system | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
   lines += [f'| {name} | ' + ' | '.join(f'{100 * v:.1f}' for v in row.values()) + ' |' for name, row in rows.items()]
+  return '\n'.join(lines)
+
+
+def print_run(record: dict) -> None:
+  print(format_table(record['figures']))
+  print('k-Means NMI of the same clusters against: ' + '; '.join(
+      f'{name}: ' + ', '.join(f'{source} {100 * v:.1f}' for source, v in nmi.items())
+      for name, nmi in record['clusters_follow'].items()))
+  print('k-Means NMI over k-Means seeds 0-9 (min / median / max): ' + '; '.join(
+      f'{name}: {100 * v["min"]:.1f} / {100 * v["median"]:.1f} / {100 * v["max"]:.1f}'
+      for name, v in record['nmi_over_kmeans_seeds'].items()))
+
+
+def format_over_seeds(summary_: dict[str, dict[str, dict[str, float]]]) -> str:
+  columns = list(next(iter(summary_.values())))
+  lines = ['| system (mean +- sd, min-max) | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  for name, row in summary_.items():
+    lines.append(f'| {name} | ' + ' | '.join(
+        f'{100 * row[c]["mean"]:.1f} +- {100 * row[c]["sd"]:.1f} ({100 * row[c]["min"]:.1f}-{100 * row[c]["max"]:.1f})'
+        if c in row else '' for c in columns) + ' |')
   return '\n'.join(lines)
 
 
@@ -212,24 +303,37 @@ def main(argv: list[str]) -> None:
       print(json.dumps({'benchmark': 'quality', 'dataset': dataset}))
       return
     workdir = os.path.abspath(flags.workdir or os.path.join(flags.data_dir, 'runs', time.strftime('%Y%m%d-%H%M%S')))
-    if os.path.exists(os.path.join(workdir, 'checkpoints')):
-      raise QualityBenchError(f'--workdir={workdir} already holds a run; pass a new one.')
-    run = train(flags, overrides, features_dir, workdir)
-    eval_dir = os.path.join(workdir, 'eval')
-    _run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={workdir}', f'--output_dir={eval_dir}'], 'evaluation')
-    with open(os.path.join(eval_dir, 'report.json'), encoding='utf-8') as f:
-      rows = summary(json.load(f))
-    follow, spread = cluster_figures(workdir, features_dir)
+    if not flags.seeds:
+      record = run_once(flags, overrides, features_dir, workdir)
+    else:
+      records = []
+      for seed in flags.seeds:
+        seed_dir, seed_overrides = os.path.join(workdir, f'seed_{seed}'), overrides + [f'--config.seed={seed}']
+        record = finished_run(flags, seed_overrides, seed_dir)
+        if record is None:
+          if os.path.exists(seed_dir):  # This command's own run, stopped before its figures: trained again.
+            print(f'seed {seed}: {seed_dir} holds a run that did not finish; training it again', flush=True)
+            shutil.rmtree(seed_dir)
+          record = run_once(flags, seed_overrides, features_dir, seed_dir)
+        else:
+          print(f'seed {seed}: the finished run in {seed_dir} is kept', flush=True)
+        print(f'seed {seed}:')
+        print_run(record)
+        records.append(record)
   except (quality_data.QualityDataError, QualityBenchError) as e:
     sys.exit(f'bench quality: {e}')
-  print(format_table(rows))
-  print('k-Means NMI of the same clusters against: ' + '; '.join(
-      f'{name}: ' + ', '.join(f'{source} {100 * v:.1f}' for source, v in nmi.items()) for name, nmi in follow.items()))
-  print('k-Means NMI over k-Means seeds 0-9 (min / median / max): ' + '; '.join(
-      f'{name}: {100 * v["min"]:.1f} / {100 * v["median"]:.1f} / {100 * v["max"]:.1f}' for name, v in spread.items()))
-  print(json.dumps({'benchmark': 'quality', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
-                    'workdir': workdir, **run, 'dataset': dataset, 'figures': rows, 'clusters_follow': follow,
-                    'nmi_over_kmeans_seeds': spread}))
+  head = {'benchmark': 'quality', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
+          'workdir': workdir}
+  if not flags.seeds:
+    print_run(record)
+    print(json.dumps({**head, **{k: v for k, v in record.items() if k not in head}, 'dataset': dataset}))
+    return
+  combined = over_seeds(records)
+  print(f'Over training seeds {",".join(map(str, flags.seeds))} '
+        '(nmi_median: the median NMI over k-Means seeds 0-9 of each run):')
+  print(format_over_seeds(combined))
+  print(json.dumps({**head, 'seeds': flags.seeds, 'dataset': dataset, 'over_seeds': combined,
+                    'runs': {str(seed): record for seed, record in zip(flags.seeds, records)}}))
 
 
 if __name__ == '__main__':
