@@ -216,8 +216,8 @@ def create_model(model_config: ml_collections.ConfigDict, band_mean: Sequence[fl
                  band_std: Sequence[float] | None = None, axis_name: str | None = None) -> nn.Module:
   """Builds the encoder named by `model_config.name` ('resnet18' | 'resnet34').
 
-  Reads name, width, embedding_dim, dropout_rate, head_hidden, conv_impl and dtype ('auto' | 'float32' | 'bfloat16'; see
-  `resolve_dtype`).
+  Reads name, width, embedding_dim, dropout_rate, head_hidden, conv_impl and dtype ('auto' | 'float32' |
+  'bfloat16'; see `resolve_dtype`).
   """
   if model_config.name not in STAGE_SIZES:
     raise ValueError(f'config.model.name={model_config.name!r}; choose one of {sorted(STAGE_SIZES)}.')
