@@ -323,6 +323,11 @@ def test_seeds_train_one_run_each_then_summarise_and_a_restart_keeps_the_finishe
   assert trained == [['--config.loss.name=infonce', '--config.seed=1']]
   assert 'seed 1:' in printed and 'did not finish' in printed
   assert json.loads(printed.strip().splitlines()[-1])['over_seeds'] == out['over_seeds']
+  # A seed directory holding files no run writes is not removed.
+  (tmp_path / 'runs' / 'seed_2' / 'quality.json').rename(tmp_path / 'runs' / 'seed_2' / 'notes.txt')
+  with pytest.raises(SystemExit, match=r"notes\.txt"):
+    quality.main(argv)
+  assert (tmp_path / 'runs' / 'seed_2' / 'notes.txt').exists()
   # The same workdir with other settings is refused rather than mixed in.
   for other in (['--config.loss.name=triplet'], ['--config.loss.name=infonce', '--minutes=5']):
     with pytest.raises(SystemExit, match='holds a run with the settings'):

@@ -30,9 +30,9 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -216,6 +216,10 @@ def cluster_figures(workdir: str, features_dir: str, *, seed: int = 0,
 
 
 RUN_RECORD = 'quality.json'  # A finished run's figures, in its workdir.
+# What training, evaluation and this benchmark write in a run's workdir: a seed's directory holding only these and
+# no RUN_RECORD is a run of this command that stopped early, safe to remove and train again.
+RUN_ENTRIES = {'checkpoints', 'config.json', 'model.json', 'model.json.tmp', 'metrics.jsonl', 'tensorboard', 'eval',
+               'calibration', RUN_RECORD + '.tmp'}
 
 
 def run_once(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> dict:
@@ -312,6 +316,10 @@ def main(argv: list[str]) -> None:
         record = finished_run(flags, seed_overrides, seed_dir)
         if record is None:
           if os.path.exists(seed_dir):  # This command's own run, stopped before its figures: trained again.
+            strange = sorted(set(os.listdir(seed_dir)) - RUN_ENTRIES)
+            if strange:
+              raise QualityBenchError(f'{seed_dir} holds {strange[:3]}, which no run of this benchmark writes; pass a '
+                                      'new --workdir.')
             print(f'seed {seed}: {seed_dir} holds a run that did not finish; training it again', flush=True)
             shutil.rmtree(seed_dir)
           record = run_once(flags, seed_overrides, features_dir, seed_dir)
