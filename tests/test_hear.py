@@ -21,7 +21,7 @@ from dem_jax.frontend import FrontEnd
 SR = 16000
 
 
-def random_embedder(embedding_dim=16):
+def random_embedder(embedding_dim=16, head_hidden=0):
   """A tiny ResNet18 with random weights on 1-s tiles of 32 mel bands.
 
   The weights are drawn in numpy on the shapes `init` would give (jax.eval_shape): compiling `init` costs more
@@ -30,7 +30,8 @@ def random_embedder(embedding_dim=16):
   frontend = FrontEnd(n_mels=32)
   tile_frames = frontend.frames_for_seconds(1.0)
   network = models.create_model(ml_collections.ConfigDict({'name': 'resnet18', 'width': 0.125,
-                                                           'embedding_dim': embedding_dim}))
+                                                           'embedding_dim': embedding_dim,
+                                                           'head_hidden': head_hidden}))
   shapes = jax.eval_shape(network.init, jax.random.key(0), np.zeros((1, tile_frames, 32), np.float32))
   rng = np.random.default_rng(0)
 
@@ -94,6 +95,23 @@ def test_timestamps_are_regular_in_ms_and_cover_the_sound(model, seconds):
   assert 0 <= timestamps[0, 0] < 50
   assert timestamps[0, -1] >= 1000 * seconds - 50  # in ms, up to the end of the sound
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_timestamp_embeddings_pass_through_an_mlp_head():
+  """With `model.head_hidden`, timestamp embeddings go through the hidden layer too: flipping its kernel's sign
+  (which a ReLU does not undo) changes them, and they stay unit vectors of the declared size."""
+  embedder = random_embedder(head_hidden=8)
+  audio = noise(1, 1.5, seed=8)
+  first, _ = hear.get_timestamp_embeddings(audio, hear.HearModel(embedder, timestamp_window_seconds=0.5))
+  assert first.shape[-1] == 16
+  np.testing.assert_allclose(np.linalg.norm(first, axis=-1), 1.0, atol=1e-5)
+  variables = embedder.embed_tiles.variables
+  params = dict(variables['params'])
+  params['head_hidden'] = {**params['head_hidden'], 'kernel': -params['head_hidden']['kernel']}
+  flipped = Embedder.from_model(embedder.model, {**variables, 'params': params}, frontend=embedder.frontend,
+                                tile_frames=embedder.tile_frames, batch_size=8, hop_frames=embedder.hop_frames)
+  second, _ = hear.get_timestamp_embeddings(audio, hear.HearModel(flipped, timestamp_window_seconds=0.5))
+  assert np.abs(first - second).max() > 1e-2
 
 
 def test_embeddings_do_not_depend_on_the_rest_of_the_batch(model):
