@@ -334,6 +334,46 @@ def test_seeds_train_one_run_each_then_summarise_and_a_restart_keeps_the_finishe
       quality.main(['--seeds=0,1', f'--workdir={tmp_path / "runs"}'] + other)
 
 
+def test_seeds_share_the_first_seeds_calibrated_steps(tmp_path, monkeypatch, capsys):
+  """Without a time budget in the config, only the first seed is calibrated; the others train for its steps."""
+  trained = []
+
+  def fake_train(flags, overrides, features_dir, workdir):
+    os.makedirs(os.path.join(workdir, 'checkpoints'))
+    trained.append(overrides)
+    given = [o for o in overrides if o.startswith('--config.num_steps=')]
+    if given:
+      return {'budget': 'num_steps given', 'steps': int(given[0].split('=')[1]), 'train_wall_seconds': 1.0,
+              'calibration_steps_per_s': None}
+    return {'budget': 'num_steps from a calibration run', 'steps': 123, 'train_wall_seconds': 1.0,
+            'calibration_steps_per_s': 2.0}
+
+  def fake_evaluate(cmd, what):
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    fig = {'linear_probe': {'macro_f1_tile': 0.5, 'macro_f1_clip': 0.5}, 'kmeans': {'nmi': 0.5},
+           'retrieval': {'k': 5, 'precision_at_k': 0.5}}
+    os.makedirs(os.path.join(workdir, 'eval'))
+    with open(os.path.join(workdir, 'eval', 'report.json'), 'w', encoding='utf-8') as f:
+      json.dump({'model': fig}, f)
+
+  monkeypatch.setattr(quality, 'prepare', lambda *a, **k: (
+      {'files': 1, 'tunes': 1, 'audio_seconds': 60, 'labels': ['a']}, str(tmp_path / 'features')))
+  monkeypatch.setattr(quality, 'train', fake_train)
+  monkeypatch.setattr(quality, '_run', fake_evaluate)
+  monkeypatch.setattr(quality, 'cluster_figures', lambda *a: ({}, {'model': {'min': 0.5, 'median': 0.5, 'max': 0.5}}))
+  argv = ['--seeds=3,1,2', f'--workdir={tmp_path / "runs"}']
+  quality.main(argv)
+  assert trained == [['--config.seed=3'], ['--config.num_steps=123', '--config.seed=1'],
+                     ['--config.num_steps=123', '--config.seed=2']]
+  steps = [r['steps'] for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])['runs'].values()]
+  assert steps == [123, 123, 123]
+  # Started again, the finished runs are recognised with the steps they were given.
+  os.remove(tmp_path / 'runs' / 'seed_2' / 'quality.json')
+  trained.clear()
+  quality.main(argv)
+  assert trained == [['--config.num_steps=123', '--config.seed=2']]
+
+
 @pytest.mark.parametrize('argv', [['--seeds=0,x'], ['--seeds=1,1'], ['--seeds=3'], ['--seeds=0,-1'],
                                   ['--seeds=0,1', '--config.seed=4']])
 def test_bad_seed_lists_are_refused(argv, capsys):

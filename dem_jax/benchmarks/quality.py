@@ -22,7 +22,8 @@ Training seeds move these figures by several points (README, Quality), so a reci
 `--seeds=0,1,2` trains and scores one run per seed (`--config.seed=N`, in WORKDIR/seed_N), prints each run's
 figures, then their mean, standard deviation, min and max, and the JSON line holds both. Each finished run leaves
 its figures in its directory (quality.json), so the same command started again after a kill keeps the runs done,
-trains the interrupted one again from the start, and goes on with the rest.
+trains the interrupted one again from the start, and goes on with the rest. Where a calibration run sets the
+budget, it runs for the first seed only, and the other seeds train for the same number of steps.
 """
 
 import argparse
@@ -311,8 +312,12 @@ def main(argv: list[str]) -> None:
       record = run_once(flags, overrides, features_dir, workdir)
     else:
       records = []
+      # Where a calibration run sets the budget, the first seed's steps are every other seed's: the seeds differ in
+      # the seed alone, not in how busy the machine was when each was calibrated.
+      shared_steps: list[str] = []
       for seed in flags.seeds:
-        seed_dir, seed_overrides = os.path.join(workdir, f'seed_{seed}'), overrides + [f'--config.seed={seed}']
+        seed_dir = os.path.join(workdir, f'seed_{seed}')
+        seed_overrides = overrides + shared_steps + [f'--config.seed={seed}']
         record = finished_run(flags, seed_overrides, seed_dir)
         if record is None:
           if os.path.exists(seed_dir):  # This command's own run, stopped before its figures: trained again.
@@ -328,6 +333,8 @@ def main(argv: list[str]) -> None:
         print(f'seed {seed}:')
         print_run(record)
         records.append(record)
+        if record.get('calibration_steps_per_s') is not None and not shared_steps:
+          shared_steps = [f'--config.num_steps={record["steps"]}']
   except (quality_data.QualityDataError, QualityBenchError) as e:
     sys.exit(f'bench quality: {e}')
   head = {'benchmark': 'quality', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
