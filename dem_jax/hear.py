@@ -68,7 +68,7 @@ class HearModel:
     self.fill = float(np.log(self.frontend.log_offset))  # log-Mel of silence
     last_block = f'stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}'
     self._variables = jax.device_put(embedder.embed_tiles.variables, jax.local_devices()[0])
-    self._head_params = {k: v for k, v in self._variables['params'].items() if k in ('head', 'head_hidden')}
+    self._head_params = models.head_params(self._variables['params'])
     head = models.Head(model.embedding_dim, model.head_hidden, model.dtype)
 
     def position_features(variables, frames):

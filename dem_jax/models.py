@@ -158,6 +158,14 @@ class ResNet(nn.Module):
     return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
 
+HEAD_LAYERS = ('head_hidden', 'head')  # The head's layers, by their parameter names (see `project`).
+
+
+def head_params(params: dict) -> dict:
+  """The head's entries of a network's params, which `Head` applies."""
+  return {name: value for name, value in params.items() if name in HEAD_LAYERS}
+
+
 def project(x, embedding_dim: int, hidden: int, dtype) -> jax.Array:
   """The head: pooled trunk features [B, C] -> [B, embedding_dim] float32, before the L2 normalisation.
 

@@ -86,7 +86,8 @@ def test_head_is_one_layer_or_an_mlp_and_models_head_applies_it_alone(hidden):
   else:
     assert 'head_hidden' not in params and params['head']['kernel'].shape == (64, 16)
   out = embed.forward_with_trunk(model, variables, tiles)
-  head_params = {k: v for k, v in params.items() if k.startswith('head')}
+  head_params = models.head_params(params)
+  assert sorted(head_params) == (['head', 'head_hidden'] if hidden else ['head'])
   z = models.Head(16, hidden).apply({'params': head_params}, out['trunk'])
   np.testing.assert_allclose(out['embedding'], z / np.linalg.norm(z, axis=-1, keepdims=True), atol=1e-5)
   if hidden:  # not one linear map: a negated trunk does not negate the projection
