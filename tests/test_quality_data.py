@@ -276,6 +276,28 @@ def test_cluster_figures_score_the_clusters_against_family_program_and_tune_over
     assert spread[name]['min'] == pytest.approx(1.0) and spread[name]['median'] == pytest.approx(1.0)
 
 
+def fake_stages(monkeypatch, tmp_path, train, report_of_seed, clusters):
+  """`bench quality` with its stages faked: the data set, training (`train`), the evaluation CLI (writes
+  report_of_seed(seed) as the report of WORKDIR/seed_N) and the clustering (`clusters`)."""
+
+  def evaluate(cmd, what):
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    os.makedirs(os.path.join(workdir, 'eval'))
+    with open(os.path.join(workdir, 'eval', 'report.json'), 'w', encoding='utf-8') as f:
+      json.dump(report_of_seed(int(workdir.rsplit('_', 1)[1])), f)
+
+  monkeypatch.setattr(quality, 'prepare', lambda *a, **k: (
+      {'files': 1, 'tunes': 1, 'audio_seconds': 60, 'labels': ['a']}, str(tmp_path / 'features')))
+  monkeypatch.setattr(quality, 'train', train)
+  monkeypatch.setattr(quality, '_run', evaluate)
+  monkeypatch.setattr(quality, 'cluster_figures', clusters)
+
+
+def report_figures(f1: float) -> dict:
+  return {'linear_probe': {'macro_f1_tile': f1, 'macro_f1_clip': 1.0}, 'kmeans': {'nmi': 0.5},
+          'retrieval': {'k': 5, 'precision_at_k': 0.5}}
+
+
 def test_seeds_train_one_run_each_then_summarise_and_a_restart_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
   """`--seeds=0,1,2`: a run per seed in WORKDIR/seed_N with --config.seed=N, each figure's mean, sd, min and max
   over the runs; started again, the finished runs are read back, an interrupted one is trained again."""
@@ -286,25 +308,14 @@ def test_seeds_train_one_run_each_then_summarise_and_a_restart_keeps_the_finishe
     trained.append(overrides)
     return {'budget': 'config.train_minutes', 'steps': 10, 'train_wall_seconds': 1.0, 'calibration_steps_per_s': None}
 
-  def fake_evaluate(cmd, what):
-    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
-    seed = int(workdir.rsplit('_', 1)[1])
-    fig = lambda f1: {'linear_probe': {'macro_f1_tile': f1, 'macro_f1_clip': 1.0}, 'kmeans': {'nmi': 0.5},
-                      'retrieval': {'k': 5, 'precision_at_k': 0.5}}
-    os.makedirs(os.path.join(workdir, 'eval'))
-    with open(os.path.join(workdir, 'eval', 'report.json'), 'w', encoding='utf-8') as f:
-      json.dump({'model': fig(0.8 + 0.05 * seed), 'model_trunk': fig(0.9), 'baselines': {'logmel_stats': fig(0.6)}}, f)
-
   def fake_clusters(workdir, features_dir):
     seed = int(workdir.rsplit('_', 1)[1])
     spread = {'min': 0.4, 'median': 0.5 + 0.01 * seed, 'max': 0.6}
     return {'model': {'family': 0.5}}, {'model': spread, 'model_trunk': spread}
 
-  monkeypatch.setattr(quality, 'prepare', lambda *a, **k: (
-      {'files': 1, 'tunes': 1, 'audio_seconds': 60, 'labels': ['a']}, str(tmp_path / 'features')))
-  monkeypatch.setattr(quality, 'train', fake_train)
-  monkeypatch.setattr(quality, '_run', fake_evaluate)
-  monkeypatch.setattr(quality, 'cluster_figures', fake_clusters)
+  fake_stages(monkeypatch, tmp_path, fake_train, lambda seed: {
+      'model': report_figures(0.8 + 0.05 * seed), 'model_trunk': report_figures(0.9),
+      'baselines': {'logmel_stats': report_figures(0.6)}}, fake_clusters)
   argv = ['--seeds=0,1,2', f'--workdir={tmp_path / "runs"}', '--config.loss.name=infonce']
   quality.main(argv)
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -348,19 +359,8 @@ def test_seeds_share_the_first_seeds_calibrated_steps(tmp_path, monkeypatch, cap
     return {'budget': 'num_steps from a calibration run', 'steps': 123, 'train_wall_seconds': 1.0,
             'calibration_steps_per_s': 2.0}
 
-  def fake_evaluate(cmd, what):
-    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
-    fig = {'linear_probe': {'macro_f1_tile': 0.5, 'macro_f1_clip': 0.5}, 'kmeans': {'nmi': 0.5},
-           'retrieval': {'k': 5, 'precision_at_k': 0.5}}
-    os.makedirs(os.path.join(workdir, 'eval'))
-    with open(os.path.join(workdir, 'eval', 'report.json'), 'w', encoding='utf-8') as f:
-      json.dump({'model': fig}, f)
-
-  monkeypatch.setattr(quality, 'prepare', lambda *a, **k: (
-      {'files': 1, 'tunes': 1, 'audio_seconds': 60, 'labels': ['a']}, str(tmp_path / 'features')))
-  monkeypatch.setattr(quality, 'train', fake_train)
-  monkeypatch.setattr(quality, '_run', fake_evaluate)
-  monkeypatch.setattr(quality, 'cluster_figures', lambda *a: ({}, {'model': {'min': 0.5, 'median': 0.5, 'max': 0.5}}))
+  fake_stages(monkeypatch, tmp_path, fake_train, lambda seed: {'model': report_figures(0.5)},
+              lambda *a: ({}, {'model': {'min': 0.5, 'median': 0.5, 'max': 0.5}}))
   argv = ['--seeds=3,1,2', f'--workdir={tmp_path / "runs"}']
   quality.main(argv)
   assert trained == [['--config.seed=3'], ['--config.num_steps=123', '--config.seed=1'],

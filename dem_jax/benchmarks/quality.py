@@ -271,10 +271,12 @@ def over_seeds(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
                    for name, v in row.items()} for system, row in values.items()}
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
+def format_table(rows: dict[str, dict], *, title: str = 'system', cell=lambda v: f'{100 * v:.1f}') -> str:
+  """A Markdown table of {system: {figure: value}}: the first row's figures as columns, `cell` for each value."""
   columns = list(next(iter(rows.values())))
-  lines = ['| system | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
-  lines += [f'| {name} | ' + ' | '.join(f'{100 * v:.1f}' for v in row.values()) + ' |' for name, row in rows.items()]
+  lines = [f'| {title} | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  lines += [f'| {name} | ' + ' | '.join(cell(row[c]) if c in row else '' for c in columns) + ' |'
+            for name, row in rows.items()]
   return '\n'.join(lines)
 
 
@@ -288,14 +290,38 @@ def print_run(record: dict) -> None:
       for name, v in record['nmi_over_kmeans_seeds'].items()))
 
 
-def format_over_seeds(summary_: dict[str, dict[str, dict[str, float]]]) -> str:
-  columns = list(next(iter(summary_.values())))
-  lines = ['| system (mean +- sd, min-max) | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
-  for name, row in summary_.items():
-    lines.append(f'| {name} | ' + ' | '.join(
-        f'{100 * row[c]["mean"]:.1f} +- {100 * row[c]["sd"]:.1f} ({100 * row[c]["min"]:.1f}-{100 * row[c]["max"]:.1f})'
-        if c in row else '' for c in columns) + ' |')
-  return '\n'.join(lines)
+def format_over_seeds(combined: dict[str, dict[str, dict[str, float]]]) -> str:
+  return format_table(combined, title='system (mean +- sd, min-max)', cell=lambda v: (
+      f'{100 * v["mean"]:.1f} +- {100 * v["sd"]:.1f} ({100 * v["min"]:.1f}-{100 * v["max"]:.1f})'))
+
+
+def run_seeds(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> list[dict]:
+  """One run per seed of `flags.seeds` in WORKDIR/seed_N, finished runs read back; their records, in order."""
+  records = []
+  for seed in flags.seeds:
+    seed_dir = os.path.join(workdir, f'seed_{seed}')
+    # Where a calibration run set the first seed's budget, its steps are every other seed's: the seeds differ in
+    # the seed alone, not in how busy the machine was when each was calibrated.
+    first = records[0] if records else None
+    shared_steps = ([f'--config.num_steps={first["steps"]}']
+                    if first and first.get('calibration_steps_per_s') is not None else [])
+    seed_overrides = overrides + shared_steps + [f'--config.seed={seed}']
+    record = finished_run(flags, seed_overrides, seed_dir)
+    if record is not None:
+      print(f'seed {seed}: the finished run in {seed_dir} is kept', flush=True)
+    else:
+      if os.path.exists(seed_dir):  # This command's own run, stopped before its figures: trained again.
+        strange = sorted(set(os.listdir(seed_dir)) - RUN_ENTRIES)
+        if strange:
+          raise QualityBenchError(f'{seed_dir} holds {strange[:3]}, which no run of this benchmark writes; pass a '
+                                  'new --workdir.')
+        print(f'seed {seed}: {seed_dir} holds a run that did not finish; training it again', flush=True)
+        shutil.rmtree(seed_dir)
+      record = run_once(flags, seed_overrides, features_dir, seed_dir)
+    print(f'seed {seed}:')
+    print_run(record)
+    records.append(record)
+  return records
 
 
 def main(argv: list[str]) -> None:
@@ -308,33 +334,10 @@ def main(argv: list[str]) -> None:
       print(json.dumps({'benchmark': 'quality', 'dataset': dataset}))
       return
     workdir = os.path.abspath(flags.workdir or os.path.join(flags.data_dir, 'runs', time.strftime('%Y%m%d-%H%M%S')))
-    if not flags.seeds:
-      record = run_once(flags, overrides, features_dir, workdir)
+    if flags.seeds:
+      records = run_seeds(flags, overrides, features_dir, workdir)
     else:
-      records = []
-      # Where a calibration run sets the budget, the first seed's steps are every other seed's: the seeds differ in
-      # the seed alone, not in how busy the machine was when each was calibrated.
-      shared_steps: list[str] = []
-      for seed in flags.seeds:
-        seed_dir = os.path.join(workdir, f'seed_{seed}')
-        seed_overrides = overrides + shared_steps + [f'--config.seed={seed}']
-        record = finished_run(flags, seed_overrides, seed_dir)
-        if record is None:
-          if os.path.exists(seed_dir):  # This command's own run, stopped before its figures: trained again.
-            strange = sorted(set(os.listdir(seed_dir)) - RUN_ENTRIES)
-            if strange:
-              raise QualityBenchError(f'{seed_dir} holds {strange[:3]}, which no run of this benchmark writes; pass a '
-                                      'new --workdir.')
-            print(f'seed {seed}: {seed_dir} holds a run that did not finish; training it again', flush=True)
-            shutil.rmtree(seed_dir)
-          record = run_once(flags, seed_overrides, features_dir, seed_dir)
-        else:
-          print(f'seed {seed}: the finished run in {seed_dir} is kept', flush=True)
-        print(f'seed {seed}:')
-        print_run(record)
-        records.append(record)
-        if record.get('calibration_steps_per_s') is not None and not shared_steps:
-          shared_steps = [f'--config.num_steps={record["steps"]}']
+      record = run_once(flags, overrides, features_dir, workdir)
   except (quality_data.QualityDataError, QualityBenchError) as e:
     sys.exit(f'bench quality: {e}')
   head = {'benchmark': 'quality', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
