@@ -21,9 +21,10 @@ def get_config(arg=None):
   config.data.distant_other_group = True  # Distant tiles from another session/song, not just another file.
   # Label-free tile augmentations (dem_jax/augment.py), off in the original: shifts of up to +-freq_shift mel
   # bands, up to a `mixup` fraction of another tile of the batch mixed in, a smooth gain curve of up to +-eq_db
-  # decibels over the bands, and a stretch of the time axis by up to 1 / (1 - time_stretch).
+  # decibels over the bands, a stretch of the time axis by up to 1 / (1 - time_stretch), and SpecAugment's masks of
+  # up to freq_mask bands and up to a time_mask fraction of the frames.
   config.data.augment = ml_collections.ConfigDict({'freq_shift': 0, 'mixup': 0.0, 'eq_db': 0.0,
-                                                   'time_stretch': 0.0})
+                                                   'time_stretch': 0.0, 'freq_mask': 0, 'time_mask': 0.0})
   # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
   # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
   # device_memory_fraction of one device's memory).

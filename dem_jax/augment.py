@@ -12,6 +12,9 @@ the loss rewards what survives the change:
 - `time_stretch`: a random stretch of the tile's time axis by 1 to 1 / (1 - time_stretch): a window of (1 - s) T
   to T frames at a random offset, resampled to T frames by linear interpolation. A slower tempo, with the
   spectrum as it was.
+- `freq_mask` / `time_mask`: SpecAugment's masks (Park et al. 2019): a run of up to `freq_mask` adjacent mel bands,
+  and a run of up to a `time_mask` fraction of the frames, set to the tile's mean level. What one band or one
+  moment holds can then be missing, so the loss rewards what the rest of the tile still says.
 """
 
 from __future__ import annotations
@@ -66,8 +69,26 @@ def stretch_time(tiles: jax.Array, lengths: jax.Array, offsets: jax.Array) -> ja
   return (before * (1 - frac) + after * frac).astype(tiles.dtype)
 
 
-def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
-                 time_stretch: float = 0.0) -> Callable | None:
+def mask_span(tiles: jax.Array, axis: int, starts: jax.Array, widths: jax.Array) -> jax.Array:
+  """tiles [B, T, M] with positions starts[b] .. starts[b] + widths[b] - 1 along `axis` (1: frames, 2: bands) set to
+  tile b's mean; a width of 0 leaves the tile as it was."""
+  position = jnp.arange(tiles.shape[axis])[None, :]
+  inside = (position >= starts[:, None]) & (position < (starts + widths)[:, None])  # [B, n]
+  inside = inside[:, :, None] if axis == 1 else inside[:, None, :]
+  mean = jnp.mean(tiles.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(tiles.dtype)
+  return jnp.where(inside, mean, tiles)
+
+
+def _draw_span(key, b: int, length: int, most: int) -> tuple[jax.Array, jax.Array]:
+  """Per tile, a width of 0..most positions and a start that keeps the span inside `length`."""
+  k_width, k_start = jax.random.split(key)
+  widths = jax.random.randint(k_width, (b,), 0, most + 1)
+  starts = jnp.floor(jax.random.uniform(k_start, (b,)) * (length - widths + 1)).astype(widths.dtype)
+  return starts, widths
+
+
+def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, time_stretch: float = 0.0,
+                 freq_mask: int = 0, time_mask: float = 0.0) -> Callable | None:
   """`augment(batch, rng) -> batch` over the roles' [B, T, M] tiles, or None when all are off.
 
   Raises ValueError, naming the setting, for a negative shift or gain, or a fraction outside [0, 1).
@@ -81,8 +102,13 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
     raise ValueError(f'config.data.augment.eq_db={eq_db} must be a finite number of decibels >= 0 (0: off; e.g. 6).')
   if not 0.0 <= time_stretch < 1.0:
     raise ValueError(f'config.data.augment.time_stretch={time_stretch} must lie in [0, 1) (0: off; e.g. 0.2).')
-  freq_shift = int(freq_shift)
-  if not (freq_shift or mixup or eq_db or time_stretch):
+  if int(freq_mask) != freq_mask or freq_mask < 0:
+    raise ValueError(f'config.data.augment.freq_mask={freq_mask} must be a whole number of mel bands >= 0 '
+                     '(0: off; e.g. 16).')
+  if not 0.0 <= time_mask < 1.0:
+    raise ValueError(f'config.data.augment.time_mask={time_mask} must lie in [0, 1) (0: off; e.g. 0.2).')
+  freq_shift, freq_mask = int(freq_shift), int(freq_mask)
+  if not (freq_shift or mixup or eq_db or time_stretch or freq_mask or time_mask):
     return None
 
   def augment(batch: dict, rng) -> dict:
@@ -91,7 +117,8 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
       k_shift, k_amount, k_other = jax.random.split(jax.random.fold_in(rng, i), 3)
       # The later settings' keys come from their own fold, so adding them leaves the first ones' draws as they were.
       k_eq, k_length, k_offset = jax.random.split(jax.random.fold_in(rng, 1000 + i), 3)
-      b, t = tiles.shape[:2]
+      k_band_mask, k_frame_mask = jax.random.split(jax.random.fold_in(rng, 2000 + i))
+      b, t, m = tiles.shape
       if time_stretch:
         lengths = t * jax.random.uniform(k_length, (b,), minval=1.0 - time_stretch, maxval=1.0)
         offsets = jax.random.uniform(k_offset, (b,)) * (t - lengths)
@@ -105,6 +132,10 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0,
         tiles = shift_bands(tiles, jax.random.randint(k_shift, (b,), -freq_shift, freq_shift + 1))
       if eq_db:
         tiles = equalise(tiles, jax.random.uniform(k_eq, (b, EQ_KNOTS), minval=-eq_db, maxval=eq_db))
+      if freq_mask:
+        tiles = mask_span(tiles, 2, *_draw_span(k_band_mask, b, m, min(freq_mask, m)))
+      if time_mask:
+        tiles = mask_span(tiles, 1, *_draw_span(k_frame_mask, b, t, int(time_mask * t)))
       out[role] = tiles
     return out
 

@@ -193,8 +193,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except ValueError as e:
     raise TrainingError(str(e)) from None
   except TypeError as e:
-    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db and '
-                        'time_stretch.') from None
+    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db, '
+                        'time_stretch, freq_mask and time_mask.') from None
   model_info = {
       'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
       'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)),

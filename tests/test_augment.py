@@ -79,9 +79,48 @@ def test_augment_off_is_none_and_bad_settings_name_the_setting():
       augment.make_augment(eq_db=gain)
   with pytest.raises(ValueError, match=r'config.data.augment.time_stretch=1.0 must lie in \[0, 1\)'):
     augment.make_augment(time_stretch=1.0)
+  for bands in (-2, 2.5):
+    with pytest.raises(ValueError, match=rf'config.data.augment.freq_mask={bands} must be a whole number of mel bands'):
+      augment.make_augment(freq_mask=bands)
+  with pytest.raises(ValueError, match=r'config.data.augment.time_mask=1.0 must lie in \[0, 1\)'):
+    augment.make_augment(time_mask=1.0)
 
 
-@pytest.mark.parametrize('setting', [{'eq_db': 6.0}, {'time_stretch': 0.3}])
+def test_mask_span_sets_the_span_to_the_tile_mean_and_nothing_else():
+  tiles = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6)
+  bands = np.asarray(augment.mask_span(jnp.asarray(tiles), 2, jnp.array([1, 0]), jnp.array([3, 0])))
+  np.testing.assert_array_equal(bands[0, :, 1:4], np.full((4, 3), tiles[0].mean()))
+  np.testing.assert_array_equal(bands[0, :, [0, 4, 5]], tiles[0, :, [0, 4, 5]])
+  np.testing.assert_array_equal(bands[1], tiles[1])  # width 0: untouched
+  frames = np.asarray(augment.mask_span(jnp.asarray(tiles), 1, jnp.array([3, 0]), jnp.array([1, 2])))
+  np.testing.assert_array_equal(frames[0, 3], np.full(6, tiles[0].mean()))
+  np.testing.assert_array_equal(frames[0, :3], tiles[0, :3])
+  np.testing.assert_array_equal(frames[1, :2], np.full((2, 6), tiles[1].mean()))
+  np.testing.assert_array_equal(frames[1, 2:], tiles[1, 2:])
+  assert augment.mask_span(jnp.asarray(tiles, jnp.bfloat16), 1, jnp.array([0, 0]), jnp.array([1, 1])).dtype == \
+      jnp.bfloat16
+
+
+@pytest.mark.parametrize('axis,setting,most', [(2, {'freq_mask': 5}, 5), (1, {'time_mask': 0.25}, 5)])
+def test_masks_cover_at_most_their_span_of_adjacent_rows(axis, setting, most):
+  rng = np.random.default_rng(4)
+  batch = {r: jnp.asarray(rng.normal(size=(32, 20, 16)), jnp.float32) for r in ('anchor', 'neighbour', 'distant')}
+  out = augment.make_augment(**setting)(batch, jax.random.key(5))
+  widths = []
+  for role in batch:
+    x, y = np.asarray(batch[role]), np.asarray(out[role])
+    changed = np.any(x != y, axis=3 - axis)  # [B, n]: the frames (axis 1) or bands (axis 2) that were masked
+    for tile in range(len(x)):
+      where = np.flatnonzero(changed[tile])
+      widths.append(len(where))
+      if len(where):
+        assert where[-1] - where[0] + 1 == len(where)  # one run of adjacent rows
+        span = y[tile][:, where] if axis == 2 else y[tile][where]
+        np.testing.assert_allclose(span, x[tile].mean(), atol=1e-6)
+  assert max(widths) == most and min(widths) == 0 and len(set(widths)) > 2
+
+
+@pytest.mark.parametrize('setting', [{'eq_db': 6.0}, {'time_stretch': 0.3}, {'freq_mask': 6}, {'time_mask': 0.3}])
 def test_each_new_setting_alone_changes_the_tiles_and_leaves_the_band_shift_draws_alone(setting):
   rng = np.random.default_rng(2)
   batch = {r: jnp.asarray(rng.normal(size=(8, 20, 16)), jnp.float32) for r in ('anchor', 'neighbour', 'distant')}

@@ -273,8 +273,8 @@ def test_augmented_training_changes_the_run_and_bad_settings_fail_at_start(dcase
                                  str(tmp_path / 'b'))
   config = tiny_config(dcase_features, num_steps=3)
   config.data.augment.pitch = 2
-  with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift, mixup, eq_db and '
-                                                    r'time_stretch'):
+  with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift, mixup, eq_db, '
+                                                    r'time_stretch, freq_mask and time_mask'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'c'))
 
 
