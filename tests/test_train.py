@@ -265,7 +265,9 @@ def test_augmented_training_changes_the_run_and_bad_settings_fail_at_start(dcase
       tiny_config(dcase_features, num_steps=3, log_every=3, **{'data.augment.freq_shift': 4,
                                                                'data.augment.mixup': 0.4,
                                                                'data.augment.eq_db': 6.0,
-                                                               'data.augment.time_stretch': 0.2}),
+                                                               'data.augment.time_stretch': 0.2,
+                                                               'data.augment.freq_mask': 8,
+                                                               'data.augment.time_mask': 0.2}),
       str(tmp_path / 'a'))
   assert np.isfinite(augmented['loss']) and augmented['loss'] != plain['loss']
   with pytest.raises(train_lib.TrainingError, match=r'config.data.augment.mixup=1.5'):
