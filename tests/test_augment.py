@@ -136,3 +136,13 @@ def test_each_new_setting_alone_changes_the_tiles_and_leaves_the_band_shift_draw
     both = augment.make_augment(freq_shift=3, **setting)(ramp, jax.random.key(3))
     for role in ramp:
       np.testing.assert_array_equal(np.round(np.asarray(both[role]) / 100), np.round(np.asarray(shifted[role]) / 100))
+  # A mask comes after the shift: outside its span the tile is the shifted one, inside it the shifted tile's mean.
+  if 'freq_mask' in setting or 'time_mask' in setting:
+    shifted = augment.make_augment(freq_shift=3)(batch, jax.random.key(3))
+    both = augment.make_augment(freq_shift=3, **setting)(batch, jax.random.key(3))
+    for role in batch:
+      s, b = np.asarray(shifted[role]), np.asarray(both[role])
+      masked = s != b
+      assert masked.any()
+      np.testing.assert_allclose(b[masked], np.broadcast_to(s.mean(axis=(1, 2), keepdims=True), s.shape)[masked],
+                                 atol=1e-6)
