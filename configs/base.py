@@ -108,9 +108,9 @@ def cpu_recipe(config):
   three seeds, and better than 15 or 60 passes. Random gain curves of up to +-6 dB, which had lost over the whole
   budget, stay: in the shorter runs the trunk's clustering was steadier across seeds with them. An MLP head and twice
   the learning rate left the medians where they were and cost probe F1; without dropout the probe gained and the
-  medians fell, and at 0.7 everything fell (seventh to ninth rounds). Width 0.5 at 30 passes (twice the time) and
-  SpecAugment's band or frame masks moved the medians by less than the seeds do; band masks cost retrieval (tenth
-  and eleventh rounds).
+  medians fell, and at 0.7 everything fell (seventh to ninth rounds). Width 0.5 at 30 passes (twice the time) probed
+  and retrieved better, and it and SpecAugment's band or frame masks moved the medians by less than the seeds do;
+  band masks cost retrieval (tenth and eleventh rounds).
   """
   shrink_for_cpu(config)
   config.data.neighbour_seconds = 4.0
