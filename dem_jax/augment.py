@@ -93,20 +93,16 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, ti
 
   Raises ValueError, naming the setting, for a negative shift or gain, or a fraction outside [0, 1).
   """
-  if int(freq_shift) != freq_shift or freq_shift < 0:
-    raise ValueError(f'config.data.augment.freq_shift={freq_shift} must be a whole number of mel bands >= 0 '
-                     '(0: off; e.g. 4).')
-  if not 0.0 <= mixup < 1.0:
-    raise ValueError(f'config.data.augment.mixup={mixup} must lie in [0, 1) (0: off; e.g. 0.4).')
+  for name, bands, example in (('freq_shift', freq_shift, 4), ('freq_mask', freq_mask, 16)):
+    if int(bands) != bands or bands < 0:
+      raise ValueError(f'config.data.augment.{name}={bands} must be a whole number of mel bands >= 0 '
+                       f'(0: off; e.g. {example}).')
+  for name, fraction, example in (('mixup', mixup, 0.4), ('time_stretch', time_stretch, 0.2),
+                                  ('time_mask', time_mask, 0.2)):
+    if not 0.0 <= fraction < 1.0:
+      raise ValueError(f'config.data.augment.{name}={fraction} must lie in [0, 1) (0: off; e.g. {example}).')
   if not 0.0 <= eq_db < float('inf'):
     raise ValueError(f'config.data.augment.eq_db={eq_db} must be a finite number of decibels >= 0 (0: off; e.g. 6).')
-  if not 0.0 <= time_stretch < 1.0:
-    raise ValueError(f'config.data.augment.time_stretch={time_stretch} must lie in [0, 1) (0: off; e.g. 0.2).')
-  if int(freq_mask) != freq_mask or freq_mask < 0:
-    raise ValueError(f'config.data.augment.freq_mask={freq_mask} must be a whole number of mel bands >= 0 '
-                     '(0: off; e.g. 16).')
-  if not 0.0 <= time_mask < 1.0:
-    raise ValueError(f'config.data.augment.time_mask={time_mask} must lie in [0, 1) (0: off; e.g. 0.2).')
   freq_shift, freq_mask = int(freq_shift), int(freq_mask)
   if not (freq_shift or mixup or eq_db or time_stretch or freq_mask or time_mask):
     return None
