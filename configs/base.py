@@ -111,9 +111,9 @@ def cpu_recipe(config):
   medians fell, and at 0.7 everything fell (seventh to ninth rounds). Width 0.5 at 30 passes (twice the time) probed
   and retrieved better, and it and SpecAugment's band or frame masks moved the medians by less than the seeds do;
   band masks cost retrieval (tenth and eleventh rounds). Ten times the original's L2 penalty on the kernels (1e-3)
-  raised the trunk's median NMI by 1.8 points over ten seeds (up with nine of them), at a cost of about
-  5 points of the embedding's probe F1 and 2 of precision@5 (twelfth round): the recipe is tuned for clustering with
-  the pooled trunk features; `--config.optimizer.weight_decay=1e-4` gives back the earlier, better-retrieving one.
+  raised the trunk's median NMI by 1.8 points over ten seeds (up with nine of them), at a cost of about 5 points of
+  the embedding's probe F1 and 2 of precision@5 (twelfth round): the recipe is tuned for clustering with the pooled
+  trunk features; `--config.optimizer.weight_decay=1e-4` gives back the earlier, better-retrieving one.
   """
   shrink_for_cpu(config)
   config.data.neighbour_seconds = 4.0
@@ -125,7 +125,7 @@ def cpu_recipe(config):
   config.loss.name = 'infonce'
   config.loss.temperature = 1.0
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-3  # Ten times the original's L2 penalty: the trunk's clusters follow the families.
+  config.optimizer.weight_decay = 1e-3  # Ten times the original's: the trunk clusters by family better (twelfth round).
   config.optimizer.schedule = 'cosine'  # Over the steps the budget reaches, re-estimated as the run goes.
   config.optimizer.warmup_steps = 200
   config.train_minutes = 15.0
