@@ -19,8 +19,10 @@ Command line: embed a file or a folder (recursively), one `<file name>.npz` per 
     ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
 
 Tiles of many files are packed into full batches of `--batch_size` while worker threads decode the next files;
-a file whose output exists is skipped unless `--overwrite`, so a stopped run finishes what is left. A file that
-cannot be embedded is reported and skipped; embed_summary.json in O lists what was written, already there and skipped.
+a file whose output exists is skipped unless `--overwrite`, so a stopped run finishes what is left. `--trunk` also
+writes each tile's pooled trunk features (`trunk_features`, the head's input: the representation the `:cpu` recipe
+is tuned for). A file that cannot be embedded is reported and skipped; embed_summary.json in O lists what was
+written, already there and skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import dataclasses
 import itertools
 import json
 import os
+import zipfile
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -99,6 +102,7 @@ class _FileTiles:
   starts: np.ndarray | None = None
   error: audio.AudioError | None = None
   embeddings: list = dataclasses.field(default_factory=list)
+  trunk: list = dataclasses.field(default_factory=list)  # with_trunk: each tile's pooled trunk features
   missing: int = 0  # tiles whose embedding has not come back yet
 
 
@@ -162,10 +166,12 @@ class TileEmbedder:
     """New weights of the same shapes (no recompilation)."""
     self._variables = jax.device_put(variables, self._replicated)
 
-  def dispatch(self, batch: np.ndarray) -> jax.Array:
-    """Starts the forward pass of one full float32 batch [batch_size, T, M]; returns at once (the result is [B, E]
-    once computed). The caller must not change `batch` before reading the result: the CPU may share its memory."""
-    return self._forward(self._variables, jax.device_put(batch, self._batch_sharding))
+  def dispatch(self, batch: np.ndarray, *, with_trunk: bool = False):
+    """Starts the forward pass of one full float32 batch [batch_size, T, M]; returns at once (the result is [B, E],
+    or `with_trunk` the dict of `forward_with_trunk`, once computed). The caller must not change `batch` before
+    reading the result: the CPU may share its memory."""
+    forward = self._forward_with_trunk if with_trunk else self._forward
+    return forward(self._variables, jax.device_put(batch, self._batch_sharding))
 
   def __call__(self, tiles: np.ndarray) -> np.ndarray:
     """[N, T, M] -> float32 [N, E]."""
@@ -242,31 +248,39 @@ class Embedder:
                               cover_end=cover_end)
     return tiles, starts / self.frontend.frame_rate
 
-  def embed_frames(self, frames: np.ndarray) -> dict:
+  def embed_frames(self, frames: np.ndarray, *, with_trunk: bool = False) -> dict:
     """Embeddings of one clip's log-Mel frames [frames, bands]; see `embed_audio` for what it returns."""
     _check_log_mel(frames)
     tiles, times = self.tiles_of_frames(frames)
+    if with_trunk:
+      out = self.embed_tiles.with_trunk(tiles)
+      return self._result(out['embedding'], times, out['trunk'])
     return self._result(self.embed_tiles(tiles), times)
 
-  def _result(self, embeddings: np.ndarray, times: np.ndarray) -> dict:
-    if not np.all(np.isfinite(embeddings)):
+  def _result(self, embeddings: np.ndarray, times: np.ndarray, trunk: np.ndarray | None = None) -> dict:
+    if not np.all(np.isfinite(embeddings)) or (trunk is not None and not np.all(np.isfinite(trunk))):
       raise EmbedError(f'the model gives non-finite embeddings; its checkpoint (step {self.step}) may be damaged: '
                        'try another with --step')
-    return {'embeddings': embeddings, 'timestamps': times.astype(np.float32),
-            'centre_timestamps': (times + self.tile_seconds / 2).astype(np.float32),
-            'clip_embedding': l2_normalise(embeddings.mean(axis=0))}
+    result = {'embeddings': embeddings, 'timestamps': times.astype(np.float32),
+              'centre_timestamps': (times + self.tile_seconds / 2).astype(np.float32),
+              'clip_embedding': l2_normalise(embeddings.mean(axis=0))}
+    if trunk is not None:
+      result['trunk_features'] = trunk
+    return result
 
-  def embed_audio(self, samples: np.ndarray, sample_rate: int) -> dict:
+  def embed_audio(self, samples: np.ndarray, sample_rate: int, *, with_trunk: bool = False) -> dict:
     """Embeddings of in-memory audio: [samples] or [samples, channels] (averaged to mono) at any `sample_rate`.
 
     Returns {'embeddings': [n, E] (one per tile), 'timestamps': [n] tile starts and 'centre_timestamps': [n] tile
-    centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}. Tiles lie on the hop grid, plus
-    one aligned to the end of the audio where the grid stops short of it (see `tile_starts`).
+    centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}, and `with_trunk` also
+    'trunk_features': [n, C], each tile's pooled trunk features from the same pass (the head's input, not
+    normalised). Tiles lie on the hop grid, plus one aligned to the end of the audio where the grid stops short of
+    it (see `tile_starts`).
     """
     samples = to_mono(samples)
     if not np.all(np.isfinite(samples)):  # Decoded files are checked by audio.load_audio already.
       raise EmbedError('the audio holds NaN or infinite samples')
-    return self.embed_frames(self._log_mel_of_audio(samples, sample_rate))
+    return self.embed_frames(self._log_mel_of_audio(samples, sample_rate), with_trunk=with_trunk)
 
   def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """float32 [frames, bands] log-Mel of finite mono `samples` at `sample_rate`."""
@@ -278,12 +292,12 @@ class Embedder:
                        f'{self.frontend.sample_rate} Hz)')
     return frames
 
-  def embed_file(self, path: str) -> dict:
+  def embed_file(self, path: str, *, with_trunk: bool = False) -> dict:
     """Embeddings of an audio file of any length and format (see `embed_audio`); raises audio.AudioError naming
     the file if it cannot be read or embedded."""
     samples = audio.load_audio(path, self.frontend.sample_rate)
     try:
-      return self.embed_audio(samples, self.frontend.sample_rate)
+      return self.embed_audio(samples, self.frontend.sample_rate, with_trunk=with_trunk)
     except EmbedError as e:
       raise audio.AudioError(path, str(e)) from None
 
@@ -300,13 +314,14 @@ class Embedder:
     starts = tile_starts(frames.shape[0], self.tile_frames, self.hop_frames, cover_end=True)
     return _FileTiles(path, frames=frames, starts=starts)
 
-  def embed_files(self, paths: Iterable[str], *, num_workers: int = 2) -> Iterator[tuple[str, dict | audio.AudioError]]:
+  def embed_files(self, paths: Iterable[str], *, num_workers: int = 2, with_trunk: bool = False
+                  ) -> Iterator[tuple[str, dict | audio.AudioError]]:
     """(path, `embed_file`'s result or the AudioError that says why not) for each of `paths`, in order.
 
     The tiles of many files share each batch (a 10-s clip does not pay for a batch of its own), and the next
     files are decoded and their log-Mel computed by `num_workers` threads (decoding, resampling and the FFT
     release the GIL) while the model runs; at most a few files per thread wait, decoded, in memory. The
-    embeddings equal those of `embed_file`, file by file.
+    embeddings (and `with_trunk` the trunk features) equal those of `embed_file`, file by file.
     """
     batch_size = self.embed_tiles.batch_size
     # Two batch buffers: one is filled while the model reads the other (the CPU backend may share its memory).
@@ -317,9 +332,12 @@ class Embedder:
 
     def collect():
       out, out_rows = in_flight
-      embeddings = np.asarray(out)
+      embeddings = np.asarray(out['embedding'] if with_trunk else out)
+      trunk = np.asarray(out['trunk']) if with_trunk else None
       for row, (file, tile) in enumerate(out_rows):
         file.embeddings[tile] = embeddings[row]
+        if with_trunk:
+          file.trunk[tile] = trunk[row]
         file.missing -= 1
 
     def finished():
@@ -329,7 +347,8 @@ class Embedder:
           yield file.path, file.error
           continue
         try:
-          yield file.path, self._result(np.stack(file.embeddings), file.starts / self.frontend.frame_rate)
+          yield file.path, self._result(np.stack(file.embeddings), file.starts / self.frontend.frame_rate,
+                                        np.stack(file.trunk) if with_trunk else None)
         except EmbedError as e:
           yield file.path, audio.AudioError(file.path, str(e))
 
@@ -337,7 +356,7 @@ class Embedder:
       nonlocal in_flight, rows
       batch = buffers[0]
       batch[len(rows):] = 0  # a last, part-filled batch: the rest is padding, whose embeddings are dropped
-      started = (self.embed_tiles.dispatch(batch), rows)
+      started = (self.embed_tiles.dispatch(batch, with_trunk=with_trunk), rows)
       if in_flight is not None:
         collect()
       in_flight, rows = started, []
@@ -353,6 +372,7 @@ class Embedder:
         if file.error is not None:
           continue
         file.embeddings = [None] * len(file.starts)
+        file.trunk = [None] * len(file.starts)
         file.missing = len(file.starts)
         for tile, start in enumerate(file.starts):
           buffers[0][len(rows)] = file.frames[start:start + self.tile_frames]
@@ -492,19 +512,32 @@ def write_embeddings(target: str, result: dict, hop_seconds: float) -> None:
   file that a later run would take as done."""
   os.makedirs(os.path.dirname(target), exist_ok=True)
   tmp = f'{target}.tmp.{os.getpid()}.npz'
-  np.savez(tmp, embeddings=result['embeddings'], timestamps=result['timestamps'],
-           centre_timestamps=result['centre_timestamps'], clip_embedding=result['clip_embedding'],
-           hop_seconds=hop_seconds)
+  np.savez(tmp, **result, hop_seconds=hop_seconds)
   os.replace(tmp, target)
 
 
+def _has_output(target: str, with_trunk: bool) -> bool:
+  """Whether `target` holds a finished output: any file there (outputs are written atomically), and `with_trunk`
+  one that also holds trunk features (an unreadable one does not)."""
+  if not os.path.exists(target):
+    return False
+  if not with_trunk:
+    return True
+  try:
+    with np.load(target) as npz:
+      return 'trunk_features' in npz.files
+  except (OSError, ValueError, zipfile.BadZipFile):
+    return False
+
+
 def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwrite: bool = False,
-                num_workers: int | None = None, show_progress: bool | None = None) -> dict:
+                num_workers: int | None = None, show_progress: bool | None = None, with_trunk: bool = False) -> dict:
   """Embeds every audio file under `input_path` into `output_dir`/<relative path>.npz (see `output_name`); returns
   {'written': [...], 'existing': [...], 'failures': [{'path', 'reason'}], 'checkpoint_step'}.
 
   Files whose output already exists are left as they are (listed in 'existing') unless `overwrite`, so a stopped
-  run, started again, does only what is left. The tiles of many files share each batch and files are decoded ahead
+  run, started again, does only what is left. `with_trunk` also writes each tile's pooled trunk features
+  ('trunk_features', see `Embedder.embed_audio`), and an output without them counts as not yet written. The tiles of many files share each batch and files are decoded ahead
   in `num_workers` threads (see `Embedder.embed_files`). A file that cannot be read or embedded is reported and
   skipped. Progress: a bar on a terminal, a log line every 30 s otherwise (`show_progress` forces).
   """
@@ -512,11 +545,13 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
   prepare_output_dir(output_dir)
   root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
   targets = {path: os.path.join(output_dir, output_name(path, root)) for path in files}
-  existing = [] if overwrite else [t for t in targets.values() if os.path.exists(t)]
-  todo = [path for path in files if overwrite or not os.path.exists(targets[path])]
+  done = {path: not overwrite and _has_output(target, with_trunk) for path, target in targets.items()}
+  existing = [targets[path] for path in files if done[path]]
+  todo = [path for path in files if not done[path]]
   written, failures = [], []
   progress = log_util.Progress('embed', len(todo), unit='file', interactive=show_progress)
-  for path, result in embedder.embed_files(todo, num_workers=num_workers or default_num_workers()):
+  for path, result in embedder.embed_files(todo, num_workers=num_workers or default_num_workers(),
+                                          with_trunk=with_trunk):
     if isinstance(result, audio.AudioError):
       failures.append({'path': path, 'reason': result.reason})
     else:
@@ -529,7 +564,7 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
 
 def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = None,
         hop_seconds: float | None = None, batch_size: int = 64, overwrite: bool = False,
-        num_workers: int | None = None) -> dict:
+        num_workers: int | None = None, with_trunk: bool = False) -> dict:
   """The command line's work: embeds, writes output_dir/embed_summary.json, returns the summary."""
   if not os.path.exists(input_path):
     raise EmbedError(f'--input={input_path} does not exist; name an audio file or a folder of them.')
@@ -539,7 +574,8 @@ def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = No
     raise EmbedError(f'--num_workers={num_workers}; give 1 or more decoding threads.')
   prepare_output_dir(output_dir)
   embedder = Embedder(workdir, step=step, hop_seconds=hop_seconds, batch_size=batch_size)
-  summary = embed_paths(embedder, input_path, output_dir, overwrite=overwrite, num_workers=num_workers)
+  summary = embed_paths(embedder, input_path, output_dir, overwrite=overwrite, num_workers=num_workers,
+                        with_trunk=with_trunk)
   with open(os.path.join(output_dir, 'embed_summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -132,6 +132,32 @@ def test_existing_outputs_are_kept_unless_overwrite(embedder, tmp_path):
   assert sorted(os.listdir(out)) == ['00.wav.npz', '01.wav.npz', '02.wav.npz']  # no temporary file left
 
 
+def test_trunk_features_come_from_the_same_pass_and_complete_older_outputs(embedder, tmp_path):
+  # 8-tile batches and 1 to 3 tiles per file: files straddle batches, and the last batch is part-filled.
+  seconds = [2.3, 0.5, 3.0, 1.2, 2.0, 2.7]
+  write_clips(tmp_path / 'in', seconds)
+  data, out = str(tmp_path / 'in'), tmp_path / 'out'
+  plain = embed.embed_paths(embedder, data, str(out), show_progress=False)
+  before = {p: dict(np.load(p)) for p in plain['written']}
+  assert all('trunk_features' not in result for result in before.values())
+  # Asked for trunk features, outputs without them count as not yet written: every file is embedded again.
+  summary = embed.embed_paths(embedder, data, str(out), num_workers=2, show_progress=False, with_trunk=True)
+  assert sorted(summary['written']) == sorted(plain['written']) and not summary['existing']
+  for i in range(len(seconds)):
+    packed = dict(np.load(out / f'{i:02d}.wav.npz'))
+    alone = embedder.embed_file(str(tmp_path / 'in' / f'{i:02d}.wav'), with_trunk=True)
+    assert set(packed) == set(alone) | {'hop_seconds'}
+    for key, value in alone.items():
+      np.testing.assert_allclose(packed[key], value, rtol=1e-6, atol=1e-6, err_msg=f'{i:02d}.wav {key}')
+    # One row per tile, the trunk's 64 channels at width 0.125; the embeddings are those written without them.
+    assert packed['trunk_features'].shape == (len(packed['timestamps']), 64)
+    earlier = before[str(out / f'{i:02d}.wav.npz')]
+    for key in earlier:
+      np.testing.assert_allclose(packed[key], earlier[key], rtol=1e-6, atol=1e-6, err_msg=f'{i:02d}.wav {key}')
+  again = embed.embed_paths(embedder, data, str(out), show_progress=False, with_trunk=True)
+  assert not again['written'] and len(again['existing']) == len(seconds)
+
+
 def test_output_folder_that_is_a_file_or_unwritable_is_named(tmp_path):
   blocker = tmp_path / 'out'
   blocker.write_text('')

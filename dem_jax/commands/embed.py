@@ -22,6 +22,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Tiles per forward pass; ti
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Embed files whose output exists again (default: skip them).')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Threads that decode files and compute their log-Mel ahead '
                                     'of the model (default: the usable cores, at most 4).')
+_TRUNK = flags.DEFINE_bool('trunk', False, "Also write each tile's pooled trunk features (the head's input) as "
+                           'trunk_features; files whose output lacks them are embedded again.')
 
 
 def main(argv):
@@ -34,7 +36,7 @@ def main(argv):
   try:
     summary = embed.run(_WORKDIR.value, _INPUT.value, _OUTPUT_DIR.value, step=_STEP.value,
                         hop_seconds=_HOP_SECONDS.value, batch_size=_BATCH_SIZE.value, overwrite=_OVERWRITE.value,
-                        num_workers=_NUM_WORKERS.value)
+                        num_workers=_NUM_WORKERS.value, with_trunk=_TRUNK.value)
   except (embed.EmbedError, FileNotFoundError) as e:
     sys.exit(f'embed: {e}')
   for failure in summary['failures']:
