@@ -584,6 +584,6 @@ def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = No
 if __name__ == '__main__':
   # The command line, its flags and main live in dem_jax.commands.embed, so that importing this library module
   # defines no flags.
-  from absl import app
+  from dem_jax import commands
   from dem_jax.commands import embed as command
-  app.run(command.main)
+  commands.run(command)

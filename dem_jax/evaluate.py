@@ -384,6 +384,6 @@ def write_tensorboard(workdir: str, step: int, figures_by_name: dict, embeddings
 if __name__ == '__main__':
   # The command line, its flags and main live in dem_jax.commands.evaluate, so that importing this library module
   # defines no flags.
-  from absl import app
+  from dem_jax import commands
   from dem_jax.commands import evaluate as command
-  app.run(command.main)
+  commands.run(command)

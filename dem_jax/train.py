@@ -419,6 +419,6 @@ def _agreed(flag: bool) -> bool:
 if __name__ == '__main__':
   # The command line, its flags and main live in dem_jax.commands.train, so that importing this library module
   # defines no flags.
-  from absl import app
+  from dem_jax import commands
   from dem_jax.commands import train as command
-  app.run(command.main)
+  commands.run(command)

@@ -175,6 +175,18 @@ def run_embed(*flags):
                         timeout=300)
 
 
+def test_help_lists_each_commands_flags():
+  # The flags live in dem_jax.commands.*, while the process starts as the library module: --help must list them.
+  expected = {'embed': ['--workdir', '--input', '--[no]trunk', '--batch_size'],
+              'evaluate': ['--workdir', '--features_dir', '--retrieval_k'],
+              'train': ['--config', '--workdir', '--[no]distributed']}
+  for module, names in expected.items():
+    result = subprocess.run([sys.executable, '-m', f'dem_jax.{module}', '--help'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    listed = {line.split(':')[0].strip() for line in result.stdout.splitlines() if line.startswith('  --')}
+    assert set(names) <= listed, (module, sorted(listed), result.stderr[-2000:])
+
+
 def test_command_line_ends_bad_input_with_one_line(tmp_path):
   audio = tmp_path / 'a.wav'
   soundfile.write(audio, sound(1.0), SR)
