@@ -537,9 +537,10 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
 
   Files whose output already exists are left as they are (listed in 'existing') unless `overwrite`, so a stopped
   run, started again, does only what is left. `with_trunk` also writes each tile's pooled trunk features
-  ('trunk_features', see `Embedder.embed_audio`), and an output without them counts as not yet written. The tiles of many files share each batch and files are decoded ahead
-  in `num_workers` threads (see `Embedder.embed_files`). A file that cannot be read or embedded is reported and
-  skipped. Progress: a bar on a terminal, a log line every 30 s otherwise (`show_progress` forces).
+  ('trunk_features', see `Embedder.embed_audio`), and an output without them counts as not yet written. The tiles
+  of many files share each batch and files are decoded ahead in `num_workers` threads (see `Embedder.embed_files`).
+  A file that cannot be read or embedded is reported and skipped. Progress: a bar on a terminal, a log line every
+  30 s otherwise (`show_progress` forces).
   """
   files = find_audio_files(input_path)
   prepare_output_dir(output_dir)
