@@ -72,6 +72,19 @@ struct Geometry {
   }
 };
 
+// Primitives are built with a scratchpad the caller passes (`Scratchpad`) instead of oneDNN's global one.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A scratchpad of the size `pd` asks for, for one execution.
+template <typename PrimitiveDesc>
+memory Scratchpad(const PrimitiveDesc& pd) {
+  return memory(pd.scratchpad_desc(), Engine());
+}
+
 struct Primitives {
   memory::desc user_weights;  // HWIO, as the kernel lives in XLA
   memory::desc user_src, user_dst;  // NHWC, as activations live in XLA
@@ -98,21 +111,22 @@ const Primitives& GetPrimitives(const Geometry& g) {
   const memory::dims strides = {g.stride_h, g.stride_w};
   const memory::dims pad_before = {g.pad_top, g.pad_left};
   const memory::dims pad_after = {g.pad_bottom, g.pad_right};
+  const dnnl::primitive_attr attr = UserScratchpad();
   auto p = std::make_unique<Primitives>();
   p->user_weights = memory::desc({g.o, g.c, g.kh, g.kw}, g.kernel, Tag::hwio);
   p->forward_pd = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any_weights, dst,
-      strides, pad_before, pad_after);
+      strides, pad_before, pad_after, attr);
   p->forward = dnnl::convolution_forward(p->forward_pd);
   p->backward_data_pd = dnnl::convolution_backward_data::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_before, pad_after,
-      p->forward_pd);
+      p->forward_pd, attr);
   p->backward_data = dnnl::convolution_backward_data(p->backward_data_pd);
   p->user_src = src;
   p->user_dst = dst;
   p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, src, any_diff_weights, dst, strides, pad_before, pad_after,
-      p->forward_pd);
+      p->forward_pd, attr);
   const bool strided = g.stride_h > 1 || g.stride_w > 1;
   if (g.activations == Type::bf16 && strided && g.c > 1 &&
       std::string(p->backward_weights_pd.impl_info_str()).rfind("brg", 0) != 0) {
@@ -123,7 +137,7 @@ const Primitives& GetPrimitives(const Geometry& g) {
     const memory::desc any_dst({g.n, g.o, g.oh, g.ow}, g.activations, Tag::any);
     p->backward_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, any_src, any_diff_weights, any_dst, strides, pad_before,
-        pad_after, p->forward_pd);
+        pad_after, p->forward_pd, attr);
   }
   p->backward_weights = dnnl::convolution_backward_weights(p->backward_weights_pd);
   slot = std::move(p);
@@ -201,7 +215,8 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::Any
     memory src(p.forward_pd.src_desc(), Engine(), x.untyped_data());
     memory dst(p.forward_pd.dst_desc(), Engine(), y->untyped_data());
     memory weights = As(p.forward_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
-    p.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    p.forward.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(p.forward_pd)}});
   });
 }
 
@@ -213,7 +228,8 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ff
     memory diff_src(p.backward_data_pd.diff_src_desc(), Engine(), dx->untyped_data());
     memory weights = As(p.backward_data_pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
     p.backward_data.execute(
-        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
+        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src},
+                 {DNNL_ARG_SCRATCHPAD, Scratchpad(p.backward_data_pd)}});
   });
 }
 
@@ -228,7 +244,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
     const memory::desc want = p.backward_weights_pd.diff_weights_desc();
     memory diff_weights = want == p.user_weights ? user : memory(want, Engine());
     p.backward_weights.execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
+        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                 {DNNL_ARG_SCRATCHPAD, Scratchpad(p.backward_weights_pd)}});
     if (!(want == p.user_weights)) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
   });
 }
@@ -503,7 +520,7 @@ const InferencePrimitives& GetInferencePrimitives(const Geometry& g, bool residu
   dnnl::post_ops ops;
   if (residual) ops.append_binary(dnnl::algorithm::binary_add, dst);
   if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-  dnnl::primitive_attr attr;
+  dnnl::primitive_attr attr = UserScratchpad();
   attr.set_post_ops(ops);
   auto p = std::make_unique<InferencePrimitives>();
   p->user_weights = memory::desc({g.o, g.c, g.kh, g.kw}, g.kernel, Tag::hwio);
@@ -539,7 +556,8 @@ ffi::Error InferenceForward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kerne
     memory bias_memory(p.pd.bias_desc(), Engine(), bias.untyped_data());
     memory weights = As(p.pd.weights_desc(), p.user_weights, kernel.untyped_data(), stream);
     std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias_memory}, {DNNL_ARG_DST, dst}};
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, bias_memory}, {DNNL_ARG_DST, dst},
+        {DNNL_ARG_SCRATCHPAD, Scratchpad(p.pd)}};
     if (residual != nullptr) {
       args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
           memory(p.pd.dst_desc(), Engine(), residual->untyped_data());
