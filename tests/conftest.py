@@ -1,9 +1,20 @@
 """Shared fixtures. Four fake CPU devices for every test, so multi-device code runs as on a 4-GPU node."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# One compilation cache for the session, shared with the processes the tests start (they inherit the environment):
+# the many small training runs compile the same programs, and on two cores compiling is much of their time. A cached
+# executable is the one XLA compiled, so results are unchanged. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='dem_jax_tests_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 
