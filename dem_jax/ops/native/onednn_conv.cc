@@ -72,7 +72,9 @@ struct Geometry {
   }
 };
 
-// Primitives are built with a scratchpad the caller passes (`Scratchpad`) instead of oneDNN's global one.
+// Primitives are built to take a scratchpad with each execution (`Scratchpad`) instead of oneDNN's global, per-thread
+// one: with that, the im2col-and-GEMM kernel gradients oneDNN 3.2 picks below AVX-512 for maps of a position or two
+// wrote through a null buffer when XLA's threads called them (tests/test_onednn.py keeps that case covered).
 dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
