@@ -78,22 +78,6 @@ def test_runs_on_every_device_under_pmap():
   np.testing.assert_allclose(conv(onednn.conv2d_onednn), conv(conv_ops.conv2d_xla), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not onednn.available(), reason=onednn.unavailable_reason() or '')
-def test_im2col_kernel_gradients_of_cpus_without_avx512_run_in_a_training_step():
-  """Below AVX-512 (capped here by ONEDNN_MAX_CPU_ISA), oneDNN computes the kernel gradient of 3x3 layers over maps
-  of a position or two by im2col and GEMM, in a scratchpad; with oneDNN's own global scratchpad the im2col wrote
-  through a null buffer when XLA's threads called it, and the process died (SIGSEGV) in the first training step."""
-  cmd = [sys.executable, '-m', 'dem_jax.bench', 'train_step', '--batch=2', '--frames=32', '--mels=16',
-         '--width=0.125', '--steps=1', '--rounds=1', '--reference=none']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', ONEDNN_MAX_CPU_ISA='AVX2', ONEDNN_VERBOSE='1')
-  result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(result.stdout.strip().splitlines()[-1])['triplets_per_s'] > 0
-  if 'gemm:jit,backward_weights' not in result.stdout:
-    pytest.skip('this oneDNN ran no im2col kernel gradient in the step, so the case was not covered')
-
-
 def test_unwritable_cache_folder_means_unavailable_not_a_crash(monkeypatch):
   def no_folder():
     raise PermissionError('read-only file system')
@@ -117,6 +101,22 @@ def small_source(tmp_path, monkeypatch):
 
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=onednn.unavailable_reason() or '')
+
+
+@needs_onednn
+def test_im2col_kernel_gradients_of_cpus_without_avx512_run_in_a_training_step():
+  """Below AVX-512 (capped here by ONEDNN_MAX_CPU_ISA), oneDNN computes the kernel gradient of 3x3 layers over maps
+  of a position or two by im2col and GEMM, in a scratchpad; with oneDNN's own global scratchpad the im2col wrote
+  through a null buffer when XLA's threads called it, and the process died (SIGSEGV) in the first training step."""
+  cmd = [sys.executable, '-m', 'dem_jax.bench', 'train_step', '--batch=2', '--frames=32', '--mels=16',
+         '--width=0.125', '--steps=1', '--rounds=1', '--reference=none']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', ONEDNN_MAX_CPU_ISA='AVX2', ONEDNN_VERBOSE='1')
+  result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])['triplets_per_s'] > 0
+  if 'gemm:jit,backward_weights' not in result.stdout:
+    pytest.skip('this oneDNN ran no im2col kernel gradient in the step, so the case was not covered')
 
 
 @needs_onednn
