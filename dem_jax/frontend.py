@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import librosa
 import numpy as np
 import scipy.fft
 import scipy.sparse
@@ -71,13 +70,49 @@ class FrontEnd:
     return self.num_frames(int(round(seconds * self.sample_rate)))
 
 
+def hz_to_mel(hz, htk: bool = True):
+  """Mel of frequencies in Hz: HTK's 2595 log10(1 + f / 700), or Slaney's scale (linear to 1 kHz, then log)."""
+  hz = np.asarray(hz, dtype=np.float64)
+  if htk:
+    return 2595.0 * np.log10(1.0 + hz / 700.0)
+  linear = hz / _SLANEY_HZ_PER_MEL
+  return np.where(hz >= _SLANEY_LOG_HZ, _SLANEY_LOG_MEL + np.log(np.maximum(hz, _SLANEY_LOG_HZ) / _SLANEY_LOG_HZ)
+                  / _SLANEY_LOG_STEP, linear)
+
+
+def mel_to_hz(mel, htk: bool = True):
+  """Inverse of `hz_to_mel`."""
+  mel = np.asarray(mel, dtype=np.float64)
+  if htk:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+  return np.where(mel >= _SLANEY_LOG_MEL, _SLANEY_LOG_HZ * np.exp(_SLANEY_LOG_STEP * (mel - _SLANEY_LOG_MEL)),
+                  _SLANEY_HZ_PER_MEL * mel)
+
+
+# Slaney's mel scale (the Auditory Toolbox's): 200/3 Hz per mel up to 1 kHz, then 27 mels per factor 6.4.
+_SLANEY_HZ_PER_MEL = 200.0 / 3
+_SLANEY_LOG_HZ = 1000.0
+_SLANEY_LOG_MEL = _SLANEY_LOG_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = np.log(6.4) / 27.0
+
+
 @functools.lru_cache(maxsize=8)
 def mel_matrix(frontend: FrontEnd) -> np.ndarray:
-  """[n_fft // 2 + 1, n_mels] float32 mel filterbank (librosa's, HTK scale by default)."""
-  mel = librosa.filters.mel(sr=frontend.sample_rate, n_fft=frontend.n_fft, n_mels=frontend.n_mels,
-                            fmin=frontend.fmin, fmax=frontend.fmax, htk=frontend.htk,
-                            norm='slaney' if frontend.mel_norm == 'slaney' else None, dtype=np.float32)
-  return np.ascontiguousarray(mel.T)
+  """[n_fft // 2 + 1, n_mels] float32 mel filterbank: triangles on the FFT bins between n_mels + 2 points evenly
+  spaced in mel from fmin to fmax, each peaking at 1 on its centre (or with `mel_norm='slaney'`, scaled to area
+  2 / (upper edge - lower edge) in Hz). The same floats as librosa.filters.mel with these settings (a test checks),
+  computed here because librosa's filters module imports scipy.signal and numba, a second per process."""
+  edges_hz = mel_to_hz(np.linspace(hz_to_mel(frontend.fmin, frontend.htk), hz_to_mel(frontend.fmax, frontend.htk),
+                                   frontend.n_mels + 2), frontend.htk)
+  bins_hz = np.fft.rfftfreq(frontend.n_fft, d=1.0 / frontend.sample_rate)
+  width = np.diff(edges_hz)
+  from_edge = edges_hz[:, None] - bins_hz[None, :]  # [n_mels + 2, bins]: each point's distance above each bin
+  rising = -from_edge[:-2] / width[:-1, None]
+  falling = from_edge[2:] / width[1:, None]
+  weights = np.maximum(0, np.minimum(rising, falling)).astype(np.float32)
+  if frontend.mel_norm == 'slaney':
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]  # in float64, rounded to float32 once
+  return np.ascontiguousarray(weights.T)
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,7 +124,9 @@ def _sparse_mel_t(frontend: FrontEnd) -> scipy.sparse.csr_matrix:
 
 @functools.lru_cache(maxsize=8)
 def _window(win_length: int) -> np.ndarray:
-  return librosa.filters.get_window('hann', win_length, fftbins=True).astype(np.float32)
+  """The periodic Hann window of `win_length` samples, float32 (scipy.signal.get_window('hann', n)'s floats)."""
+  phase = np.linspace(-np.pi, np.pi, win_length + 1)[:-1]
+  return (0.5 + 0.5 * np.cos(phase)).astype(np.float32)
 
 
 def log_mel(samples: np.ndarray, frontend: FrontEnd, *, block_frames: int = 256) -> np.ndarray:
@@ -103,13 +140,13 @@ def log_mel(samples: np.ndarray, frontend: FrontEnd, *, block_frames: int = 256)
     return out
   frames = np.lib.stride_tricks.sliding_window_view(samples, frontend.win_length)[::frontend.hop_length]
   window, mel_t = _window(frontend.win_length), _sparse_mel_t(frontend)
-  # Windowed frames go straight into a zero-padded FFT buffer, which the FFT may overwrite: no padding copy.
+  # Windowed frames go straight into a zero-padded FFT buffer: no padding copy. The real FFT leaves its input as
+  # it is, so the padding is written once.
   padded = np.zeros((min(block_frames, total), frontend.n_fft), dtype=np.float32)
   for start in range(0, total, block_frames):
     block = frames[start:start + block_frames]
     n = block.shape[0]
     np.multiply(block, window, out=padded[:n, :frontend.win_length])
-    padded[:n, frontend.win_length:] = 0
-    magnitude = np.abs(scipy.fft.rfft(padded[:n], axis=-1, overwrite_x=True))
+    magnitude = np.abs(scipy.fft.rfft(padded[:n], axis=-1))
     np.log((mel_t @ magnitude.T).T + frontend.log_offset, out=out[start:start + n])
   return out

@@ -1,9 +1,13 @@
+import subprocess
+import sys
+
 import librosa
 import numpy as np
 import pytest
 import soundfile
 
 from dem_jax import audio
+from dem_jax import frontend
 from dem_jax.frontend import FrontEnd, log_mel, mel_matrix
 
 
@@ -53,6 +57,33 @@ def test_mel_matrix_is_htk_without_area_norm():
   assert m.shape == (513, 128)
   assert m.max() == pytest.approx(1.0, abs=0.05)  # Triangles peak near 1 when not area-normalised.
   assert np.all(m[:int(50 / 8000 * 512)] == 0)  # Nothing below fmin.
+
+
+@pytest.mark.parametrize('settings', [
+    {}, {'htk': False}, {'mel_norm': 'slaney'}, {'htk': False, 'mel_norm': 'slaney'},
+    {'sample_rate': 22050, 'n_fft': 2048, 'win_length': 2048, 'n_mels': 64, 'fmin': 0.0, 'fmax': 11025.0},
+    {'sample_rate': 44100, 'n_fft': 2048, 'n_mels': 96, 'fmin': 20.0, 'fmax': 16000.0, 'htk': False}])
+def test_mel_matrix_is_librosas_to_the_bit(settings):
+  fe = FrontEnd(**settings)
+  expected = librosa.filters.mel(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.fmin, fmax=fe.fmax,
+                                 htk=fe.htk, norm='slaney' if fe.mel_norm == 'slaney' else None, dtype=np.float32)
+  np.testing.assert_array_equal(mel_matrix(fe), expected.T)
+
+
+@pytest.mark.parametrize('win_length', [480, 400, 1024, 7])
+def test_window_is_the_periodic_hann_window_to_the_bit(win_length):
+  np.testing.assert_array_equal(frontend._window(win_length),
+                                librosa.filters.get_window('hann', win_length, fftbins=True).astype(np.float32))
+
+
+def test_the_front_end_imports_neither_scipy_signal_nor_numba():
+  # librosa's filters module imports both, about a second on a 2-core machine: every `embed` command and
+  # preprocessing worker would pay it before its first file.
+  code = ('import sys, numpy as np; from dem_jax import frontend; '
+          'frontend.log_mel(np.ones(16000, np.float32), frontend.FrontEnd()); '
+          'print(sorted(m for m in ("scipy.signal", "numba", "librosa.filters") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]', out.stdout
 
 
 def test_bad_settings_name_the_field():
