@@ -98,11 +98,20 @@ def channel_mean(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
   """float32 [samples] mean of [samples, channels] `data` (float32, or integers to be multiplied by `scale`).
 
   A matrix-vector product, several times faster than mean(axis=1) on interleaved frames. `scale` is a power of two
-  (int16 PCM: 2**-15), so folding it into the weights gives the same floats as scaling the samples first.
+  (int16 PCM: 2**-15), so folding it into the weights gives the same floats as scaling the samples first. Integer
+  samples of a power-of-two number of channels (stereo, DCASE's four) are summed as integers and scaled once,
+  faster still: every sum the product forms is exact in float32 then, so the floats are the same.
   """
   channels = data.shape[1]
   if channels == 1:
     return data[:, 0].astype(np.float32) * np.float32(scale) if scale != 1.0 else data[:, 0]
+  if data.dtype == np.int16 and channels & (channels - 1) == 0:
+    total = data[:, 0].astype(np.int32)
+    for channel in range(1, channels):
+      total += data[:, channel]
+    mean = total.astype(np.float32)
+    mean *= np.float32(scale / channels)
+    return mean
   return data.astype(np.float32, copy=False) @ np.full(channels, np.float32(1 / channels) * np.float32(scale))
 
 
