@@ -77,8 +77,8 @@ def test_window_is_the_periodic_hann_window_to_the_bit(win_length):
 
 
 def test_the_front_end_imports_neither_scipy_signal_nor_numba():
-  # librosa's filters module imports both, about a second on a 2-core machine: every `embed` command and
-  # preprocessing worker would pay it before its first file.
+  # librosa's filters module imports both, slow to import: every `embed` command and preprocessing worker would
+  # wait for them before its first file.
   code = ('import sys, numpy as np; from dem_jax import frontend; '
           'frontend.log_mel(np.ones(16000, np.float32), frontend.FrontEnd()); '
           'print(sorted(m for m in ("scipy.signal", "numba", "librosa.filters") if m in sys.modules))')
