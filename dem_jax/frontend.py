@@ -99,8 +99,8 @@ _SLANEY_LOG_STEP = np.log(6.4) / 27.0
 @functools.lru_cache(maxsize=8)
 def mel_matrix(frontend: FrontEnd) -> np.ndarray:
   """[n_fft // 2 + 1, n_mels] float32 mel filterbank: triangles on the FFT bins between n_mels + 2 points evenly
-  spaced in mel from fmin to fmax, each peaking at 1 on its centre (or with `mel_norm='slaney'`, scaled to area
-  2 / (upper edge - lower edge) in Hz). The same floats as librosa.filters.mel with these settings (a test checks),
+  spaced in mel from fmin to fmax, each peaking at 1 on its centre (or with `mel_norm='slaney'`, scaled by
+  2 / (upper edge - lower edge) in Hz, to an area of 1). The same floats as librosa.filters.mel with these settings (a test checks),
   computed here because librosa's filters module imports scipy.signal and numba, which would delay every process's
   first log-Mel (the README's CPU speed section has the figures)."""
   edges_hz = mel_to_hz(np.linspace(hz_to_mel(frontend.fmin, frontend.htk), hz_to_mel(frontend.fmax, frontend.htk),
