@@ -70,7 +70,7 @@ class FrontEnd:
     return self.num_frames(int(round(seconds * self.sample_rate)))
 
 
-def hz_to_mel(hz, htk: bool = True):
+def _hz_to_mel(hz, htk: bool = True):
   """Mel of frequencies in Hz: HTK's 2595 log10(1 + f / 700), or Slaney's scale (linear to 1 kHz, then log)."""
   hz = np.asarray(hz, dtype=np.float64)
   if htk:
@@ -80,8 +80,8 @@ def hz_to_mel(hz, htk: bool = True):
                   / _SLANEY_LOG_STEP, linear)
 
 
-def mel_to_hz(mel, htk: bool = True):
-  """Inverse of `hz_to_mel`."""
+def _mel_to_hz(mel, htk: bool = True):
+  """Inverse of `_hz_to_mel`."""
   mel = np.asarray(mel, dtype=np.float64)
   if htk:
     return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
@@ -100,11 +100,14 @@ _SLANEY_LOG_STEP = np.log(6.4) / 27.0
 def mel_matrix(frontend: FrontEnd) -> np.ndarray:
   """[n_fft // 2 + 1, n_mels] float32 mel filterbank: triangles on the FFT bins between n_mels + 2 points evenly
   spaced in mel from fmin to fmax, each peaking at 1 on its centre (or with `mel_norm='slaney'`, scaled by
-  2 / (upper edge - lower edge) in Hz, to an area of 1). The same floats as librosa.filters.mel with these settings (a test checks),
-  computed here because librosa's filters module imports scipy.signal and numba, which would delay every process's
-  first log-Mel (the README's CPU speed section has the figures)."""
-  edges_hz = mel_to_hz(np.linspace(hz_to_mel(frontend.fmin, frontend.htk), hz_to_mel(frontend.fmax, frontend.htk),
-                                   frontend.n_mels + 2), frontend.htk)
+  2 / (upper edge - lower edge) in Hz, to an area of 1).
+
+  The same floats as librosa.filters.mel with these settings (a test checks), computed here because librosa's
+  filters module imports scipy.signal and numba, which would delay every process's first log-Mel (the README's CPU
+  speed section has the figures).
+  """
+  mel_range = _hz_to_mel(frontend.fmin, frontend.htk), _hz_to_mel(frontend.fmax, frontend.htk)
+  edges_hz = _mel_to_hz(np.linspace(*mel_range, frontend.n_mels + 2), frontend.htk)
   bins_hz = np.fft.rfftfreq(frontend.n_fft, d=1.0 / frontend.sample_rate)
   width = np.diff(edges_hz)
   from_edge = edges_hz[:, None] - bins_hz[None, :]  # [n_mels + 2, bins]: each point's distance above each bin
