@@ -77,13 +77,35 @@ def test_window_is_the_periodic_hann_window_to_the_bit(win_length):
 
 
 def test_the_front_end_imports_neither_scipy_signal_nor_numba():
-  # librosa's filters module imports both, slow to import: every `embed` command and preprocessing worker would
-  # wait for them before its first file.
-  code = ('import sys, numpy as np; from dem_jax import frontend; '
-          'frontend.log_mel(np.ones(16000, np.float32), frontend.FrontEnd()); '
+  # librosa's filters and effects modules import both, slow to import: every `embed` command and preprocessing
+  # worker would wait for them before its first file.
+  code = ('import sys, numpy as np; from dem_jax import audio, frontend; '
+          'frontend.log_mel(audio.trim_silence(np.ones(16000, np.float32), 60.0), frontend.FrontEnd()); '
           'print(sorted(m for m in ("scipy.signal", "numba", "librosa.filters") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]', out.stdout
+
+
+def _trim_cases():
+  rng = np.random.default_rng(7)
+  sr = 16000
+  t = np.arange(3 * sr) / sr
+  tone = (0.5 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+  faded = tone * np.concatenate([np.linspace(0, 1, sr), np.ones(sr), np.linspace(1, 0, sr)]).astype(np.float32)
+  quiet_ends = np.concatenate([1e-4 * rng.standard_normal(sr), rng.standard_normal(sr),
+                               1e-5 * rng.standard_normal(700)]).astype(np.float32)
+  zeros_ends = np.concatenate([np.zeros(5000), rng.standard_normal(9000) * 0.1, np.zeros(3333)]).astype(np.float32)
+  return {'tone': tone, 'fades': faded, 'quiet_ends': quiet_ends, 'zero_ends': zeros_ends,
+          'short': rng.standard_normal(300).astype(np.float32), 'one_sample': np.ones(1, np.float32),
+          'tiny': (1e-7 * rng.standard_normal(20000)).astype(np.float32)}
+
+
+@pytest.mark.parametrize('top_db', [60.0, 20.0, 80.0])
+@pytest.mark.parametrize('case', list(_trim_cases()))
+def test_trim_silence_cuts_where_librosa_trims(case, top_db):
+  y = _trim_cases()[case]
+  expected, _ = librosa.effects.trim(y, top_db=top_db, frame_length=2048, hop_length=512)
+  np.testing.assert_array_equal(audio.trim_silence(y, top_db), expected)
 
 
 def test_bad_settings_name_the_field():
