@@ -429,8 +429,8 @@ def blas_threads_per_worker(num_workers: int, cores: int | None = None) -> int:
 def _start_worker(parent_pid: int, blas_threads: int, frontend: dict) -> None:
   _die_with_parent(parent_pid)
   threadpoolctl.threadpool_limits(blas_threads)
-  # The first log-Mel imports librosa (and numba) and builds the window and filterbank: about a second of a fresh
-  # process's time, spent here while the parent plans rather than on the first block.
+  # The first log-Mel builds the window and filterbank (and loads the FFT's code): done here, while the parent plans,
+  # rather than on the first block.
   log_mel(np.zeros(frontend['win_length'], np.float32), FrontEnd(**frontend))
 
 
@@ -439,8 +439,8 @@ def _blocks_with_workers(pool: concurrent.futures.Executor, pool_workers: int, o
   """Markers of the blocks in `todo` as they finish, done by the pool's workers and by this process.
 
   This process is a worker too: it does blocks from the end of the list while the pool's workers take them from the
-  front. A fresh worker takes about a second to start (an interpreter, the imports, the filterbank), in which this
-  process, with everything loaded, already works; a small data set is done in that time. The pool holds two blocks
+  front. A fresh worker takes a while to start (an interpreter, the imports, the filterbank), in which this process,
+  with everything loaded, already works; a small data set is done in that time. The pool holds two blocks
   per worker, so that a worker that finishes while this process is busy finds the next one.
   """
   waiting = collections.deque(todo)
