@@ -44,7 +44,7 @@ def get_config(arg=None):
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = 'triplet'  # 'triplet' (squared distances, mean over active), 'tile2vec', 'batch_all',
-  # 'batch_hard' or 'infonce' (dem_jax/losses.py; README, Quality).
+  # 'batch_hard' or 'infonce' (dem_jax/losses.py; docs/quality.md compares them).
   config.loss.margin = 1.0
   config.loss.l2 = 0.01  # tile2vec only: weight of the embedding-norm penalty.
   config.loss.temperature = 0.1  # infonce only: softmax temperature over cosine similarities.
@@ -95,25 +95,15 @@ def shrink_for_cpu(config):
 
 
 def cpu_recipe(config):
-  """`:cpu`: the best recipe measured for 15 minutes of training on a 2-core CPU (README, Quality, has the figures).
+  """`:cpu`: the recipe chosen for 15 minutes of training on a small CPU (docs/quality.md has the rounds and figures).
 
-  Chosen with `./launch.sh bench quality` on real music at equal CPU time: width 0.25 beat 0.125 and 0.5 (in
-  bfloat16), 1-s tiles beat 2-s ones, batch 32 beat 96, and InfoNCE over the batch with a cosine schedule beat the
-  original triplet loss with its staircase (whose x0.95 every 100 steps had all but stopped a long run). Then, at
-  equal steps: neighbours within +-4 s rather than +-1 s, a warmer InfoNCE than the 0.1 default, and tiles shifted
-  by up to +-8 mel bands each gained on every figure. Last, ranked by the median k-Means NMI over k-Means seeds:
-  temperature 1.0 clustered by family better than 0.5 and 0.7, at a small cost in probe F1; 1.5 and 2.0 clustered
-  no better and lost more of it. Then the length: on the quality set, stopping after 30 passes (about 4 of the 15
-  minutes) clustered by family better than training for the whole budget, by 5-8 points of median NMI averaged over
-  three seeds, and better than 15 or 60 passes. Random gain curves of up to +-6 dB, which had lost over the whole
-  budget, stay: in the shorter runs the trunk's clustering was steadier across seeds with them. An MLP head and twice
-  the learning rate left the medians where they were and cost probe F1; without dropout the probe gained and the
-  medians fell, and at 0.7 everything fell (seventh to ninth rounds). Width 0.5 at 30 passes (twice the time) probed
-  and retrieved better, and it and SpecAugment's band or frame masks moved the medians by less than the seeds do;
-  band masks cost retrieval (tenth and eleventh rounds). Ten times the original's L2 penalty on the kernels (1e-3)
-  raised the trunk's median NMI by 1.8 points over ten seeds (up with nine of them), at a cost of about 5 points of
-  the embedding's probe F1 and 2 of precision@5 (twelfth round): the recipe is tuned for clustering with the pooled
-  trunk features; `--config.optimizer.weight_decay=1e-4` gives back the earlier, better-retrieving one.
+  Chosen with `dem-jax bench quality` on real music at equal CPU time, ranked by how well the clusters follow the
+  classes over several training seeds: ResNet18 at width 0.25, 1-s tiles with neighbours within +-4 s,
+  band shifts of up to +-8 and gain curves of up to +-6 dB, batch 32, InfoNCE at temperature 1.0, Adam with a cosine
+  schedule, and ten times the original's L2 penalty on the kernels. It stops after 30 passes over the training tiles
+  or the 15-minute budget, whichever ends first. It is tuned for clustering with the pooled trunk features
+  (`model_trunk`); `--config.optimizer.weight_decay=1e-4` gives the earlier recipe, better for retrieval with the
+  embedding.
   """
   shrink_for_cpu(config)
   config.data.neighbour_seconds = 4.0
@@ -131,7 +121,7 @@ def cpu_recipe(config):
   config.train_minutes = 15.0
   # 30 passes over the training tiles, or the budget, whichever ends first. On a large set (DCASE's development set
   # holds 200 hours: over 10,000 steps per pass) the budget ends the run; on the 58 minutes of the quality set's
-  # training split, training on past 30 passes lowered the clusters' agreement with the classes (README, Quality,
+  # training split, training on past 30 passes lowered the clusters' agreement with the classes (docs/quality.md,
   # sixth round).
   config.num_epochs = 30
   config.num_steps = 0

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.trim_silence = 'auto'
   config.trim_top_db = 60.0
   # float16 halves the store; its rounding error on log-Mel values is far below the features' own noise
-  # (see README: measured round-trip error). Shards are the unit one writer owns.
+  # (docs/benchmarks.md has the measured round-trip error). Shards are the unit one writer owns.
   config.storage = ml_collections.ConfigDict(dict(
       dtype='float16', chunk_frames=512, shard_frames=32768, compression='zstd'))
   # Folder data without --split_file: a seeded split by file, stratified by label.

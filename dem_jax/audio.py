@@ -143,7 +143,8 @@ def read_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None)
   try:
     with soundfile.SoundFile(path) as f:
       file_rate, file_format, stated_frames = f.samplerate, f.format, f.frames
-      # 16-bit PCM is read as integers and scaled here: libsndfile's own float conversion costs ~10x the decode.
+      # 16-bit PCM is read as integers and scaled here: libsndfile's own float conversion costs more than the decode
+      # (docs/benchmarks.md).
       # int16 / 32768 is exactly the float32 it would give.
       pcm16 = f.subtype == 'PCM_16'
       data = f.read(dtype='int16' if pcm16 else 'float32', always_2d=True)

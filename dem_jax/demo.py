@@ -41,8 +41,8 @@ def run_demo(workdir: str) -> dict:
         f'{len(summary["failures"])} failures')
   config = dcase_config.get_config('tiny')
   config.features_dir = features_dir
-  # Twice the tiny width and steps: about 3 minutes on 2 cores, and enough for the model to pull ahead of the
-  # baselines on most figures (see README, "What the demo shows").
+  # Twice the tiny width and steps: a few minutes on a small CPU, and enough for the model to pull ahead of the
+  # baselines on most figures (docs/benchmarks.md, "What the demo shows").
   config.model.width = 0.25
   config.model.embedding_dim = 64
   config.num_steps = 600

@@ -103,8 +103,8 @@ def mel_matrix(frontend: FrontEnd) -> np.ndarray:
   2 / (upper edge - lower edge) in Hz, to an area of 1).
 
   The same floats as librosa.filters.mel with these settings (a test checks), computed here because librosa's
-  filters module imports scipy.signal and numba, which would delay every process's first log-Mel (the README's CPU
-  speed section has the figures).
+  filters module imports scipy.signal and numba, which would delay every process's first log-Mel
+  (docs/benchmarks.md has the figures).
   """
   mel_range = _hz_to_mel(frontend.fmin, frontend.htk), _hz_to_mel(frontend.fmax, frontend.htk)
   edges_hz = _mel_to_hz(np.linspace(*mel_range, frontend.n_mels + 2), frontend.htk)

@@ -132,7 +132,8 @@ class ResNet(nn.Module):
 
     channels = [max(1, round(c * self.width)) for c in BASE_CHANNELS]
     conv = functools.partial(Conv, conv_impl=self.conv_impl, dtype=self.dtype)
-    # flax's BatchNorm, with the gradient written out (`ops.norm`): in bfloat16 on CPU, flax's took a fifth of the step.
+    # flax's BatchNorm, with the gradient written out (`ops.norm`): in bfloat16 on CPU, flax's left float32 copies of
+    # every conv output under autodiff (docs/benchmarks.md).
     norm = functools.partial(norm_ops.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              axis_name=self.axis_name)
 
@@ -198,7 +199,7 @@ ResNet34 = functools.partial(ResNet, stage_sizes=STAGE_SIZES['resnet34'])
 DTYPES = ('auto', 'float32', 'bfloat16')
 
 
-# Narrower networks than this gain little from bfloat16 on a CPU (README, "CPU speed").
+# Narrower networks than this gain little from bfloat16 on a CPU (docs/benchmarks.md, "The CPU path").
 BF16_CPU_MIN_WIDTH = 0.5
 
 
@@ -207,8 +208,9 @@ def resolve_dtype(dtype: str, backend: str | None = None, *, width: float = 1.0,
   """The computation dtype `config.model.dtype` names: 'float32', 'bfloat16', or 'auto'.
 
   'auto' is bfloat16 on GPU/TPU. On CPU it is bfloat16 where oneDNN runs bfloat16 natively (AVX512-BF16 or AMX),
-  the convolutions go to oneDNN (conv_impl 'auto' or 'onednn') and the network is at least half width: there the
-  training step ran 1.6x as fast as in float32 at width 0.5, but only 1.04x at width 0.25. Elsewhere float32.
+  the convolutions go to oneDNN (conv_impl 'auto' or 'onednn') and the network is at least half width, where
+  bfloat16 trains markedly faster than float32 (narrower networks gain little; docs/benchmarks.md). Elsewhere
+  float32.
   """
   if dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r}; choose one of {DTYPES}.')

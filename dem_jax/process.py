@@ -11,12 +11,12 @@ import jax
 def retain_freed_memory() -> bool:
   """Lets glibc's malloc keep freed memory for reuse instead of unmapping it; returns whether that applied.
 
-  Why: XLA:CPU allocates every execution's temporary buffer (about 0.5 GB for a full-width ResNet18 triplet step
-  of 32 triplets) with malloc, from its worker threads. Blocks that large are mmap'ed and unmapped per call, and the
-  per-thread malloc arenas hand freed memory back too, so each step touches fresh pages and pays a page fault per
-  4 KiB: 50-150k faults, up to half a second of system time per step. One arena, no mmap and a trim threshold
-  far above a step's buffers (the next step is dispatched before the last one ends, so two steps' worth) remove
-  them once the heap has grown to its peak (a few steps), and the step gets 10-25% faster.
+  Why: XLA:CPU allocates every execution's temporary buffer (for a training step, a large one) with malloc, from
+  its worker threads. Blocks that large are mmap'ed and unmapped per call, and the per-thread malloc arenas hand
+  freed memory back too, so each step touches fresh pages and pays a page fault per 4 KiB of them. One arena, no
+  mmap and a trim threshold far above a step's buffers (the next step is dispatched before the last one ends, so
+  two steps' worth) remove them once the heap has grown to its peak (a few steps), and the step gets faster
+  (docs/benchmarks.md has the figures).
 
   glibc fixes its arena limit when a second thread first allocates, so the arena setting made here reaches only
   threads created after it, if any thread allocated before; and mallopt takes the trim threshold as an int (2 GiB

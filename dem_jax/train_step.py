@@ -85,7 +85,7 @@ def create_train_state(rng, model: nn.Module, optimizer: optax.GradientTransform
   """Initial state for tiles of `tile_shape` (frames, mel bands); not yet placed for a parallel step.
 
   The parameters are drawn with JAX's 'rbg' generator seeded from `rng`: XLA:CPU compiles every threefry call
-  site slowly (about 0.5 s per randomly initialised array, 20 s for ResNet18), RBG's in a tenth of that.
+  site slowly, and ResNet18 has many randomly initialised arrays; RBG's compile far faster (docs/benchmarks.md).
   """
   init_rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl='rbg')
   tiles = jnp.zeros((1,) + tuple(tile_shape), jnp.float32)

@@ -421,8 +421,8 @@ def usable_cores() -> int:
 
 def blas_threads_per_worker(num_workers: int, cores: int | None = None) -> int:
   """BLAS threads for each of `num_workers` processes so that together they use the cores once: the workers
-  already fill the cores, and threads beyond that only contend (a BLAS thread spin-waits; measured on a busy 2-core
-  machine, a 4-channel clip's channel average took 20 ms with 2 threads, 0.7 ms with 1)."""
+  already fill the cores, and threads beyond that only contend (a BLAS thread spin-waits; docs/benchmarks.md has
+  the figures)."""
   return max(1, (cores or usable_cores()) // num_workers)
 
 

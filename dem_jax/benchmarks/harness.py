@@ -111,7 +111,7 @@ def interleaved_windows(candidates: dict[str, Callable[[int], float]], steps: in
 
   The pause lets the previous candidate's worker threads go idle before the next one starts. Each candidate runs
   one untimed step at the start of its window: on a VM that reclaims idle memory, the first step after another
-  process's window pays page faults for its own buffers again (measured: +30% on that step).
+  process's window pays page faults for its own buffers again (docs/benchmarks.md has the figure).
   """
   windows = {name: [] for name in candidates}
   for _ in range(rounds):

@@ -18,7 +18,7 @@ r"""Quality on real audio within a training budget: the model against the no-lea
 Any `--config.X=V` is passed to training as it is; `--config.num_steps=N` sets the budget in steps instead (no
 calibration), e.g. to compare objectives at equal steps.
 
-Training seeds move these figures by several points (README, Quality), so a recipe is judged over seeds:
+Training seeds move these figures by several points (docs/quality.md), so a recipe is judged over seeds:
 `--seeds=0,1,2` trains and scores one run per seed (`--config.seed=N`, in WORKDIR/seed_N), prints each run's
 figures, then their mean, standard deviation, min and max, and the JSON line holds both. Each finished run leaves
 its figures in its directory (quality.json), so the same command started again after a kill keeps the runs done,

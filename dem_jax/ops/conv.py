@@ -8,19 +8,19 @@ loaded (no C++ compiler, not Linux x86_64, DEM_JAX_ONEDNN=0), 'auto' logs why on
 forms below. At inference on oneDNN, `conv2d_folded_norm` runs a convolution with the BatchNorm, residual sum and
 ReLU after it in one call (`folds_norm` says where).
 
-Why those exist: the straightforward Flax ResNet ran its triplet step on CPU ~15x slower than PyTorch eager. Three
-XLA:CPU behaviours account for it (measured with jaxlib 0.12 on a 2-core AVX-512 x86 VM):
-  1. Its native convolution collapses to ~2-5 GFLOP/s (against 100-200 elsewhere) when the map it slides over has
-     at most SMALL_MAP_POSITIONS positions: ResNet's last stage on short tiles (2x4), and in the backward pass the
-     input gradient of the stride-2 layer that produces such a map. There `conv2d_im2col` (windows side by side,
-     one matrix multiply) runs at 100+ GFLOP/s. On larger maps the native conv wins: im2col's window copy costs
-     more than it saves.
+Why those exist: the straightforward Flax ResNet ran its triplet step on CPU many times slower than PyTorch eager,
+and three XLA:CPU behaviours account for it (docs/benchmarks.md, "The pure-XLA path", has the figures):
+  1. Its native convolution slows to a crawl when the map it slides over has at most
+     SMALL_MAP_POSITIONS positions: ResNet's last stage on short tiles (2x4), and in the backward pass the input
+     gradient of the stride-2 layer that produces such a map. There `conv2d_im2col` (windows side by side, one
+     matrix multiply) runs far faster. On larger maps the native conv wins: im2col's window copy costs more than it
+     saves.
   2. The kernel gradient of a native conv wants its inputs transposed to channel-major order. XLA fuses the
      transpose into the producer (BatchNorm's backward pass, the activation), and such transposing fusions run
-     ~4x slower than a plain transpose; materialising the inputs first (`lax.optimization_barrier`) makes them
-     plain copies and the whole step ~15% faster.
-  3. reduce_window's gradient (select_and_scatter) goes through iota/argmax tuples and a scatter, ~5x slower than
-     the gradient of a maximum over strided slices (`max_pool_slices`).
+     slower than a plain transpose; materialising the inputs first (`lax.optimization_barrier`) makes them plain
+     copies and the whole step faster.
+  3. reduce_window's gradient (select_and_scatter) goes through iota/argmax tuples and a scatter, slower than the
+     gradient of a maximum over strided slices (`max_pool_slices`).
 Off CPU, `conv_impl='auto'` leaves XLA's own convolution and pooling in place (cuDNN on GPU), so the GPU path is
 the plain one. The pure-XLA forms are built from jnp/lax ops (pad, slice, concatenate, dot_general,
 conv_general_dilated) and are differentiable; parameters do not depend on the choice.
