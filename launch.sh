@@ -6,12 +6,15 @@
 #   ./launch.sh setup --cpu            back to the CPU-only install
 #   ./launch.sh test [PYTEST_ARGS]     setup, then the whole test suite
 #   ./launch.sh demo [WORKDIR]         setup, then the main job end to end on built-in sample data
+#
+# Every other command is dem_jax's own, the same as `dem-jax CMD` after `pip install` (setup first, then dem_jax's
+# dispatcher; `./launch.sh CMD --help` lists a command's flags):
 #   ./launch.sh sample_data --layout=dcase2018_task5 --out=DIR
 #   ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=IN --output_dir=OUT [--num_workers=N]
 #   ./launch.sh train --config=configs/dcase.py --workdir=W [--config.features_dir=OUT] [--distributed]
 #   ./launch.sh evaluate --workdir=W [--features_dir=OUT] [--output_dir=O]
 #   ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
-#   ./launch.sh bench preprocess|train_step|embed|input|gpu|quality [FLAGS]
+#   ./launch.sh bench preprocess|train_step|embed|embed_folder|input|gpu|quality [FLAGS]
 #
 # Versions come from constraints.txt. Every command checks the environment against a stamp (a hash of setup.cfg,
 # pyproject.toml, constraints.txt and the extras) without starting pip; pip runs only when something changed, under
@@ -51,7 +54,7 @@ find_python() {
 # The extras an install gets: the tests, plots and TensorBoard always; oneDNN's CPU convolutions where its wheels
 # exist (Linux x86_64; elsewhere XLA's convolutions run); the CUDA build of jax for a GPU install.
 extras_for() {  # gpu|cpu
-  local extras="test,plots"
+  local extras="test,plots,tensorboard"
   if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then extras="$extras,onednn"; fi
   if [ "$1" = gpu ]; then extras="$extras,cuda"; fi
   echo "$extras"
@@ -115,17 +118,6 @@ setup() {
   if command -v flock > /dev/null; then exec 9>&-; fi
 }
 
-# CPU-only environments get one malloc arena that keeps freed memory (dem_jax.process.retain_freed_memory says why: XLA:CPU
-# re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB). Set here, before the
-# process starts, so that every thread of it sees the setting. Only for the commands that run XLA on the CPU: never
-# in an environment set up with --gpu, whose processes allocate on the device.
-cpu_malloc_settings() {
-  if ! is_gpu_env; then
-    export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}" MALLOC_MMAP_MAX_="${MALLOC_MMAP_MAX_:-0}"
-    export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-8589934592}"
-  fi
-}
-
 print_help() { sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 main() {
@@ -133,23 +125,16 @@ main() {
   [ $# -gt 0 ] && shift
   case "$cmd" in
     setup) setup "$@" ;;
-    test)
-      setup
-      cpu_malloc_settings
-      cd "$ROOT"
-      exec "$PY" -m pytest "$@" ;;
-    demo) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.demo "$@" ;;
-    sample_data) setup; exec "$PY" -m preprocess.sample_data "$@" ;;
-    preprocess) setup; exec "$PY" -m preprocess "$@" ;;
-    train) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.train "$@" ;;
-    evaluate) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.evaluate "$@" ;;
-    embed) setup; cpu_malloc_settings; exec "$PY" -m dem_jax.embed "$@" ;;
-    bench)
-      setup
-      [ "${1:-}" = preprocess ] || cpu_malloc_settings
-      exec "$PY" -m dem_jax.bench "$@" ;;
+    test) setup; cd "$ROOT"; exec "$PY" -m pytest "$@" ;;
     help|-h|--help) print_help ;;
-    *) echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2 ;;
+    *)
+      # Every other command is dem_jax's own (`dem-jax CMD`): the dispatcher holds the command table (one module
+      # per command in dem_jax/commands/), so a name is checked here only to spare a mistyped one the install.
+      if [ ! -f "$ROOT/dem_jax/commands/$cmd.py" ] || [[ "$cmd" == _* ]]; then
+        echo "launch.sh: unknown command '$cmd'. Try: ./launch.sh help" >&2; exit 2
+      fi
+      setup
+      exec "$PY" -m dem_jax "$cmd" "$@" ;;
   esac
 }
 

@@ -1,15 +1,15 @@
 r"""Triplet training on DCASE 2018 task 5 (SINS) features.
 
-  ./launch.sh train --config=configs/dcase.py --workdir=/scratch/dcase_run \
+  dem-jax train --config=dcase --workdir=/scratch/dcase_run \
       --config.features_dir=/data/features/dcase_dev
-  ./launch.sh train --config=configs/dcase.py:tiny --workdir=/tmp/dcase_tiny --config.features_dir=...   # CPU, ~1 min
-  ./launch.sh train --config=configs/dcase.py:cpu --workdir=/tmp/dcase_cpu --config.features_dir=...     # CPU, 15 min
+  dem-jax train --config=dcase:tiny --workdir=/tmp/dcase_tiny --config.features_dir=...   # CPU, ~1 min
+  dem-jax train --config=dcase:cpu --workdir=/tmp/dcase_cpu --config.features_dir=...     # CPU, 15 min
 
 The embedding trains on fold 1's train part and holds fold 1's evaluate clips out for the held-out loss and
 silhouette (labels are never used in training); --config.data.fold=0 trains on all four folds.
 """
 
-from configs import base
+from dem_jax.configs import base
 
 
 def get_config(arg=None):
@@ -21,6 +21,6 @@ def get_config(arg=None):
   elif arg == 'cpu':
     base.cpu_recipe(config)
   elif arg:
-    raise ValueError(f'Unknown config argument {arg!r}; use configs/dcase.py, configs/dcase.py:tiny or '
-                     'configs/dcase.py:cpu.')
+    raise ValueError(f'Unknown config argument {arg!r}; use dcase, dcase:tiny or dcase:cpu (or configs/dcase.py:tiny '
+                     'and so on in a checkout).')
   return config

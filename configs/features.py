@@ -1,7 +1,7 @@
 """Log-Mel feature settings for the preprocessing job (the original system's front end).
 
-    ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=/data/DCASE2018-task5-dev \
-        --output_dir=/data/features/dcase_dev --config=configs/features.py
+    dem-jax preprocess --dataset=dcase2018_task5 --data_dir=/data/DCASE2018-task5-dev \
+        --output_dir=/data/features/dcase_dev --config=features
 
 Any field can be overridden on the command line, e.g. `--config.frontend.n_mels=64` or
 `--config.storage.dtype=float32`.

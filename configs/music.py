@@ -1,12 +1,12 @@
 r"""Triplet training on music sorted by genre (folder data, one song per file).
 
-  ./launch.sh train --config=configs/music.py --workdir=/scratch/music_run \
+  dem-jax train --config=music --workdir=/scratch/music_run \
       --config.features_dir=/data/features/music
-  ./launch.sh train --config=configs/music.py:tiny --workdir=/tmp/music_tiny --config.features_dir=...
-  ./launch.sh train --config=configs/music.py:cpu --workdir=/tmp/music_cpu --config.features_dir=...   # 15 min
+  dem-jax train --config=music:tiny --workdir=/tmp/music_tiny --config.features_dir=...
+  dem-jax train --config=music:cpu --workdir=/tmp/music_cpu --config.features_dir=...   # 15 min
 """
 
-from configs import base
+from dem_jax.configs import base
 
 
 def get_config(arg=None):
@@ -19,6 +19,6 @@ def get_config(arg=None):
   elif arg == 'cpu':
     base.cpu_recipe(config)
   elif arg:
-    raise ValueError(f'Unknown config argument {arg!r}; use configs/music.py, configs/music.py:tiny or '
-                     'configs/music.py:cpu.')
+    raise ValueError(f'Unknown config argument {arg!r}; use music, music:tiny or music:cpu (or configs/music.py:tiny '
+                     'and so on in a checkout).')
   return config

@@ -1,70 +1,90 @@
-"""The `dem-jax` command: the subcommands of ./launch.sh, for dem_jax installed as a library.
+"""The one front door: `dem-jax CMD [FLAGS]`, `python -m dem_jax CMD [FLAGS]` and `./launch.sh CMD [FLAGS]`.
 
-    dem-jax preprocess --dataset=dcase2018_task5 --data_dir=IN --output_dir=OUT
-    dem-jax train --config=configs/dcase.py --workdir=W --config.features_dir=OUT
-    dem-jax evaluate --workdir=W
-    dem-jax embed --workdir=W --input=FILE_OR_DIR --output_dir=O
-
-Each subcommand runs its module's own command line (`python -m <module>`) in place of this process, after setting
-the CPU malloc settings that ./launch.sh sets (see `cpu_malloc_environment`): they only take effect when set before
-the process starts.
+The command table is the folder dem_jax/commands/: each module there is one command, with its flags and `main`.
+Commands that run XLA on the CPU are started in a process whose malloc keeps freed memory (`dem_jax.process`): the
+setting only takes effect when it is in the environment before the process starts, so the dispatcher starts itself
+again with it once.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import os
+import pkgutil
 import sys
 
-COMMANDS = {
-    'train': 'dem_jax.train',
-    'evaluate': 'dem_jax.evaluate',
-    'embed': 'dem_jax.embed',
-    'preprocess': 'dem_jax.preprocess',
-    'sample_data': 'preprocess.sample_data',
-    'demo': 'dem_jax.demo',
-    'bench': 'dem_jax.bench',
-}
-# The commands whose process runs XLA on the host (`bench preprocess` does not; see `cpu_malloc_environment`).
-XLA_COMMANDS = ('train', 'evaluate', 'embed', 'demo', 'bench')
+from dem_jax import commands
+from dem_jax import process
+
+HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull', '-?')
+
+
+def command_names() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith('_'))
+
+
+def summary(name: str) -> str:
+  """The first line of the command module's docstring, read without importing it (some import JAX)."""
+  spec = importlib.util.find_spec(f'dem_jax.commands.{name}')
+  with open(spec.origin, encoding='utf-8') as f:
+    doc = ast.get_docstring(ast.parse(f.read())) or ''
+  return doc.split(':')[0].split('\n')[0].strip().rstrip('.')
 
 
 def usage() -> str:
-  return ('usage: dem-jax {' + '|'.join(COMMANDS) + '} [FLAGS]\n'
-          "Each subcommand's flags: dem-jax <subcommand> --help. The checkout's ./launch.sh help shows examples.")
+  lines = ['usage: dem-jax COMMAND [FLAGS]   (in a checkout, ./launch.sh COMMAND is the same command)', '']
+  lines += [f'  {name:<12} {summary(name)}' for name in command_names()]
+  lines += ['', "A command's flags: dem-jax COMMAND --help"]
+  return '\n'.join(lines)
 
 
-def has_gpu_jax() -> bool:
-  """Whether jax's CUDA plugin is installed (jax[cuda12]); its processes allocate on the device."""
-  return importlib.util.find_spec('jax_cuda12_plugin') is not None
+def help_text(name: str, module) -> str:
+  """The command's docstring and its flags (absl's --help exits 1 and lists only the starting module's)."""
+  from absl import flags
+  text = [f'dem-jax {name}: {(module.__doc__ or "").strip()}', '']
+  flag_help = flags.FLAGS.module_help(module)
+  if flag_help:
+    text += ['Flags:', flag_help]
+  return '\n'.join(text)
 
 
-def cpu_malloc_environment(command: str, args: list[str], environ: dict[str, str], *, gpu: bool) -> dict[str, str]:
-  """`environ` with glibc's malloc set to one arena that keeps freed memory, for XLA on the CPU.
+def resolve_config_arguments(args: list[str]) -> list[str]:
+  """`--config=dcase:tiny` (a config's short name, usable wherever dem_jax is installed) -> the packaged file."""
+  from dem_jax import configs
+  out = []
+  for arg in args:
+    if arg.startswith('--config='):
+      arg = '--config=' + configs.resolve(arg[len('--config='):])
+    out.append(arg)
+  return out
 
-  XLA:CPU re-allocates its large step buffers every step, and fresh pages cost a page fault per 4 KiB
-  (dem_jax.process.retain_freed_memory says more). Values already set are kept; GPU installs are left alone.
-  """
-  env = dict(environ)
-  if gpu or command not in XLA_COMMANDS or (command == 'bench' and args[:1] == ['preprocess']):
-    return env
-  env.setdefault('MALLOC_ARENA_MAX', '1')
-  env.setdefault('MALLOC_MMAP_MAX_', '0')
-  env.setdefault('MALLOC_TRIM_THRESHOLD_', '8589934592')
-  return env
+
+def run(name: str, args: list[str]) -> None:
+  """Runs command `name` in this process: absl parses `args` against the command module's flags."""
+  module = importlib.import_module(f'dem_jax.commands.{name}')
+  if getattr(module, 'PARSES_ITS_OWN_ARGUMENTS', False):  # bench: each benchmark has its own flags
+    module.main(args)
+    return
+  flag_args = args[:args.index('--')] if '--' in args else args
+  if any(a in HELP_FLAGS for a in flag_args):
+    print(help_text(name, module))
+    return
+  from absl import app
+  app.run(module.main, argv=[f'dem-jax {name}', *resolve_config_arguments(args)])
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  if not argv or argv[0] in ('help', '-h', '--help'):
+  if not argv or argv[0] in ('help', *HELP_FLAGS):
     print(usage())
     return
-  command, args = argv[0], argv[1:]
-  if command not in COMMANDS:
-    sys.exit(f"dem-jax: unknown command '{command}'.\n{usage()}")
-  env = cpu_malloc_environment(command, args, os.environ, gpu=has_gpu_jax())
-  os.execve(sys.executable, [sys.executable, '-m', COMMANDS[command], *args], env)
-
-
-if __name__ == '__main__':
-  main()
+  name, args = argv[0], argv[1:]
+  if name not in command_names():
+    print(f"dem-jax: unknown command '{name}'.\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  env = process.cpu_malloc_environment(name, args, os.environ)
+  if env != os.environ:
+    os.execve(sys.executable, [sys.executable, '-m', 'dem_jax', name, *args], env)
+  run(name, args)

@@ -1,4 +1,4 @@
-"""The whole job on built-in sample data: `./launch.sh demo [WORKDIR]` (default ./demo_workdir).
+"""The whole job on built-in sample data, as `dem-jax demo [WORKDIR]` (and `./launch.sh demo`) runs it.
 
 Writes a synthetic DCASE 2018 task 5 development set, preprocesses it, trains the tiny config, evaluates the model
 beside the two no-learning baselines, and prints the headline figures and where the report is. Each stage is
@@ -7,20 +7,18 @@ skipped when its output is already complete, so a second run (or one after an in
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 
 
 def run_demo(workdir: str) -> dict:
-  from configs import dcase as dcase_config
-  from configs import features as features_config
+  from dem_jax.configs import dcase as dcase_config
+  from dem_jax.configs import features as features_config
   from dem_jax import evaluate as evaluate_lib
   from dem_jax import report_markdown
   from dem_jax import train as train_lib
-  from preprocess import job
-  from preprocess import sample_data
+  from dem_jax.preprocess import job
+  from dem_jax.preprocess import sample_data
 
   workdir = os.path.abspath(workdir)
   data_dir = os.path.join(workdir, 'sample_dcase')
@@ -60,18 +58,3 @@ def run_demo(workdir: str) -> dict:
   print(f'metrics: {os.path.join(train_dir, "metrics.jsonl")} (TensorBoard: {os.path.join(train_dir, "tensorboard")})')
   stage('done')
   return report
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1 or (argv and argv[0].startswith('-')):
-    sys.exit('usage: ./launch.sh demo [WORKDIR]')
-  from dem_jax import process
-  from dem_jax import log_util
-  process.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
-  log_util.quiet_library_logs()
-  run_demo(argv[0] if argv else 'demo_workdir')
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

@@ -580,11 +580,3 @@ def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = No
   with open(os.path.join(output_dir, 'embed_summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
   return summary
-
-
-if __name__ == '__main__':
-  # The command line, its flags and main live in dem_jax.commands.embed, so that importing this library module
-  # defines no flags.
-  from dem_jax import commands
-  from dem_jax.commands import embed as command
-  commands.run(command)

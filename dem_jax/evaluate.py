@@ -379,11 +379,3 @@ def write_tensorboard(workdir: str, step: int, figures_by_name: dict, embeddings
     keep = np.sort(np.random.default_rng(seed).choice(len(keep), PROJECTOR_MAX_TILES, replace=False))
   writer.write_embedding(step, embeddings[keep], [labels[i] for i in keep], tag='eval/held_out_tiles')
   writer.close()
-
-
-if __name__ == '__main__':
-  # The command line, its flags and main live in dem_jax.commands.evaluate, so that importing this library module
-  # defines no flags.
-  from dem_jax import commands
-  from dem_jax.commands import evaluate as command
-  commands.run(command)

@@ -155,7 +155,7 @@ class Features:
     self.root = os.path.abspath(root)
     info_path = os.path.join(self.root, INFO_NAME)
     if not os.path.isdir(self.root):
-      raise FeaturesError(f'Features folder {self.root} does not exist; run `./launch.sh preprocess` first and '
+      raise FeaturesError(f'Features folder {self.root} does not exist; run `dem-jax preprocess` first and '
                           'point at its --output_dir.')
     if not os.path.exists(info_path):
       raise FeaturesError(f'{self.root} is not a finished preprocessing output ({INFO_NAME} is missing). If the job '

@@ -414,11 +414,3 @@ def _agreed(flag: bool) -> bool:
     return flag
   from jax.experimental import multihost_utils
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
-if __name__ == '__main__':
-  # The command line, its flags and main live in dem_jax.commands.train, so that importing this library module
-  # defines no flags.
-  from dem_jax import commands
-  from dem_jax.commands import train as command
-  commands.run(command)

@@ -1,7 +1,7 @@
 r"""Small, seeded, synthetic data sets in exactly the real on-disk layouts, for the demo and the tests.
 
-  python -m preprocess.sample_data --layout=dcase2018_task5 --out=/tmp/sample_dcase
-  python -m preprocess.sample_data --layout=folder --out=/tmp/sample_music
+  dem-jax sample_data --layout=dcase2018_task5 --out=/tmp/sample_dcase
+  dem-jax sample_data --layout=folder --out=/tmp/sample_music
 
 dcase2018_task5: `audio/DevNode<k>_ex<session>_<segment>.wav` (10 s, 16 kHz, 4 channels, 16-bit), `meta.txt`
 (tab-separated name, label, session; no final newline, as in the real set) and `evaluation_setup/fold{1..4}_
@@ -22,8 +22,6 @@ import os
 import numpy as np
 import scipy.signal
 import soundfile
-from absl import app
-from absl import flags
 
 from dem_jax.datasets import DCASE_LABELS
 
@@ -222,26 +220,3 @@ def write_folder(out: str, *, songs_per_genre: int = 6, seconds: float = 20.0, g
       soundfile.write(os.path.join(out, rel), stereo, sr, subtype=subtype)
       paths.append(rel)
   return paths
-
-
-_LAYOUT = flags.DEFINE_enum('layout', 'dcase2018_task5', ['dcase2018_task5', 'folder'], 'Which on-disk layout.')
-_OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-_SESSIONS = flags.DEFINE_integer('sessions_per_label', 4, 'dcase2018_task5: sessions per activity.')
-_CLIPS = flags.DEFINE_integer('clips_per_session', 3, 'dcase2018_task5: consecutive 10-s clips per session.')
-_NODES = flags.DEFINE_integer('nodes', 2, 'dcase2018_task5: recording nodes (the real set has 4).')
-_SONGS = flags.DEFINE_integer('songs_per_genre', 6, 'folder: songs per genre.')
-
-
-def main(argv):
-  del argv
-  if _LAYOUT.value == 'dcase2018_task5':
-    names = write_dcase2018_task5(_OUT.value, sessions_per_label=_SESSIONS.value, clips_per_session=_CLIPS.value,
-                                  nodes=_NODES.value, seed=_SEED.value)
-  else:
-    names = write_folder(_OUT.value, songs_per_genre=_SONGS.value, seed=_SEED.value)
-  print(f'wrote {len(names)} files to {_OUT.value}')
-
-
-if __name__ == '__main__':
-  app.run(main)

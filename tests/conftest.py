@@ -18,7 +18,12 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 
-from preprocess import sample_data  # noqa: E402
+from dem_jax import process  # noqa: E402
+
+# What the dispatcher gives the commands through the environment, for the tests' own process (before JAX starts).
+process.retain_freed_memory_on_cpu()
+
+from dem_jax.preprocess import sample_data  # noqa: E402
 
 TEST_LABELS = ('absence', 'dishwashing', 'social_activity', 'vacuum_cleaner')
 
@@ -43,8 +48,8 @@ def music_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def dcase_features(dcase_dir, tmp_path_factory):
   """The small DCASE set preprocessed with the default front end (128 bands, 998 frames per clip)."""
-  from configs import features as features_config
-  from preprocess import job
+  from dem_jax.configs import features as features_config
+  from dem_jax.preprocess import job
   out = tmp_path_factory.mktemp('features') / 'dcase'
   job.run(features_config.get_config(), dataset='dcase2018_task5', data_dir=dcase_dir, output_dir=str(out))
   return str(out)
@@ -53,7 +58,7 @@ def dcase_features(dcase_dir, tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_workdir(dcase_features, tmp_path_factory):
   """A model trained for a few steps on the small DCASE set (half-second tiles, tiny ResNet18)."""
-  from configs import dcase as dcase_config
+  from dem_jax.configs import dcase as dcase_config
   from dem_jax import train
   config = dcase_config.get_config('tiny')
   config.features_dir = dcase_features

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_on_a_cpu_only_machine_says_so_and_exits_zero():
-  result = subprocess.run([sys.executable, '-m', 'dem_jax.bench', 'gpu'], cwd=ROOT, capture_output=True, text=True,
+  result = subprocess.run([sys.executable, '-m', 'dem_jax', 'bench', 'gpu'], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
@@ -81,7 +81,7 @@ GRADIENT_KINDS = ('conv input gradient (oneDNN)', 'conv kernel gradient (oneDNN)
 @pytest.mark.parametrize('benchmark, kinds', [('train_step', FORWARD_KINDS + GRADIENT_KINDS),
                                               ('embed', INFERENCE_KINDS)])
 def test_model_benches_with_profile_steps_print_the_time_by_kind_of_operation(benchmark, kinds):
-  cmd = [sys.executable, '-m', 'dem_jax.bench', benchmark, '--batch=2', '--frames=32', '--mels=16',
+  cmd = [sys.executable, '-m', 'dem_jax', 'bench', benchmark, '--batch=2', '--frames=32', '--mels=16',
          '--width=0.125', '--steps=1', '--rounds=1', '--reference=none', '--profile_steps=2']
   # One device, as on a workstation: the operations of one program, not of four side by side.
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from dem_jax import datasets
-from preprocess import sample_data
+from dem_jax.preprocess import sample_data
 
 
 def test_dcase_development_layout(dcase_dir):

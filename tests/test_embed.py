@@ -171,7 +171,7 @@ def test_output_folder_that_is_a_file_or_unwritable_is_named(tmp_path):
 
 
 def run_embed(*flags):
-  return subprocess.run([sys.executable, '-m', 'dem_jax.embed', *flags], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([sys.executable, '-m', 'dem_jax', 'embed', *flags], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
 
 

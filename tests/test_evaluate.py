@@ -13,7 +13,7 @@ import soundfile
 from dem_jax import checkpoint as checkpoint_lib
 from dem_jax.embed import Embedder, tile_starts
 from dem_jax.features import open_features
-from preprocess import sample_data
+from dem_jax.preprocess import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Readers (Embedder, evaluate, embed) open checkpoints with Checkpointer(workdir, read_only=True).
@@ -63,7 +63,7 @@ def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_
 
 def test_report_command_writes_json_markdown_and_plots(tiny_workdir, dcase_features, tmp_path):
   out = tmp_path / 'report'
-  result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={tiny_workdir}',
+  result = subprocess.run([sys.executable, '-m', 'dem_jax', 'evaluate', f'--workdir={tiny_workdir}',
                            f'--features_dir={dcase_features}', f'--output_dir={out}'],
                           cwd=ROOT, capture_output=True, text=True, env=probing_env(JAX_NUM_CPU_DEVICES='2'))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   soundfile.write(data / 'sub' / 'short.flac', sample_data.activity_sound('working', rng, 2000), 16000)
   (data / 'broken.wav').write_text('not audio')
   out = tmp_path / 'out'
-  result = subprocess.run([sys.executable, '-m', 'dem_jax.embed', f'--workdir={tiny_workdir}', f'--input={data}',
+  result = subprocess.run([sys.executable, '-m', 'dem_jax', 'embed', f'--workdir={tiny_workdir}', f'--input={data}',
                            f'--output_dir={out}'], cwd=ROOT, capture_output=True, text=True, env=probing_env())
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Unable to initialize backend' not in result.stderr, result.stderr[-3000:]
@@ -249,7 +249,7 @@ def test_per_fold_evaluation_refuses_workdirs_that_do_not_give_one_embedding_per
 
 def test_evaluate_command_takes_workdirs_comma_separated_and_refuses_a_missing_fold(fold_workdirs, dcase_features,
                                                                                   tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={",".join(fold_workdirs[:2])}',
+  result = subprocess.run([sys.executable, '-m', 'dem_jax', 'evaluate', f'--workdir={",".join(fold_workdirs[:2])}',
                            f'--workdir={fold_workdirs[3]}', f'--features_dir={dcase_features}',
                            f'--output_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 1

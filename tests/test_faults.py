@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from configs import features as features_config
+from dem_jax.configs import features as features_config
 from dem_jax import checkpoint as checkpoint_lib
 from dem_jax import datasets
 from dem_jax import features as features_lib
-from preprocess import job
-from preprocess import sample_data
+from dem_jax.preprocess import job
+from dem_jax.preprocess import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def run_job(data_dir, out, dataset='dcase2018_task5', **kw):
 
 
 def cli(*args):
-  return subprocess.run([sys.executable, '-m', 'preprocess', *args], cwd=ROOT, capture_output=True, text=True)
+  return subprocess.run([sys.executable, '-m', 'dem_jax', 'preprocess', *args], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -274,7 +274,7 @@ def test_workers_die_with_a_parent_killed_by_sigkill(tmp_path):
   sample_data.write_dcase2018_task5(str(data), labels=('absence', 'working'), sessions_per_label=4,
                                     clips_per_session=3, nodes=1, seed=4)
   out = tmp_path / 'out'
-  proc = subprocess.Popen([sys.executable, '-m', 'preprocess', '--dataset=dcase2018_task5', f'--data_dir={data}',
+  proc = subprocess.Popen([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=dcase2018_task5', f'--data_dir={data}',
                            f'--output_dir={out}', '--num_workers=2', '--config.storage.chunk_frames=128',
                            '--config.storage.shard_frames=1024'], cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)

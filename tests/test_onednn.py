@@ -108,7 +108,7 @@ def test_im2col_kernel_gradients_of_cpus_without_avx512_run_in_a_training_step()
   """Below AVX-512 (capped here by ONEDNN_MAX_CPU_ISA), oneDNN computes the kernel gradient of 3x3 layers over maps
   of a position or two by im2col and GEMM, in a scratchpad; with oneDNN's own global scratchpad the im2col wrote
   through a null buffer when XLA's threads called it, and the process died (SIGSEGV) in the first training step."""
-  cmd = [sys.executable, '-m', 'dem_jax.bench', 'train_step', '--batch=2', '--frames=32', '--mels=16',
+  cmd = [sys.executable, '-m', 'dem_jax', 'bench', 'train_step', '--batch=2', '--frames=32', '--mels=16',
          '--width=0.125', '--steps=1', '--rounds=1', '--reference=none']
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1', ONEDNN_MAX_CPU_ISA='AVX2', ONEDNN_VERBOSE='1')
   result = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,

@@ -12,12 +12,12 @@ import pytest
 import soundfile
 import zarr
 
-from configs import features as features_config
+from dem_jax.configs import features as features_config
 from dem_jax import audio
 from dem_jax import features as features_lib
 from dem_jax.frontend import FrontEnd, log_mel
-from preprocess import job
-from preprocess import sample_data
+from dem_jax.preprocess import job
+from dem_jax.preprocess import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def run_job(data_dir, out, dataset='dcase2018_task5', **kw):
 
 
 def cli(*args, check=True):
-  cmd = [sys.executable, '-m', 'preprocess', *args]
+  cmd = [sys.executable, '-m', 'dem_jax', 'preprocess', *args]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if check and result.returncode:
     raise AssertionError(f'{cmd} failed ({result.returncode}):\n{result.stderr[-3000:]}')
@@ -139,7 +139,7 @@ def test_killed_job_run_again_gives_the_uninterrupted_output(tmp_path):
 
   out = tmp_path / 'killed'
   markers = out / job.WORK_DIR / 'blocks'
-  proc = subprocess.Popen([sys.executable, '-m', 'preprocess', *flags, f'--output_dir={out}'], cwd=ROOT,
+  proc = subprocess.Popen([sys.executable, '-m', 'dem_jax', 'preprocess', *flags, f'--output_dir={out}'], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:

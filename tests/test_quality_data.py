@@ -169,7 +169,7 @@ def test_flags_pass_config_settings_on_and_reject_the_rest():
 
 def test_config_budget_detection_reads_the_config_file():
   # The music config of this repository: train_minutes is used when the config defines it, as the trainer would.
-  from configs import music
+  from dem_jax.configs import music
   assert quality.config_has_train_minutes('configs/music.py:cpu') == ('train_minutes' in music.get_config('cpu'))
   with pytest.raises(quality.QualityBenchError, match='not a Python config'):
     quality.config_has_train_minutes('configs/nothing.py')
@@ -212,7 +212,7 @@ def test_training_commands_calibrate_then_run_the_steps_that_fit(tmp_path, monke
 @pytest.mark.parametrize('dataset', ['music', 'dcase'])
 def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
   import importlib
-  module = importlib.import_module(f'configs.{dataset}')
+  module = importlib.import_module(f'dem_jax.configs.{dataset}')
   cpu, tiny, default = module.get_config('cpu'), module.get_config('tiny'), module.get_config()
   # A :cpu run ends after 30 passes over the training tiles or when the budget is spent, whichever comes first, and
   # the learning rate's cosine follows the steps the run will reach.
@@ -231,10 +231,10 @@ def test_cpu_recipe_is_a_budgeted_run_and_tiny_stays_a_smoke_run(dataset):
 def test_cluster_figures_score_the_clusters_against_family_program_and_tune_over_seeds(tmp_path, monkeypatch):
   qd.build(str(tmp_path / 'data'), tunes=TUNES, read_events=events_of, render=CountingRenderer(),
            config=small_config(), log=lambda _: None)
-  from configs import features as features_config
+  from dem_jax.configs import features as features_config
   from dem_jax import embed
   from dem_jax.features import open_features
-  from preprocess import job
+  from dem_jax.preprocess import job
   features_dir = str(tmp_path / 'features')
   job.run(features_config.get_config(), dataset='folder', data_dir=str(tmp_path / 'data' / 'audio'),
           output_dir=features_dir, split_file=str(tmp_path / 'data' / 'split.csv'))
@@ -248,12 +248,12 @@ def test_cluster_figures_score_the_clusters_against_family_program_and_tune_over
     def __init__(self, workdir):
       assert workdir == 'W'
 
-    def embed_features(self, features, clips, with_trunk):
-      assert with_trunk and {c.split for c in clips} == {'test'}
+    def embed_features(self, features, clips, trunk):
+      assert trunk and {c.split for c in clips} == {'test'}
       keys = sorted({self.key(c) for c in clips})
       clip_index = np.repeat(np.arange(len(clips)), 3)
       points = 10.0 * np.eye(8)[[keys.index(self.key(c)) for c in clips]][clip_index]
-      return {'clips': clips, 'clip_index': clip_index, 'embeddings': points, 'trunk_features': points}
+      return {'clips': clips, 'clip_index': clip_index, 'embeddings': points, 'trunk': points}
 
   monkeypatch.setattr(embed, 'Embedder', PointEmbedder)
   PointEmbedder.key = staticmethod(lambda clip: clip.group)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import dcase as dcase_config
+from dem_jax.configs import dcase as dcase_config
 from dem_jax import checkpoint as checkpoint_lib
 from dem_jax import train as train_lib
 from dem_jax.metric_writer import read_metrics
@@ -40,7 +40,7 @@ def tiny_config(features_dir, **overrides):
 
 def train_cli(workdir, features_dir, *flags, devices=1):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
-  return [sys.executable, '-m', 'dem_jax.train', '--config=configs/dcase.py:tiny', f'--workdir={workdir}',
+  return [sys.executable, '-m', 'dem_jax', 'train', '--config=configs/dcase.py:tiny', f'--workdir={workdir}',
           f'--config.features_dir={features_dir}', *TINY, *flags], env
 
 

@@ -37,7 +37,7 @@ from dem_jax import process
 from dem_jax import train_step as step_lib
 from dem_jax.frontend import FrontEnd
 from dem_jax.ops import conv as conv_ops
-from preprocess import sample_data
+from dem_jax.preprocess import sample_data
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """The prepared GPU check: one command, a few minutes, one JSON line.
 
-    ./launch.sh bench gpu [--batch_per_device=128] [--steps=20] [--peak_tflops=N]
+    dem-jax bench gpu [--batch_per_device=128] [--steps=20] [--peak_tflops=N]
 
 On a machine with GPUs (every local one is used) it measures, for 5-s tiles (498 x 128) and full-width ResNet18:
 1. the bfloat16 train step, compiled with jit over a mesh and with pmap: triplets/s and MFU (3 x XLA's FLOP count
@@ -100,7 +100,7 @@ def bare_step(args, mode: str, devices) -> dict:
 
 def train_rate(args, features_dir: str, store: str, work: str) -> float:
   """steps/s that `train_and_evaluate` logs (training time only) for the same shape, from generated features."""
-  from configs import dcase as dcase_config
+  from dem_jax.configs import dcase as dcase_config
   from dem_jax import train as train_lib
   from dem_jax.metric_writer import read_metrics
   config = dcase_config.get_config()
@@ -197,7 +197,3 @@ def main(argv: list[str]) -> None:
   result['agreement'] = agreement(args)
   result['wall_s'] = round(time.time() - t_start, 1)
   print(json.dumps(result))
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

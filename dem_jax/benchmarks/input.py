@@ -1,6 +1,6 @@
 """Tiles per second that each way of feeding the train step delivers, ready on the device, on the same features.
 
-    ./launch.sh bench input [--features_dir=DIR] [--tile_seconds=5] [--batch=64] [--seconds=5]
+    dem-jax bench input [--features_dir=DIR] [--tile_seconds=5] [--batch=64] [--seconds=5]
 
 - device:     the packed float16 split on the device; triplets drawn and tiles cut by a compiled function (what
               the train step does before its forward pass).
@@ -33,9 +33,9 @@ GOALS = {'device_tiles_per_s': 30000, 'host_tiles_per_s': 20000}
 
 
 def sample_features(minutes: float, work: str) -> str:
-  from configs import features as features_config
-  from preprocess import job
-  from preprocess import sample_data
+  from dem_jax.configs import features as features_config
+  from dem_jax.preprocess import job
+  from dem_jax.preprocess import sample_data
   data_dir, out = os.path.join(work, 'data'), os.path.join(work, 'features')
   clips = max(2, int(np.ceil(minutes * 6)))
   sessions = max(1, int(np.ceil(clips / (9 * 2 * 3))))

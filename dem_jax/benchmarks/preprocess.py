@@ -7,7 +7,7 @@
 - floor:   the bare arithmetic on audio already in memory: numpy framing, rfft, magnitude, mel matmul, log, one
            process.
 
-    ./launch.sh bench preprocess [--minutes=120] [--num_workers=N] [--data_dir=DIR]
+    dem-jax bench preprocess [--minutes=120] [--num_workers=N] [--data_dir=DIR]
 
 The default is two hours of audio: a data set is hours to hundreds of hours, and on a few minutes the job's fixed
 cost (starting its second worker process, about a second) would dominate what is measured.
@@ -23,11 +23,11 @@ import time
 import librosa
 import numpy as np
 
-from configs import features as features_config
+from dem_jax.configs import features as features_config
 from dem_jax import audio
 from dem_jax.frontend import FrontEnd, mel_matrix
-from preprocess import job
-from preprocess import sample_data
+from dem_jax.preprocess import job
+from dem_jax.preprocess import sample_data
 
 
 def librosa_loop(paths: list[str], out_dir: str, fe: FrontEnd) -> None:

@@ -1,12 +1,12 @@
 r"""Quality on real audio within a training budget: the model against the no-learning baselines.
 
-    ./launch.sh bench quality [--minutes=15] [--config=configs/music.py:cpu] [--config.loss.name=infonce ...]
-    ./launch.sh bench quality --seeds=0,1,2,3,4      # one run per training seed, then each figure over them
-    ./launch.sh bench quality --build_only          # only build (or find) the data set and its features
+    dem-jax bench quality [--minutes=15] [--config=music:cpu] [--config.loss.name=infonce ...]
+    dem-jax bench quality --seeds=0,1,2,3,4      # one run per training seed, then each figure over them
+    dem-jax bench quality --build_only          # only build (or find) the data set and its features
 
 1. Builds, once, the labelled set of dem_jax.benchmarks.quality_data (real tunes on sampled instruments, 6
    instrument families, split by tune; about 80 minutes of audio) under --data_dir, and preprocesses it with the
-   preprocessing job (`python -m preprocess --dataset=folder --split_file=...`). Both are cached.
+   preprocessing job (`dem-jax preprocess --dataset=folder --split_file=...`). Both are cached.
 2. Trains through the training CLI within --minutes of wall time: with config.train_minutes when the config has it
    (the config's own length, num_steps or num_epochs, still ends the run if it comes first), otherwise for as many
    steps as a short calibration run of the same config says fit in the budget (held-out monitoring then runs once,
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 
+from dem_jax import configs
 from dem_jax.benchmarks import quality_data
 from dem_jax.metric_writer import read_metrics
 
@@ -56,7 +57,7 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p = argparse.ArgumentParser(prog='python -m dem_jax.bench quality', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--minutes', type=float, default=15.0, help='training budget in wall-clock minutes')
-  p.add_argument('--config', default='configs/music.py:cpu', help='training config (relative to the repository)')
+  p.add_argument('--config', default='music:cpu', help='training config: a short name (music:cpu) or a path')
   p.add_argument('--data_dir', default=DEFAULT_DATA_DIR, help='where the set and its features are cached')
   p.add_argument('--workdir', default=None, help='training workdir (default: DATA_DIR/runs/<time>)')
   p.add_argument('--build_only', action='store_true', help='build the set and its features, then stop')
@@ -95,7 +96,7 @@ def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tup
   built = quality_data.build(data_root, install=install)
   features_dir = os.path.join(data_dir, 'features')
   if not os.path.exists(os.path.join(features_dir, 'features.json')):
-    _run([sys.executable, '-m', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
+    _run([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
           f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
           f'--num_workers={num_workers}', '--strict'], 'preprocessing')
   return built, features_dir
@@ -103,16 +104,13 @@ def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tup
 
 def config_has_train_minutes(config_arg: str) -> bool:
   """Whether the training config knows config.train_minutes (then the budget is the trainer's own)."""
-  path, _, arg = config_arg.partition(':')
-  spec = importlib.util.spec_from_file_location('quality_bench_config', REPO_ROOT / path)
-  if spec is None or not os.path.exists(REPO_ROOT / path):
-    raise QualityBenchError(f'--config={config_arg}: {REPO_ROOT / path} is not a Python config file.')
+  path, _, arg = configs.resolve(config_arg).partition(':')
+  path = REPO_ROOT / path  # A relative path is the checkout's; an absolute one stays as it is.
+  spec = importlib.util.spec_from_file_location('quality_bench_config', path)
+  if spec is None or not os.path.exists(path):
+    raise QualityBenchError(f'--config={config_arg}: {path} is not a Python config file.')
   module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, str(REPO_ROOT))  # Configs import `configs.base`.
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(str(REPO_ROOT))
+  spec.loader.exec_module(module)
   return 'train_minutes' in module.get_config(arg or None)
 
 
@@ -136,7 +134,7 @@ def budget_steps(rate: float, minutes: float) -> int:
 
 def train(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> dict:
   """Trains within the budget through the CLI; returns what it did (steps, how the budget was applied, wall time)."""
-  base = [sys.executable, '-m', 'dem_jax.train', f'--config={flags.config}', f'--config.features_dir={features_dir}']
+  base = [sys.executable, '-m', 'dem_jax', 'train', f'--config={flags.config}', f'--config.features_dir={features_dir}']
   if any(o.startswith('--config.num_steps=') for o in overrides):
     how, extra, rate = 'num_steps given', [], None  # A budget in steps (e.g. to compare losses at equal steps).
   elif config_has_train_minutes(flags.config):
@@ -230,7 +228,7 @@ def run_once(flags: argparse.Namespace, overrides: list[str], features_dir: str,
                             'train it again.')
   run = train(flags, overrides, features_dir, workdir)
   eval_dir = os.path.join(workdir, 'eval')
-  _run([sys.executable, '-m', 'dem_jax.evaluate', f'--workdir={workdir}', f'--output_dir={eval_dir}'], 'evaluation')
+  _run([sys.executable, '-m', 'dem_jax', 'evaluate', f'--workdir={workdir}', f'--output_dir={eval_dir}'], 'evaluation')
   with open(os.path.join(eval_dir, 'report.json'), encoding='utf-8') as f:
     rows = summary(json.load(f))
   follow, spread = cluster_figures(workdir, features_dir)

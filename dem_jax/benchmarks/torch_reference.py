@@ -78,7 +78,7 @@ def retain_freed_memory():
   """Same malloc setting as dem_jax.process.retain_freed_memory, so both sides of a comparison run alike."""
   import ctypes
   libc = ctypes.CDLL('libc.so.6')
-  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD; what the environment set (launch.sh) stays, as on the JAX side.
+  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD; what the environment set (the dispatcher) stays, as on the JAX side.
   settings = {'MALLOC_ARENA_MAX': (-8, 1), 'MALLOC_MMAP_MAX_': (-4, 0), 'MALLOC_TRIM_THRESHOLD_': (-1, 2**31 - 1)}
   for name, (param, value) in settings.items():
     if name not in os.environ:

@@ -67,7 +67,3 @@ def main(argv: list[str]) -> None:
             'compile_and_first_step_s': {k: round(v, 2) for k, v in compile_s.items()}}
   harness.run_and_report(result, candidates, flags, mode='train_step', rate_key='triplets_per_s',
                          time_key='seconds_per_step', unit='triplets/s', profile=profiles[flags.conv_impls[0]])
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Embed an audio file or a folder with a trained model: `./launch.sh embed --workdir=W --input=IN --output_dir=O`.
+"""Embed an audio file or a folder with a trained model: `dem-jax embed --workdir=W --input=IN --output_dir=O`.
 
 Prints one JSON line (files written, already there, skipped, the output folder); each skipped file goes to stderr with
 its reason. Exit status: 0 when at least one file was embedded or already had its output; 1 with one line naming the
@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)

@@ -1,4 +1,4 @@
-"""Judge a trained model: `./launch.sh evaluate --workdir=W [--features_dir=F] [--output_dir=O] [--step=N]`.
+"""Judge a trained model: `dem-jax evaluate --workdir=W [--features_dir=F] [--output_dir=O] [--step=N]`.
 
 On a DCASE development set, `--workdir=W1,W2,W3,W4` (or the flag repeated) names one workdir per fold, each trained
 with --config.data.fold=k: fold k is then scored on the embedding that never heard its evaluate clips.
@@ -11,7 +11,6 @@ written) otherwise.
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 _WORKDIR = flags.DEFINE_multi_string(
@@ -44,7 +43,3 @@ def main(argv):
     sys.exit(f'evaluate: {e}')
   print(report_markdown.format_summary_table(report))
   print(f'report: {os.path.join(report["output_dir"], "report.md")}')
-
-
-if __name__ == '__main__':
-  app.run(main)

@@ -1,4 +1,4 @@
-r"""Train an embedding: `./launch.sh train --config=configs/dcase.py --workdir=W [--config.X=...] [--distributed]`.
+r"""Train an embedding: `dem-jax train --config=dcase --workdir=W [--config.X=...] [--distributed]`.
 
 Exit status: 0 when training reached config.num_steps or its time budget; 1 with one line naming the cause and the
 fix otherwise (a setting, the features, the workdir, a non-finite step, the disk); 130 when interrupted.
@@ -7,11 +7,11 @@ fix otherwise (a setting, the features, the workdir, a non-finite step, the disk
 import logging
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (a Python file with get_config).',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config: a Python file with get_config (configs/dcase.py:tiny) or a '
+                                          'short name (dcase, dcase:tiny, music:cpu).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the config go here; a run resumes from it.',
                                required=True)
@@ -50,7 +50,3 @@ def main(argv):
   except KeyboardInterrupt:
     print('train: interrupted; the same command resumes from the last checkpoint.', file=sys.stderr)
     sys.exit(130)
-
-
-if __name__ == '__main__':
-  app.run(main)

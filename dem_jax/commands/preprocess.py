@@ -1,12 +1,12 @@
-r"""Preprocess an audio dataset into log-Mel features (zarr shards written with tensorstore).
+r"""Preprocess an audio data set into log-Mel features: zarr shards written with tensorstore.
 
 One machine, one worker process per usable core (finalizes by itself; --num_workers=N for another count):
-  ./launch.sh preprocess --dataset=dcase2018_task5 --data_dir=/data/dcase_dev --output_dir=/data/feats/dcase_dev
+  dem-jax preprocess --dataset=dcase2018_task5 --data_dir=/data/dcase_dev --output_dir=/data/feats/dcase_dev
 A cluster array job of n tasks (each writes disjoint shards), then one finalize:
-  ./launch.sh preprocess ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=64
-  ./launch.sh preprocess ... --finalize
+  dem-jax preprocess ... --task_index=$SLURM_ARRAY_TASK_ID --num_tasks=64
+  dem-jax preprocess ... --finalize
 Folder data (<root>/<label>/<file>), with a published split:
-  ./launch.sh preprocess --dataset=folder --data_dir=/data/gtzan --output_dir=/data/feats/gtzan \
+  dem-jax preprocess --dataset=folder --data_dir=/data/gtzan --output_dir=/data/feats/gtzan \
       --split_file=gtzan_split.csv
 A killed job, run again with the same command, finishes what is left and gives the same output.
 
@@ -23,14 +23,13 @@ import logging
 import os
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-import configs
+from dem_jax import configs
 from dem_jax import datasets
 from dem_jax import features
-from preprocess import job
+from dem_jax.preprocess import job
 
 EXIT_ERROR = 1
 EXIT_NOTHING_WRITTEN = 3
@@ -38,7 +37,7 @@ EXIT_STRICT = 4
 EXIT_INTERRUPTED = 130
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(configs.__file__), 'features.py'), 'Feature settings (a Python config).')
+    'config', configs.path('features'), 'Feature settings: a Python config file, or a short name (features).')
 _DATASET = flags.DEFINE_enum('dataset', None, list(datasets.DATASETS), 'Layout of --data_dir.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Root folder of the dataset.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the features, manifest and summary go.', required=True)
@@ -88,7 +87,3 @@ def main(argv):
     fail("no clip could be written; see summary.json for each file's reason.", EXIT_NOTHING_WRITTEN)
   if _STRICT.value and summary['failures']:
     fail(f'{len(summary["failures"])} file(s) failed and --strict is set; see summary.json.', EXIT_STRICT)
-
-
-if __name__ == '__main__':
-  app.run(main)
