@@ -7,7 +7,9 @@ many files record it and go on.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import stat
 import struct
 
 import numpy as np
@@ -42,10 +44,26 @@ def is_audio_file(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in AUDIO_EXTENSIONS
 
 
+def check_regular_file(path: str) -> None:
+  """Raises AudioError unless `path` is a regular file: opening a FIFO or a device would block or never end."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise AudioError(path, 'a symbolic link loop (a link that leads back to itself); fix or remove it') from None
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+      raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists') from None
+    raise AudioError(path, f'cannot be read ({e.strerror}); fix its permissions') from None
+  if not stat.S_ISREG(mode):
+    kind = ('a folder' if stat.S_ISDIR(mode) else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode) else
+            'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode) else
+            'not a regular file')
+    raise AudioError(path, f'{kind}, not an audio file; skipped, never opened')
+
+
 def audio_info(path: str) -> AudioInfo:
   """Header facts of an audio file (no decoding). Raises AudioError if the header cannot be read."""
-  if not os.path.exists(path):
-    raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
+  check_regular_file(path)
   try:
     info = soundfile.info(path)
   except Exception as e:  # libsndfile raises several types; all mean "not readable audio".
@@ -138,8 +156,7 @@ def trim_silence(samples: np.ndarray, top_db: float, *, frame_length: int = 2048
 
 def read_audio(path: str, sample_rate: int, *, trim_top_db: float | None = None) -> tuple[np.ndarray, list[str]]:
   """`load_audio`, and warnings about the file worth recording (a header that promises more than the file holds)."""
-  if not os.path.exists(path):
-    raise AudioError(path, 'file not found; check the path, or remove the clip from the dataset lists')
+  check_regular_file(path)
   try:
     with soundfile.SoundFile(path) as f:
       file_rate, file_format, stated_frames = f.samplerate, f.format, f.frames

@@ -9,11 +9,14 @@ again with it once.
 from __future__ import annotations
 
 import ast
+import errno
 import importlib
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from dem_jax import commands
 from dem_jax import process
@@ -61,18 +64,106 @@ def resolve_config_arguments(args: list[str]) -> list[str]:
   return out
 
 
+# What to do about an operating-system error, by errno; the work already saved is kept by every command (preprocess's
+# finished blocks, train's checkpoints, embed's written files), so the same command goes on from there.
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: 'free space there (or choose another output folder)',
+    errno.EDQUOT: 'free space within your quota there (or choose another output folder)',
+    errno.EACCES: 'fix its permissions or choose another path',
+    errno.EPERM: 'fix its permissions or choose another path',
+    errno.EROFS: 'that file system is read-only; choose another path',
+    errno.ENOENT: 'check the path',
+    errno.ELOOP: 'a symbolic link there points back at itself; fix or remove it',
+    errno.ENAMETOOLONG: 'choose a shorter path',
+    errno.EMFILE: 'raise the open-file limit (ulimit -n)',
+    errno.EIO: 'the disk or network file system failed to read or write; check it',
+}
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for an operating-system error: what failed, on which path, and the fix."""
+  what = e.strerror or str(e)
+  where = f' ({e.filename})' if e.filename else ''
+  fix = _OS_ERROR_FIXES.get(e.errno, 'fix the cause')
+  return f'{what}{where}; {fix}, then run the same command again: what was saved so far is kept.'
+
+
+def _disk_full(e: Exception) -> bool:
+  """tensorstore reports a full disk as a ValueError whose text carries the OS's words."""
+  text = str(e)
+  return 'RESOURCE_EXHAUSTED' in text or 'No space left on device' in text
+
+
+def fail(name: str, message: str, code: int = 1):
+  print(f'{name}: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _one_line(e: BaseException) -> str:
+  text = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)  # KeyError's str is a repr
+  return ' '.join(text.split())
+
+
+def _flags_parser(name: str):
+  """absl's parser with the errors of a --config.X override (a field that does not exist, ml_collections' KeyError
+  or AttributeError with its "Did you mean") turned into one line."""
+  from absl import flags
+
+  def parse(argv):
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      # A config file's own error arrives as a traceback inside the message: its last line says what is wrong.
+      lines = [line for line in str(e).splitlines() if line.strip() and line.strip() != '.']
+      detail = lines[0] if len(lines) < 3 else f'{lines[0].split(":")[0]}: {lines[-1]}'
+      fail(name, f'{detail.rstrip(".")}. See dem-jax {name} --help.')
+    except (KeyError, AttributeError) as e:
+      fail(name, f'a --config override names no field of the config ({_one_line(e)}); check the name against the '
+           'config file.')
+    except SyntaxError as e:
+      fail(name, f'--config: {e.filename} line {e.lineno}: {e.msg}; fix the config file.')
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      try:
+        getattr(flags.FLAGS.config, 'keys')  # A config file that failed to load raises on first use: say so now.
+      except Exception as e:  # pylint: disable=broad-except
+        from dem_jax import configs
+        text = _one_line(e)
+        reason = text[text.index('[Errno'):] if '[Errno' in text else text
+        fail(name, f'--config could not be loaded ({reason[:300]}); give a config file\'s path or a short name '
+             f'({", ".join(configs.NAMES)}, with :tiny or :cpu where the config has them).')
+    return rest
+  return parse
+
+
 def run(name: str, args: list[str]) -> None:
-  """Runs command `name` in this process: absl parses `args` against the command module's flags."""
-  module = importlib.import_module(f'dem_jax.commands.{name}')
-  if getattr(module, 'PARSES_ITS_OWN_ARGUMENTS', False):  # bench: each benchmark has its own flags
-    module.main(args)
-    return
-  flag_args = args[:args.index('--')] if '--' in args else args
-  if any(a in HELP_FLAGS for a in flag_args):
-    print(help_text(name, module))
-    return
-  from absl import app
-  app.run(module.main, argv=[f'dem-jax {name}', *resolve_config_arguments(args)])
+  """Runs command `name` in this process: absl parses `args` against the command module's flags.
+
+  The last handler of every command: an operating-system error, a full disk, a dead worker process or Ctrl-C ends
+  the command in one line with the fix and the exit code docs/reliability.md lists, never a traceback.
+  """
+  try:
+    module = importlib.import_module(f'dem_jax.commands.{name}')
+    if getattr(module, 'PARSES_ITS_OWN_ARGUMENTS', False):  # bench: each benchmark has its own flags
+      module.main(args)
+      return
+    flag_args = args[:args.index('--')] if '--' in args else args
+    if any(a in HELP_FLAGS for a in flag_args):
+      print(help_text(name, module))
+      return
+    from absl import app
+    app.run(module.main, argv=[f'dem-jax {name}', *resolve_config_arguments(args)], flags_parser=_flags_parser(name))
+  except BrokenProcessPool:
+    fail(name, 'a worker process died (killed, or out of memory: see `dmesg`); run the same command again: what '
+         'was saved so far is kept.')
+  except KeyboardInterrupt:
+    fail(name, 'interrupted; run the same command again to go on: what was saved so far is kept.', 130)
+  except OSError as e:
+    fail(name, os_error_line(e))
+  except ValueError as e:
+    if not _disk_full(e):
+      raise
+    path = re.search(r'(?:local file|file) "([^"]+)"', str(e))
+    fail(name, os_error_line(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path and path.group(1))))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,10 @@ DATASETS = ('dcase2018_task5', 'folder')
 _DCASE_NAME = re.compile(r'^(?P<recording>.+_ex\d+)_(?P<position>\d+)$')
 
 
+# The splits of folder data: what training trains on and what evaluation scores.
+FOLDER_SPLITS = ('train', 'test')
+
+
 class DatasetError(Exception):
   """The dataset's lists or layout are wrong as a whole (not one bad audio file)."""
 
@@ -114,6 +118,8 @@ def outside_root(name: str) -> str | None:
   Checked on the path as written: a list names files of its own data set. Symlinks inside the root are the data
   owner's choice and are followed.
   """
+  if '\0' in name:
+    return 'holds a NUL byte, which no file name can; not read'
   if os.path.isabs(name) or re.match(r'^[A-Za-z]:[\\/]', name):
     return 'an absolute path; lists name files relative to the data folder, so it was not read'
   normal = os.path.normpath(name)
@@ -177,7 +183,7 @@ def read_dcase2018_task5(root: str) -> Dataset:
           raise DatasetError(f'{row[0]} is in the evaluate lists of fold {fold_of[row[0]]} and fold {k} ({path}); '
                              'each clip must be evaluated in exactly one fold.')
         fold_of[row[0]] = k
-    clips = []
+    clips, unevaluated = [], []
     for n, row in enumerate(_read_list(meta), 1):
       if len(row) < 2:
         raise DatasetError(f'{meta}:{n}: expected "audio/<name>.wav<TAB><label><TAB><session>", got {row!r}.')
@@ -189,12 +195,15 @@ def read_dcase2018_task5(root: str) -> Dataset:
         raise DatasetError(f'{meta}:{n}: the label column is empty; every clip of meta.txt needs a label.')
       fold = fold_of.get(name)
       if fold is None:
-        problems.append({'path': name, 'reason': 'in meta.txt but in no fold*_evaluate.txt; kept with split "none"'})
+        unevaluated.append(name)
       clips.append(_dcase_clip(name, label, row[2] if len(row) > 2 else None, f'fold{fold}' if fold else 'none'))
     known = {c.path for c in clips}
     for name in sorted(set(fold_of) - known):
       problems.append({'path': name, 'reason': 'in an evaluate list but not in meta.txt; skipped'})
     labels, warnings = dcase_labels({c.label for c in clips}, meta)
+    if unevaluated:  # Written and used for training, only never scored: a warning, not a failed file.
+      warnings.append(f'{len(unevaluated)} clip(s) of meta.txt are in no fold*_evaluate.txt (first: {unevaluated[0]}); '
+                      'they are kept with split "none": trained on, never scored.')
     return Dataset('dcase2018_task5', root, clips, labels, problems, warnings, [os.path.abspath(p) for p in lists])
 
   test_list = os.path.join(setup, 'test.txt')
@@ -257,9 +266,9 @@ def read_folder(root: str, *, split_file: str | None = None, test_fraction: floa
                        'class folder, or point --data_dir at a folder of only unlabelled audio.')
   label_of = {f: f.split(os.sep, 1)[0] if nested else '' for f in files}
   labels = sorted({l for l in label_of.values() if l})
-  split_of, extras = {}, {}
+  split_of, extras, warnings = {}, {}, []
   if split_file:
-    split_of, extras, split_problems = _read_split_file(split_file, files)
+    split_of, extras, split_problems, warnings = _read_split_file(split_file, files)
     problems += split_problems
     files = [f for f in files if f in split_of]
   elif labels:
@@ -273,7 +282,7 @@ def read_folder(root: str, *, split_file: str | None = None, test_fraction: floa
     group = extra.get('group') or clip_id
     clips.append(ClipSource(clip_id=clip_id, path=f, label=label_of[f], group=group, recording=clip_id, position=0,
                             split=split_of[f], extra=tuple(sorted(extra.items()))))
-  return Dataset('folder', root, clips, labels, problems,
+  return Dataset('folder', root, clips, labels, problems, warnings,
                  list_files=[os.path.abspath(split_file)] if split_file else [])
 
 
@@ -304,7 +313,7 @@ def _read_split_file(path: str, files: list[str]):
     raise DatasetError(f'{path} needs a header with the columns "file" and "split" (got {reader.fieldnames}).')
   rows = list(reader)
   on_disk = set(files)
-  split_of, extras, problems = {}, {}, []
+  split_of, extras, problems, case_folded = {}, {}, [], []
   for n, row in enumerate(rows, 2):
     name = (row['file'] or '').strip()
     if reason := outside_root(name):
@@ -314,8 +323,18 @@ def _read_split_file(path: str, files: list[str]):
     if name not in on_disk:
       problems.append({'path': name, 'reason': f'listed in {path} (line {n}) but not found under the data folder'})
       continue
-    split_of[name] = row['split'].strip()
+    split = (row['split'] or '').strip()
+    if split.lower() not in FOLDER_SPLITS:
+      raise DatasetError(f'{path}:{n}: split {split!r} for {name}; the split column takes '
+                         f'{" or ".join(FOLDER_SPLITS)} (lower case). Fix the line and run the same command again.')
+    if split != split.lower():
+      case_folded.append(f'{path}:{n}')
+    split_of[name] = split.lower()
     extras[name] = {k: (v or '').strip() for k, v in row.items() if k not in ('file', 'split') and k is not None}
   for name in sorted(on_disk - set(split_of)):
     problems.append({'path': name, 'reason': f'in the data folder but not listed in {path}; skipped'})
-  return split_of, extras, problems
+  warnings = []
+  if case_folded:
+    warnings.append(f'{len(case_folded)} split value(s) were not lower case (first: {case_folded[0]}); read as '
+                    f'{" and ".join(FOLDER_SPLITS)}.')
+  return split_of, extras, problems, warnings

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 import scipy.fft
@@ -35,6 +36,15 @@ class FrontEnd:
   log_offset: float = 1e-6
 
   def __post_init__(self):
+    for name in ('sample_rate', 'win_length', 'hop_length', 'n_fft', 'n_mels'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'frontend.{name}={value!r}; it must be a whole number of 1 or more.')
+    for name in ('fmin', 'fmax', 'log_offset'):
+      if not math.isfinite(getattr(self, name)):
+        raise ValueError(f'frontend.{name}={getattr(self, name)!r}; it must be a finite number.')
+    if self.log_offset <= 0:
+      raise ValueError(f'frontend.log_offset={self.log_offset!r}; log(x + offset) needs an offset above 0.')
     if self.win_length > self.n_fft:
       raise ValueError(f'frontend.win_length ({self.win_length}) must not exceed frontend.n_fft ({self.n_fft}).')
     if self.fmax > self.sample_rate / 2:

@@ -92,6 +92,9 @@ def settings_from_config(config, dataset: str, data_dir: str, split_file: str | 
   storage = dict(config.storage)
   if storage['compression'] not in ('zstd', 'blosc', 'none'):
     raise PreprocessError(f"--config.storage.compression={storage['compression']!r}; choose zstd, blosc or none.")
+  for name in ('chunk_frames', 'shard_frames'):
+    if isinstance(storage[name], bool) or not isinstance(storage[name], int) or storage[name] < 1:
+      raise PreprocessError(f'--config.storage.{name}={storage[name]!r}; give a whole number of frames, 1 or more.')
   if storage['shard_frames'] % storage['chunk_frames']:
     raise PreprocessError('--config.storage.shard_frames must be a multiple of --config.storage.chunk_frames.')
   if storage['dtype'] not in ('float16', 'float32'):

@@ -5,6 +5,7 @@ audio in the real on-disk layouts.
 """
 
 import concurrent.futures
+import concurrent.futures.process
 import json
 import os
 import shutil
@@ -379,3 +380,137 @@ def test_a_read_only_checkpointer_creates_and_deletes_nothing(tmp_path):
   reader.restore_raw()
   reader.close()
   assert sorted(os.listdir(directory)) == listing and in_flight.is_dir()
+
+
+def test_split_values_other_than_train_and_test_are_refused_naming_the_line(music_dir, tmp_path):
+  ds = datasets.read_dataset('folder', music_dir)
+  split = tmp_path / 'split.csv'
+  rows = [f'{c.path},{"Test" if i % 3 == 0 else "train"}\n' for i, c in enumerate(ds.clips)]
+  split.write_text('file,split\n' + ''.join(rows))
+  folded = datasets.read_dataset('folder', music_dir, split_file=str(split))
+  assert {c.split for c in folded.clips} == {'train', 'test'} and not folded.problems
+  assert [w for w in folded.warnings if 'not lower case' in w and f'{split}:2' in w]
+  rows[2] = f'{ds.clips[2].path},validation\n'
+  split.write_text('file,split\n' + ''.join(rows))
+  with pytest.raises(datasets.DatasetError, match=f"{split}:4: split 'validation'.*train or test"):
+    datasets.read_dataset('folder', music_dir, split_file=str(split))
+
+
+def test_a_nul_byte_in_a_list_path_is_reported_not_read(tiny_dcase):
+  with open(tiny_dcase / 'meta.txt', 'a') as f:
+    f.write('\naudio/x\0y.wav\tabsence\tx')
+  ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+  assert [p['reason'] for p in ds.problems if '\0' in p['path']] == [f'{tiny_dcase}/meta.txt:{len(ds.clips) + 1}: '
+                                                                     'holds a NUL byte, which no file name can; not read']
+
+
+def test_a_dcase_clip_in_no_evaluate_list_is_a_warning_not_a_failure(tiny_dcase):
+  evaluate = tiny_dcase / 'evaluation_setup' / 'fold1_evaluate.txt'
+  lines = evaluate.read_text().splitlines()
+  evaluate.write_text('\n'.join(lines[1:]) + '\n')
+  ds = datasets.read_dataset('dcase2018_task5', str(tiny_dcase))
+  assert not ds.problems and [c.split for c in ds.clips].count('none') == 1
+  assert [w for w in ds.warnings if '1 clip(s) of meta.txt are in no fold*_evaluate.txt' in w]
+
+
+def test_special_files_and_link_loops_are_skipped_with_their_reason_never_opened(tmp_path):
+  fifo, loop = tmp_path / 'x.wav', tmp_path / 'loop.wav'
+  os.mkfifo(fifo)
+  os.symlink(loop, loop)
+  (tmp_path / 'folder.wav').mkdir()
+  # In a process of its own: opening the FIFO for reading would block for ever.
+  script = ('import sys\nfrom dem_jax import audio\n'
+            'for path in sys.argv[1:]:\n'
+            '  for read in (audio.audio_info, lambda p: audio.read_audio(p, 16000)):\n'
+            '    try:\n      read(path)\n    except audio.AudioError as e:\n      print(e.reason)\n')
+  result = subprocess.run([sys.executable, '-c', script, str(fifo), str(loop), str(tmp_path / 'folder.wav')],
+                          capture_output=True, text=True, timeout=120)
+  reasons = result.stdout.splitlines()
+  assert len(reasons) == 6, result.stderr[-2000:]
+  assert reasons[0] == reasons[1] == 'a FIFO (named pipe), not an audio file; skipped, never opened'
+  assert reasons[2] == reasons[3] and 'symbolic link loop' in reasons[2]
+  assert reasons[4].startswith('a folder, not an audio file')
+
+
+# The operating system's errors and settings that cannot be right, through the commands.
+
+def dem_jax_command(*args, **kw):
+  return subprocess.run([sys.executable, '-m', 'dem_jax', *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def test_config_mistakes_end_in_one_line_naming_the_setting(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config(:\n')
+  cases = {
+      'names no field of the config (\'modle\' Did you mean "model"': ['--config=dcase:tiny', '--config.modle.width=1'],
+      "--config.num_steps=abc: invalid literal for int()": ['--config=dcase:tiny', '--config.num_steps=abc'],
+      "Unknown config argument 'tny'": ['--config=dcase:tny'],
+      'No such file or directory': [f'--config={tmp_path / "none.py"}'],
+      f'--config: {bad} line 1: invalid syntax': [f'--config={bad}'],
+  }
+  for expected, args in cases.items():
+    result = dem_jax_command('train', *args, f'--workdir={tmp_path / "w"}')
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('train: '), (expected, result.stderr)
+    assert expected in lines[0], (expected, lines[0])
+  assert not (tmp_path / 'w').exists()
+  result = dem_jax_command('preprocess', '--dataset=folder', f'--data_dir={tmp_path}', f'--output_dir={tmp_path / "f"}',
+                           '--config.frontend.n_mels=0')
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith('preprocess: --config.frontend:')
+  assert 'frontend.n_mels=0' in result.stderr and not (tmp_path / 'f').exists()
+
+
+def test_os_errors_become_one_line_with_the_path_and_the_fix():
+  import errno
+  from dem_jax import cli
+  line = cli.os_error_line(OSError(errno.ENOSPC, 'No space left on device', '/data/out/x.npz'))
+  assert line.startswith('No space left on device (/data/out/x.npz); free space there')
+  assert 'run the same command again' in line
+  assert 'permissions' in cli.os_error_line(PermissionError(errno.EACCES, 'Permission denied', '/x'))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64-KiB tmpfs: a full disk for real (needs root and a kernel that lets it mount)."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(mount)], capture_output=True,
+                          text=True)
+  if result.returncode:
+    pytest.skip(f'cannot mount a small tmpfs here ({result.stderr.strip() or "not root"})')
+  yield mount
+  subprocess.run(['umount', str(mount)], check=False)
+
+
+def test_a_full_disk_ends_preprocessing_in_one_line_and_the_rerun_finishes(tiny_dcase, small_disk, tmp_path):
+  result = dem_jax_command('preprocess', '--dataset=dcase2018_task5', f'--data_dir={tiny_dcase}',
+                           f'--output_dir={small_disk / "features"}', '--num_workers=1')
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert last.startswith('preprocess: ') and 'No space left on device' in last and 'free space' in last, last
+  # Room made: the same command, pointed at a disk with space, finishes.
+  shutil.copytree(small_disk / 'features', tmp_path / 'features')
+  result = dem_jax_command('preprocess', '--dataset=dcase2018_task5', f'--data_dir={tiny_dcase}',
+                           f'--output_dir={tmp_path / "features"}', '--num_workers=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])['clips_written'] == 4
+
+
+@pytest.mark.parametrize('error,code,expected', [
+    (KeyboardInterrupt(), 130, 'interrupted; run the same command again'),
+    (concurrent.futures.process.BrokenProcessPool('gone'), 1, 'a worker process died'),
+    (PermissionError(13, 'Permission denied', '/data/x'), 1, 'Permission denied (/data/x); fix its permissions'),
+])
+def test_every_command_ends_in_one_line_on_interrupts_dead_workers_and_os_errors(error, code, expected, monkeypatch,
+                                                                                capsys):
+  import types
+  from dem_jax import cli
+
+  def main(argv):
+    raise error
+  monkeypatch.setitem(sys.modules, 'dem_jax.commands.anything',
+                      types.SimpleNamespace(main=main, PARSES_ITS_OWN_ARGUMENTS=True))
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run('anything', [])
+  assert exit_info.value.code == code
+  assert capsys.readouterr().err.startswith(f'anything: {expected}')

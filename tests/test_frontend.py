@@ -114,6 +114,14 @@ def test_bad_settings_name_the_field():
     FrontEnd(sample_rate=8000, fmax=8000.0)
   with pytest.raises(ValueError, match='win_length'):
     FrontEnd(win_length=2048)
+  for field, value in (('n_mels', 0), ('hop_length', -160), ('n_fft', 1024.5), ('sample_rate', True)):
+    with pytest.raises(ValueError, match=f'frontend.{field}=.*whole number'):
+      FrontEnd(**{field: value})
+  for field in ('fmin', 'log_offset'):
+    with pytest.raises(ValueError, match=f'frontend.{field}=nan'):
+      FrontEnd(**{field: float('nan')})
+  with pytest.raises(ValueError, match='log_offset=0'):
+    FrontEnd(log_offset=0)
 
 
 @pytest.mark.parametrize('channels', [1, 2, 3, 4, 6])

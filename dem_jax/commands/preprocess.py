@@ -34,7 +34,6 @@ from dem_jax.preprocess import job
 EXIT_ERROR = 1
 EXIT_NOTHING_WRITTEN = 3
 EXIT_STRICT = 4
-EXIT_INTERRUPTED = 130
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', configs.path('features'), 'Feature settings: a Python config file, or a short name (features).')
@@ -74,8 +73,6 @@ def main(argv):
                       task_index=_TASK_INDEX.value, num_tasks=_NUM_TASKS.value, finalize_only=_FINALIZE.value)
   except (job.PreprocessError, datasets.DatasetError, features.FeaturesError) as e:
     fail(str(e))
-  except KeyboardInterrupt:
-    fail('interrupted; run the same command again to finish what is left.', EXIT_INTERRUPTED)
   if summary is None:
     return
   for failure in summary['failures']:

@@ -1,7 +1,8 @@
 r"""Train an embedding: `dem-jax train --config=dcase --workdir=W [--config.X=...] [--distributed]`.
 
 Exit status: 0 when training reached config.num_steps or its time budget; 1 with one line naming the cause and the
-fix otherwise (a setting, the features, the workdir, a non-finite step, the disk); 130 when interrupted.
+fix otherwise (a setting, the features, the workdir, a non-finite step, the disk); 130 when interrupted. Either
+way the same command resumes from the last checkpoint.
 """
 
 import logging
@@ -45,8 +46,3 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (train.TrainingError, ValueError, FeaturesError) as e:
     sys.exit(f'train: {e}')
-  except OSError as e:  # The disk, permissions: nothing of the run is lost, the last checkpoint stays.
-    sys.exit(f'train: {e}. Fix the cause and run the same command again: it resumes from the last checkpoint.')
-  except KeyboardInterrupt:
-    print('train: interrupted; the same command resumes from the last checkpoint.', file=sys.stderr)
-    sys.exit(130)
