@@ -68,12 +68,16 @@ def _atomic_write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str) -> Any:
+def _read_json(path: str, fix: str = 'delete the output folder and run the job again') -> Any:
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
-    raise PreprocessError(f'{path} is damaged ({e}); delete the output folder and run the job again.') from None
+    raise PreprocessError(f'{path} is damaged ({e}); {fix}.') from None
+
+
+# A damaged done marker or task record costs only its own block: the job redoes a block whose marker is missing.
+_REDO_BLOCK = 'delete that file and run the same command again: its block is redone, the rest is kept'
 
 
 def _sha256(path: str) -> str:
@@ -524,7 +528,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
   clips, failures, sums = [], list(plan['problems']), {}
   warnings = [{'path': settings['data_dir'], 'reason': w} for w in plan.get('warnings', [])]
   for b, block in enumerate(plan['blocks']):
-    marker = _read_json(_block_marker(output_dir, b))
+    marker = _read_json(_block_marker(output_dir, b), _REDO_BLOCK)
     first, last = block['clips']
     for clip, result in zip(plan['clips'][first:last], marker['clips']):
       if 'warning' in result:
@@ -545,7 +549,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
       acc['count'] += s['count']
       acc['sum'] += np.asarray(s['sum'])
       acc['sum_sq'] += np.asarray(s['sum_sq'])
-  task_walls = [_read_json(os.path.join(output_dir, WORK_DIR, 'tasks', f))['wall_seconds']
+  task_walls = [_read_json(os.path.join(output_dir, WORK_DIR, 'tasks', f), _REDO_BLOCK)['wall_seconds']
                 for f in sorted(os.listdir(os.path.join(output_dir, WORK_DIR, 'tasks')))]
   summary = {
       'clips_written': len(clips),
@@ -599,6 +603,10 @@ def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str
   command finishes the job once it is fixed.
   """
   start = time.time()
+  if not finalize_only and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
+    raise PreprocessError(f'--task_index={task_index} must lie in [0, --num_tasks={num_tasks}) and --num_tasks be 1 '
+                          'or more; nothing was written.')
+  created = not os.path.lexists(output_dir)
   try:
     if finalize_only:
       return finalize(output_dir)
@@ -610,5 +618,10 @@ def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str
     where = e.filename or output_dir
     raise PreprocessError(f'{where}: {e.strerror or e}. Fix that (free space, permissions), then run the same '
                           'command again: it finishes what is left.') from None
+  except BaseException:
+    # A run refused before it made its plan (a bad --data_dir, a list that cannot be read) leaves no folder behind.
+    if created and os.path.isdir(output_dir) and not os.path.exists(os.path.join(output_dir, WORK_DIR, PLAN_NAME)):
+      shutil.rmtree(output_dir, ignore_errors=True)
+    raise
   logging.info('preprocess: task %d of %d done; when all tasks are, run with --finalize.', task_index, num_tasks)
   return None

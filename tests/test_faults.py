@@ -514,3 +514,25 @@ def test_every_command_ends_in_one_line_on_interrupts_dead_workers_and_os_errors
     cli.run('anything', [])
   assert exit_info.value.code == code
   assert capsys.readouterr().err.startswith(f'anything: {expected}')
+
+
+def test_refused_runs_leave_no_output_folder_and_a_bad_task_index_writes_nothing(tiny_dcase, tmp_path):
+  out = tmp_path / 'features'
+  with pytest.raises(datasets.DatasetError):
+    run_job(tmp_path / 'no_such_data', out)
+  assert not out.exists()
+  with pytest.raises(job.PreprocessError, match='--task_index=3 must lie in'):
+    run_job(tiny_dcase, out, task_index=3, num_tasks=2)
+  assert not out.exists()
+
+
+def test_a_damaged_block_marker_names_itself_and_costs_only_its_block(tiny_dcase, tmp_path):
+  out = tmp_path / 'features'
+  run_job(tiny_dcase, out)
+  marker = out / job.WORK_DIR / 'blocks' / 'block-000001.json'
+  marker.write_text(marker.read_text()[:20])
+  with pytest.raises(job.PreprocessError, match=f'{marker} is damaged.*delete that file.*its block is redone'):
+    job.finalize(str(out))
+  marker.unlink()
+  before = features_lib.open_features(str(out)).clips
+  assert run_job(tiny_dcase, out)['clips_written'] == len(before)
