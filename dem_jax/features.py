@@ -188,6 +188,7 @@ class Features:
     if outside:
       raise FeaturesError(f'{manifest_path} places {outside[0]} beyond the {total} frames of {ARRAY_NAME}; '
                           f'{refinalize}.')
+    check_store_files(self.root, self.info.get('store_files'))
     self._index = {c.clip_id: i for i, c in enumerate(self.clips)}
     self._array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(self.root, ARRAY_NAME)},
                            'context': {'cache_pool': {'total_bytes_limit': cache_bytes}},
@@ -288,3 +289,33 @@ class Features:
 
 def open_features(root: str, **kwargs) -> Features:
   return Features(root, **kwargs)
+
+
+def store_files(root: str) -> dict[str, int]:
+  """{path under ARRAY_NAME: size in bytes} of every file of a finished store's array, as finalize records it."""
+  array = os.path.join(root, ARRAY_NAME)
+  files = {}
+  for folder, _, names in os.walk(array):
+    for name in names:
+      path = os.path.join(folder, name)
+      files[os.path.relpath(path, array)] = os.path.getsize(path)
+  return dict(sorted(files.items()))
+
+
+def check_store_files(root: str, recorded: dict[str, int] | None) -> None:
+  """Refuses a store whose array lost a file or holds a short one: tensorstore would read a missing shard as the
+  fill value (zeros), silently. One stat per file, so it stays cheap at any store size; stores finalized before the
+  record existed are opened as they are."""
+  if recorded is None:
+    return
+  array = os.path.join(root, ARRAY_NAME)
+  for rel, size in recorded.items():
+    path = os.path.join(array, rel)
+    try:
+      found = os.path.getsize(path)
+    except OSError:
+      found = None
+    if found != size:
+      state = 'is missing' if found is None else f'holds {found} bytes, {size} were written'
+      raise FeaturesError(f'{path} {state}: the feature store {root} is not whole. If it was copied, copy it again '
+                          '(all of it); otherwise preprocess again into a new --output_dir.')

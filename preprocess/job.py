@@ -579,6 +579,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
       'band_sums': band_sums,
       'num_clips': len(clips),
       'manifest_sha256': _sha256(manifest_path),
+      'store_files': features_lib.store_files(output_dir),
   }
   # The training part's statistics ready-made, so that other tools need not know how splits combine.
   train = features_lib.training_splits(band_sums)

@@ -536,3 +536,22 @@ def test_a_damaged_block_marker_names_itself_and_costs_only_its_block(tiny_dcase
   marker.unlink()
   before = features_lib.open_features(str(out)).clips
   assert run_job(tiny_dcase, out)['clips_written'] == len(before)
+
+
+def test_a_store_with_a_missing_or_short_shard_file_is_refused_at_open(tiny_dcase, tmp_path):
+  out = tmp_path / 'features'
+  run_job(tiny_dcase, out)
+  recorded = json.loads((out / features_lib.INFO_NAME).read_text())['store_files']
+  shards = sorted(rel for rel in recorded if rel.startswith('c/'))
+  assert len(shards) >= 2
+  broken = tmp_path / 'copy'
+  shutil.copytree(out, broken)
+  (broken / features_lib.ARRAY_NAME / shards[1]).unlink()
+  with pytest.raises(features_lib.FeaturesError, match=f'{shards[1]} is missing: the feature store .* is not whole'):
+    features_lib.open_features(str(broken))
+  shutil.copy(out / features_lib.ARRAY_NAME / shards[1], broken / features_lib.ARRAY_NAME / shards[1])
+  with open(broken / features_lib.ARRAY_NAME / shards[0], 'r+b') as f:
+    f.truncate(100)
+  with pytest.raises(features_lib.FeaturesError, match=f'{shards[0]} holds 100 bytes, {recorded[shards[0]]} were'):
+    features_lib.open_features(str(broken))
+  assert len(features_lib.open_features(str(out)).clips) == 4
