@@ -112,6 +112,18 @@ def test_missing_packages_name_the_install_command(tmp_path):
     qd.ensure_material(install=False, packages=[missing])
 
 
+def test_installing_missing_material_says_so_before_it_runs(monkeypatch, capsys):
+  missing = qd.Package('fluid-soundfont-gm-none', '/nonexistent/*.sf2')
+  calls = []
+  monkeypatch.setattr(qd.os, 'geteuid', lambda: 0)
+  monkeypatch.setattr(qd.subprocess, 'run', lambda cmd, **kw: calls.append((cmd, capsys.readouterr().err)))
+  with pytest.raises(qd.QualityDataError):
+    qd.ensure_material(install=True, packages=[missing])
+  (update, first_err), (install, _) = calls
+  assert install[:2] == ['apt-get', 'install'] and 'fluid-soundfont-gm-none' in install
+  assert 'installing the Debian packages fluid-soundfont-gm-none (apt-get install, as root)' in first_err
+
+
 def test_tune_paths_names_tunes_by_package(tmp_path):
   for name in ('b.mid', 'a.mid', 'notes.txt'):
     (tmp_path / name).write_bytes(b'')

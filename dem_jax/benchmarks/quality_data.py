@@ -81,6 +81,8 @@ def ensure_material(install: bool = True, packages: Sequence[Package] = TUNES + 
   missing = _missing_packages(packages)
   if missing and install and os.geteuid() == 0:
     names = [p.name for p in missing]
+    print(f'quality set: installing the Debian packages {" ".join(names)} (apt-get install, as root); '
+          '--no_install refuses instead.', file=sys.stderr, flush=True)
     for cmd in (['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', *names]):
       subprocess.run(cmd, check=False, env=os.environ | {'DEBIAN_FRONTEND': 'noninteractive'},
                      stdout=subprocess.DEVNULL)
@@ -92,6 +94,8 @@ def ensure_material(install: bool = True, packages: Sequence[Package] = TUNES + 
         f'{" ".join(p.name for p in missing)}`.')
   modules = [m for m in PYTHON_REQUIREMENTS if importlib.util.find_spec(m) is None]
   if modules and install:
+    print(f'quality set: installing the Python packages {" ".join(PYTHON_REQUIREMENTS[m] for m in modules)} (pip, '
+          'into this environment); --no_install refuses instead.', file=sys.stderr, flush=True)
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
                     *[PYTHON_REQUIREMENTS[m] for m in modules]], check=False)
     importlib.invalidate_caches()
