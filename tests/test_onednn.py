@@ -49,6 +49,42 @@ def test_missing_compiler_is_named(monkeypatch):
     onednn.build(force=True)
 
 
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+  """`build()` with a stand-in compiler (it writes a file where -o says) and a stand-in oneDNN prefix, into a private
+  cache folder: no oneDNN or g++ needed, and the real cache is left alone."""
+  compiler = tmp_path / 'fake-cxx'
+  compiler.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\necho built > "$2"\n')
+  compiler.chmod(0o755)
+  monkeypatch.setenv('CXX', str(compiler))
+  monkeypatch.setattr(onednn, '_find_onednn', lambda: tmp_path / 'onednn')
+  monkeypatch.setattr(onednn, '_cache_dir', lambda: tmp_path / 'cache')
+  (tmp_path / 'cache').mkdir()
+  return tmp_path / 'cache'
+
+
+def building_lines(caplog):
+  return [r.getMessage() for r in caplog.records if 'building the oneDNN' in r.getMessage()]
+
+
+def test_a_build_says_so_in_one_line_and_a_cached_library_says_nothing(fake_compiler, caplog):
+  with caplog.at_level('WARNING'):
+    library = onednn.build()
+  assert library.parent == fake_compiler and library.read_text() == 'built\n'
+  assert building_lines(caplog) == [
+      f'dem_jax: building the oneDNN convolution library (once, a few seconds) in {library}']
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    assert onednn.build() == library  # cached: loaded as it is, without a word
+  assert caplog.records == []
+  library.write_text('changed')
+  with caplog.at_level('WARNING'):
+    onednn.build()
+  (line,) = building_lines(caplog)
+  assert line.endswith(f'(the cached one is not loaded: {library} does not match the sha256 recorded in '
+                       f'{onednn.digest_path(library).name} when it was built)')
+
+
 def test_float32_or_bfloat16_only_with_the_fix_in_the_message():
   with pytest.raises(ValueError, match="float32 or bfloat16.*conv_impl='xla'"):
     onednn.conv2d_onednn(jnp.zeros((1, 4, 4, 1), jnp.float16), jnp.zeros((3, 3, 1, 2), jnp.float16))

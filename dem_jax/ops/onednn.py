@@ -20,8 +20,9 @@ compiler (`$CXX`, else g++) against jaxlib's FFI headers and the oneDNN wheels t
 x86_64 (or a oneDNN under `$DNNLROOT`), caches the library under the environment's lib/ (else ~/.cache/dem_jax)
 beside its sha256 digest, and registers the handlers with XLA. A cached library is loaded only if it is owned by
 this user (or root), writable by no one else, and matches its recorded digest; otherwise it is rebuilt.
-`./launch.sh setup` builds it up front. Where any of that fails, `available()` is False, `unavailable_reason()` says
-why, and `ops.conv` falls back to XLA's convolution. DEM_JAX_ONEDNN=0 turns the path off.
+A build says so in one warning line; `python -m dem_jax.ops.onednn` (which `./launch.sh setup` runs) builds it up
+front. Where any of that fails, `available()` is False, `unavailable_reason()` says why, and `ops.conv` falls back
+to XLA's convolution. DEM_JAX_ONEDNN=0 turns the path off.
 
     python -m dem_jax.ops.onednn   # build (if needed), load, and print where the library is or why it is unavailable
 """
@@ -70,8 +71,8 @@ def _find_onednn() -> pathlib.Path:
       return root
   raise OnednnUnavailable(
       f'oneDNN headers and library not found under {" or ".join(str(r) for r in roots)}; on Linux x86_64 '
-      '`./launch.sh setup` installs them (the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels), elsewhere set '
-      'DNNLROOT to a oneDNN 3.x install')
+      "`pip install 'dem_jax[onednn]'` installs them (the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels; "
+      '`./launch.sh setup` in a checkout), elsewhere set DNNLROOT to a oneDNN 3.x install')
 
 
 def _cache_dir() -> pathlib.Path:
@@ -142,14 +143,17 @@ def build(force: bool = False) -> pathlib.Path:
   """Compiles `native/onednn_conv.cc` unless a trusted build is cached (`untrusted_reason`); returns its path."""
   root = _find_onednn()
   out = library_path(root)
+  reason = None
   if not force and out.exists():
     reason = untrusted_reason(out)
     if reason is None:
       return out
-    logging.warning('rebuilding the oneDNN convolution library: %s', reason)
   cxx = os.environ.get('CXX', 'g++')
   if shutil.which(cxx) is None:
     raise OnednnUnavailable(f'no C++ compiler {cxx!r} to build {SOURCE.name}; install g++ or set CXX')
+  # The first use after an install waits for the compiler: one line says why, only when it compiles.
+  logging.warning('dem_jax: building the oneDNN convolution library (once, a few seconds) in %s%s', out,
+                  f' (the cached one is not loaded: {reason})' if reason else '')
   lib_dir = root / 'lib'
   # Written next to its final name and renamed, so concurrent builders never load a half-written file.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
