@@ -34,6 +34,23 @@ def test_every_benchmark_module_imports():
     assert callable(importlib.import_module(f'dem_jax.benchmarks.{name}').main), name
 
 
+@pytest.mark.parametrize('native_bf16', [True, False])
+def test_train_step_bench_computes_in_the_dtype_training_resolves_unless_told_float32(monkeypatch, native_bf16):
+  from dem_jax import models  # pylint: disable=import-outside-toplevel
+  from dem_jax.benchmarks import harness  # pylint: disable=import-outside-toplevel
+  from dem_jax.configs import base  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(onednn, 'bf16_available', lambda: native_bf16)
+  model = base.get_config().model
+  assert model.dtype == 'auto'
+  for width, expected in ((1.0, 'bfloat16' if native_bf16 else 'float32'), (0.25, 'float32')):
+    flags = harness.parse_flags([f'--width={width}'], 'train_step', default_steps=5)
+    # As `train` resolves config.model.dtype for this width and conv_impl, on this (CPU) backend.
+    assert flags.dtype == models.resolve_dtype(model.dtype, width=width, conv_impl=model.conv_impl).name
+    assert (flags.dtype, flags.dtype_flag) == (expected, 'auto')
+  flags = harness.parse_flags(['--dtype=float32'], 'train_step', default_steps=5)
+  assert (flags.dtype, flags.dtype_flag) == ('float32', 'float32')
+
+
 HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
 %fused_computation (param_0: f32[4]) -> f32[4] {
@@ -88,7 +105,10 @@ def test_model_benches_with_profile_steps_print_the_time_by_kind_of_operation(be
                           env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'time per call by kind of operation' in result.stdout
-  profile = json.loads(result.stdout.strip().splitlines()[-1])['profile_ms_per_call']
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  if benchmark == 'train_step':
+    assert (report['dtype'], report['dtype_flag']) == ('float32', 'auto')  # 'auto' below half width: float32
+  profile = report['profile_ms_per_call']
   by_kind = profile['by_kind']
   assert set(kinds) <= set(by_kind), by_kind  # each kind ran
   if benchmark == 'embed':  # inference: no gradient, and BatchNorm uses its running statistics

@@ -28,7 +28,7 @@ TORCH_REFERENCE = pathlib.Path(__file__).resolve().with_name('torch_reference.py
 
 
 def parse_flags(argv: list[str], description: str, default_steps: int) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=f'python -m dem_jax.bench {description}', description=__doc__)
+  p = argparse.ArgumentParser(prog=f'dem-jax bench {description}', description=__doc__)
   p.add_argument('--batch', type=int, default=32, help='triplets (train_step) or tiles (embed) per step')
   p.add_argument('--frames', type=int, default=64, help='T: frames per tile')
   p.add_argument('--mels', type=int, default=128, help='M: mel bands')
@@ -39,9 +39,11 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   p.add_argument('--conv_impl', default='auto',
                  help="comma-separated conv_impl values to time, e.g. 'auto,onednn,im2col,xla'; the first is the "
                  'headline')
-  p.add_argument('--dtype', default='float32', choices=models.DTYPES,
-                 help="computation dtype of the JAX model ('auto': as models.resolve_dtype picks here); bfloat16 also "
-                 'runs the PyTorch reference with bfloat16 autocast and channels_last')
+  # 'auto' by default, as config.model.dtype: the bench measures the dtype a training or embedding run computes in.
+  p.add_argument('--dtype', default='auto', choices=models.DTYPES,
+                 help="computation dtype of the JAX model; 'auto' (the default, as config.model.dtype): what "
+                 'models.resolve_dtype picks here for this width and the first conv_impl; float32 to measure '
+                 'float32. bfloat16 also runs the PyTorch reference with bfloat16 autocast and channels_last')
   p.add_argument('--parallel', default='jit', choices=('jit', 'pmap'), help='how the step is compiled')
   p.add_argument('--reference', default='torch', choices=('torch', 'none'))
   p.add_argument('--profile_steps', type=int, default=0,
@@ -58,6 +60,7 @@ def parse_flags(argv: list[str], description: str, default_steps: int) -> argpar
   for c in flags.conv_impls:
     if c not in conv_ops.CONV_IMPLS:
       p.error(f'--conv_impl: {c!r} is not one of {conv_ops.CONV_IMPLS}')
+  flags.dtype_flag = flags.dtype
   flags.dtype = models.resolve_dtype(flags.dtype, width=flags.width, conv_impl=flags.conv_impls[0]).name
   return flags
 

@@ -1,10 +1,11 @@
 """Triplets per second of the compiled train step on random tiles, beside the same step in PyTorch eager.
 
-    python -m dem_jax.bench train_step --batch=32 --frames=64 --mels=128 --conv_impl=auto,im2col,xla
+    dem-jax bench train_step --batch=32 --frames=64 --mels=128 --conv_impl=auto,im2col,xla [--dtype=float32]
 
 Prints progress, then one JSON line (last) with `triplets_per_s` (median window of the first conv_impl), every
 candidate's windows, compile seconds, and the PyTorch reference with the ratio. `--profile_steps=N` adds the time
-per step by kind of operation (`profile_ms_per_call`, benchmarks/op_profile.py).
+per step by kind of operation (`profile_ms_per_call`, benchmarks/op_profile.py). The step computes in the dtype that
+training's default `model.dtype='auto'` resolves to here (`dtype` in the JSON; `dtype_flag`: what --dtype asked for).
 """
 
 import sys
@@ -62,8 +63,9 @@ def main(argv: list[str]) -> None:
 
   result = {'benchmark': 'train_step', 'backend': jax.default_backend(), 'devices': len(jax.devices()),
             'parallel': flags.parallel, 'model': flags.model, 'width': flags.width, 'batch_triplets': flags.batch,
-            'tile': [flags.frames, flags.mels], 'dtype': flags.dtype, 'conv_impl': flags.conv_impls[0],
-            'steps_per_window': flags.steps, 'rounds': flags.rounds, 'retain_memory': bool(flags.retain_memory),
+            'tile': [flags.frames, flags.mels], 'dtype': flags.dtype, 'dtype_flag': flags.dtype_flag,
+            'conv_impl': flags.conv_impls[0], 'steps_per_window': flags.steps, 'rounds': flags.rounds,
+            'retain_memory': bool(flags.retain_memory),
             'compile_and_first_step_s': {k: round(v, 2) for k, v in compile_s.items()}}
   harness.run_and_report(result, candidates, flags, mode='train_step', rate_key='triplets_per_s',
                          time_key='seconds_per_step', unit='triplets/s', profile=profiles[flags.conv_impls[0]])
