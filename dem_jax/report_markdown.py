@@ -5,7 +5,9 @@ The report dict: {"model": FIG, "model_trunk": FIG, "baselines": {"logmel_stats"
 "settings": {..., "protocol_name": ...}, optionally "folds": {...}}. A FIG is {"linear_probe": {...},
 "kmeans": {...}, "kmeans_cosine": {...}, "retrieval": {...}} as `dem_jax.probes` returns them; over several folds
 it is `probes.fold_summary`'s output: means, `<name>_std` beside them and the per-fold FIGs under "folds".
-Missing parts show as "n/a". Figures are shown in percent.
+Missing parts show as "n/a"; in the per-fold table, a part scored once over the pooled test tiles of all folds (one
+embedding for every fold: k-Means and retrieval) shows as "n/a (pooled)", with a note under the table saying so.
+Figures are shown in percent.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ HEADLINE = (
 )
 
 NA = 'n/a'
+POOLED = 'n/a (pooled)'
+POOLED_NOTE = ('n/a (pooled): with one embedding for every fold, k-Means and retrieval are scored once, on the pooled '
+               "test tiles of all folds (the headline's figures), not per fold; one fold's test part may hold a single "
+               "session of a class, and retrieval never counts the query's own session.")
 
 
 def _system_names(report: Mapping[str, Any]) -> dict[str, str]:
@@ -139,16 +145,26 @@ def _per_fold_section(report, figs) -> list[str]:
     return []
   lines = ['## Per fold', '']
   rows = []
+  pooled = False
+  summaries = {name: fig for name, fig in figs if fig}
   num_folds = max(len(folds) for _, folds in folded)
   for index in range(num_folds):
     for name, folds in folded:
       if index < len(folds):
         fold = folds[index]
         label = fold.get('fold', index + 1) if isinstance(fold, Mapping) else index + 1
-        rows.append([str(label), name] + [_metric(fold, section, metric) for _, section, metric in HEADLINE])
+        row = [str(label), name]
+        for _, section, metric in HEADLINE:
+          # A section the summary has but the fold lacks was scored once over the folds' pooled test tiles.
+          if not (fold if isinstance(fold, Mapping) else {}).get(section) and summaries[name].get(section):
+            row.append(POOLED)
+            pooled = True
+          else:
+            row.append(_metric(fold, section, metric))
+        rows.append(row)
   header = ['Fold', 'System'] + _headline_columns(report)
   lines += _table(header, rows, ['---', '---'] + ['---:'] * len(HEADLINE))
-  return lines + ['']
+  return lines + ([''] + [POOLED_NOTE] if pooled else []) + ['']
 
 
 def render_report_markdown(

@@ -64,6 +64,21 @@ def test_per_fold_table_only_when_folds_are_given():
   assert '## Per fold' not in render_report_markdown(report(with_folds=False), {})
 
 
+def test_per_fold_cells_scored_once_on_the_pooled_tiles_say_so():
+  # One embedding for every fold, as evaluate builds it: a probe per fold, k-Means and retrieval once over the
+  # pooled test tiles of all folds.
+  r = report(with_folds=False)
+  pooled = fig(0.6, 0.3, 0.5)
+  r['model'] = probes.fold_summary([{'linear_probe': fig(f1, 0.0, 0.0)['linear_probe']} for f1 in (0.5, 0.7)])
+  r['model'] |= {section: pooled[section] for section in ('kmeans', 'kmeans_cosine', 'retrieval')}
+  md = render_report_markdown(r, {})
+  assert table_row(md, '1') == ['1', 'Model (embedding)', '50.0', '45.0', '55.0'] + ['n/a (pooled)'] * 5
+  assert 'k-Means and retrieval are scored once, on the pooled test tiles of all folds' in md.split('## Per fold')[1]
+  assert table_row(md, 'Model (embedding)')[4:] == ['30.0', '15.0', '50.0', '40.0', '50.0']  # the headline
+  # Per-fold embeddings score every part in each fold: no pooled cell, no note.
+  assert 'n/a (pooled)' not in render_report_markdown(report(with_folds=True), {})
+
+
 def test_settings_are_flattened_and_plots_linked_relative_to_the_report(tmp_path):
   plot_paths = {'embedding_map': str(tmp_path / 'plots' / 'map.png'), 'confusion_matrix': 'cm.png'}
   md = render_report_markdown(report(), plot_paths, relative_to=str(tmp_path))
