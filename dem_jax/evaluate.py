@@ -1,7 +1,9 @@
 r"""Judge a learnt embedding space: linear probe, k-Means, retrieval, beside two no-learning baselines.
 
-    ./launch.sh evaluate --workdir=/scratch/dcase_run [--features_dir=F] [--output_dir=O] [--step=N]
-    ./launch.sh evaluate --workdir=W1,W2,W3,W4 --output_dir=O      # DCASE: one workdir per fold, per-fold embeddings
+    dem-jax evaluate --workdir=/scratch/dcase_run [--features_dir=F] [--output_dir=O] [--step=N]
+    dem-jax evaluate --workdir=W1,W2,W3,W4 --output_dir=O      # DCASE: one workdir per fold, per-fold embeddings
+
+(`./launch.sh evaluate` in a checkout is the same command.)
 
 Writes O/report.json, O/report.md and PNG plots (default O: WORKDIR/eval_<step>, or the fold-1 workdir's
 eval_per_fold_<step> with several); the same figures go into the workdir's TensorBoard as images at the checkpoint's
@@ -102,7 +104,7 @@ def embedders_per_fold(embedders: list[Embedder], features: Features) -> dict[st
   if not folds:
     raise ValueError(f'several workdirs are for the DCASE 4-fold protocol, but {features.root} has no folds; '
                      f'evaluate one workdir at a time on it (--workdir={embedders[0].workdir}).')
-  train_loop = ('train one workdir per fold (for k in ' + ' '.join(map(str, folds)) + ': ./launch.sh train '
+  train_loop = ('train one workdir per fold (for k in ' + ' '.join(map(str, folds)) + ': dem-jax train '
                 '--config=configs/dcase.py --config.data.fold=$k --workdir=run_fold$k) and pass them all')
   by_fold = {}
   for embedder in embedders:
@@ -340,14 +342,15 @@ def evaluate(workdirs: str | list[str], *, features_dir: str | None = None, outp
     cm = np.asarray(report[MODEL]['linear_probe']['confusion_matrix'])
     figures_by_name = {
         'embedding_map': plots.plot_embedding_map(
-            shown_x, labels[shown], features.labels, plot_paths['embedding_map'],
-            title=f'Embedding space (t-SNE), step {first.step}{where}', seed=seed),
+            shown_x, labels[shown], features.labels, plot_paths['embedding_map'], representation='model embedding',
+            title=f'Embedding space, step {first.step}{where}', seed=seed),
         'confusion_matrix': plots.plot_confusion_matrix(
             cm, features.labels, plot_paths['confusion_matrix'],
-            title='Linear probe, per clip' + (' (mean over folds)' if len(protocol) > 1 else '')),
+            title='Linear probe on the model embedding, per clip'
+            + (' (mean over folds)' if len(protocol) > 1 else '')),
         'cluster_composition': plots.plot_cluster_composition(
             kmeans['composition'], features.labels, plot_paths['cluster_composition'],
-            title='k-Means cluster composition' + (f' ({fold_name})' if per_fold else '')),
+            representation='model embedding', space=kmeans['space'], title=fold_name if per_fold else None),
     }
     progress.update(note='t-SNE map and figures')
     if tensorboard:

@@ -3,7 +3,9 @@
 Each function returns its matplotlib `Figure` (a notebook shows it; `MetricWriter.write_figures` puts it in
 TensorBoard) and, given a `path`, also writes it there as a PNG (parent folders created). Figures are drawn on a bare
 `Figure` with the Agg canvas rather than through pyplot, so importing this module never switches a notebook's
-backend and no figure is left open.
+backend and no figure is left open (a notebook shows them inline after `%matplotlib inline`). A map and a cluster
+chart name the representation they show, and the chart its k-Means space, in the title: figures of several
+representations look alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from sklearn.manifold import TSNE
 __all__ = ['plot_embedding_map', 'plot_confusion_matrix', 'plot_cluster_composition']
 
 DPI = 120
+
+# How the titles name `probes.kmeans_scores`'s spaces.
+KMEANS_SPACE_NAMES = {'standardised': 'standardised features', 'cosine': 'cosine: rows on the unit sphere'}
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -54,12 +59,16 @@ def plot_embedding_map(
     label_names: Sequence[str],
     path: str | None = None,
     *,
+    representation: str,
     method: str = 'tsne',
     title: str = 'Embedding map',
     max_points: int = 3000,
     seed: int = 0,
 ) -> Figure:
-  """2-D map (t-SNE or PCA) of embeddings [N, D], one colour per label, on at most max_points random points."""
+  """2-D map (t-SNE or PCA) of embeddings [N, D], one colour per label, on at most max_points random points.
+
+  `representation` names what x is (e.g. 'model embedding'); the title's second line says which map of it this is.
+  """
   x = np.asarray(x, dtype=np.float64)
   labels = np.asarray(labels)
   if x.ndim != 2 or labels.shape != (len(x),):
@@ -95,7 +104,7 @@ def plot_embedding_map(
     if mask.any():
       ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, color=colors[index], label=f'{name} ({mask.sum()})',
                  linewidths=0)
-  ax.set_title(f'{title}\n{method.upper() if method == "pca" else "t-SNE"} of {n} embeddings')
+  ax.set_title(f'{title}\n{method.upper() if method == "pca" else "t-SNE"} of the {representation}, {n} points')
   ax.set_xlabel(axis_names[0])
   ax.set_ylabel(axis_names[1])
   ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.01, 1.0), markerscale=2, fontsize='small',
@@ -150,9 +159,15 @@ def plot_cluster_composition(
     label_names: Sequence[str],
     path: str | None = None,
     *,
-    title: str = 'k-Means cluster composition',
+    representation: str,
+    space: str,
+    title: str | None = None,
 ) -> Figure:
-  """Stacked bars, one per cluster, split by label; composition is [clusters, labels] counts."""
+  """Stacked bars, one per cluster, split by label; composition is [clusters, labels] counts.
+
+  The title names the clustered `representation` (e.g. 'model embedding') and the k-Means `space` ('standardised' or
+  'cosine', as `probes.kmeans_scores` returns it), below `title` (e.g. the fold) when given.
+  """
   composition = np.asarray(composition, dtype=np.float64)
   if composition.ndim != 2 or composition.shape[1] != len(label_names):
     raise ValueError(f'composition must be [clusters, {len(label_names)}], got {composition.shape}.')
@@ -168,6 +183,7 @@ def plot_cluster_composition(
   ax.set_xticks(positions, labels=[str(c) for c in positions])
   ax.set_xlabel('cluster')
   ax.set_ylabel('tiles')
-  ax.set_title(title)
+  names = f'k-Means clusters of the {representation} ({KMEANS_SPACE_NAMES.get(space, space)})'
+  ax.set_title(f'{title}\n{names}' if title else names)
   ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize='small', frameon=False)
   return _finish(fig, path)
