@@ -129,7 +129,28 @@ def embedders_per_fold(embedders: list[Embedder], features: Features) -> dict[st
       if getattr(other, setting) != getattr(first, setting):
         raise ValueError(f'{first.workdir} and {other.workdir} differ in {setting} ({getattr(first, setting)} vs '
                          f'{getattr(other, setting)}); train every fold with the same config but data.fold.')
+    # The folds' scores are put side by side: each embedding must have been trained on the same store.
+    for key in ('features_digest', 'features_dir'):
+      if first.info.get(key) and other.info.get(key) and first.info[key] != other.info[key]:
+        raise ValueError(f'{first.workdir} and {other.workdir} were trained on different feature stores '
+                         f'({key}: {first.info[key]} vs {other.info[key]}); train every fold on the same features.')
   return {f'fold{k}': by_fold[k] for k in folds}
+
+
+def check_finite(xs: dict, clip_ids: np.ndarray, features_root: str) -> None:
+  """Refuses non-finite tile vectors naming the representation, the first clip and the store, before any probe."""
+  for name, x in xs.items():
+    for fold, tiles in (x.items() if isinstance(x, dict) else [(None, x)]):
+      bad = np.flatnonzero(~np.all(np.isfinite(tiles), axis=1))
+      if not bad.size:
+        continue
+      if name in REPRESENTATIONS:
+        cause = f"{f'the {fold} workdir' if fold else 'the workdir'}'s checkpoint or the store's frames are not finite"
+      else:
+        cause = "the store's frames are not finite"
+      raise ValueError(f'{name} is not finite for {bad.size} tile(s), first of clip {clip_ids[bad[0]]} in '
+                       f'{features_root}: {cause}; preprocess the data again into a new folder, or evaluate '
+                       'another checkpoint (--step).')
 
 
 def clusters_and_neighbours(x: np.ndarray, labels: np.ndarray, clip_ids: np.ndarray, groups: np.ndarray,
@@ -290,6 +311,7 @@ def evaluate(workdirs: str | list[str], *, features_dir: str | None = None, outp
     xs = {name: table[name] for name in REPRESENTATIONS + BASELINES}
 
   names = REPRESENTATIONS + BASELINES
+  check_finite(xs, clip_ids, features.root)
   progress = log_util.Progress('evaluate: probes and clusters',
                                len(names) * len(protocol) * (2 if per_fold else 1) + len(names) * (not per_fold)
                                + int(plot), unit='step')

@@ -243,6 +243,9 @@ def test_per_fold_evaluation_refuses_workdirs_that_do_not_give_one_embedding_per
   longer_tiles = copy_workdir(fold_workdirs[3], tmp_path / 'longer', tile_frames=96)
   message = refusal(fold_workdirs[:3] + [longer_tiles])
   assert 'differ in tile_frames (48 vs 96)' in message
+  other_store = copy_workdir(fold_workdirs[3], tmp_path / 'other_store', features_digest='0123456789abcdef')
+  message = refusal(fold_workdirs[:3] + [other_store])
+  assert 'were trained on different feature stores (features_digest:' in message and '0123456789abcdef' in message
   assert '--step=20 names one checkpoint' in refusal(fold_workdirs, step=20)
   assert not os.path.exists(tmp_path / 'out' / 'report.json')
 
@@ -255,3 +258,16 @@ def test_evaluate_command_takes_workdirs_comma_separated_and_refuses_a_missing_f
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith('evaluate: no workdir trained with data.fold=3 among')
   assert 'Traceback' not in result.stderr
+
+
+def test_non_finite_tile_vectors_are_refused_naming_the_representation_clip_and_store():
+  from dem_jax import evaluate
+  good, bad = np.zeros((3, 4)), np.zeros((3, 4))
+  bad[1, 2] = np.nan
+  clip_ids = np.array(['a', 'b', 'c'])
+  evaluate.check_finite({'model': good, 'logmel_stats': {'fold1': good}}, clip_ids, '/feats')
+  with pytest.raises(ValueError, match=r"model is not finite for 1 tile\(s\), first of clip b in /feats: the "
+                                       r"fold2 workdir's checkpoint"):
+    evaluate.check_finite({'model': {'fold1': good, 'fold2': bad}}, clip_ids, '/feats')
+  with pytest.raises(ValueError, match="logmel_stats is not finite .* clip b in /feats: the store's frames"):
+    evaluate.check_finite({'logmel_stats': bad}, clip_ids, '/feats')
