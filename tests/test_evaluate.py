@@ -129,28 +129,6 @@ def test_embed_command_skips_an_unreadable_file(tiny_workdir, tmp_path):
   assert [os.path.basename(f['path']) for f in summary['failures']] == ['broken.wav']
 
 
-def test_notebook_runs_end_to_end(tiny_workdir, dcase_features, tmp_path):
-  import nbclient
-  import nbformat
-  nb = nbformat.read(os.path.join(ROOT, 'notebooks', 'evaluate.ipynb'), as_version=4)
-  env = {'DEM_JAX_WORKDIR': tiny_workdir, 'DEM_JAX_FEATURES': dcase_features, 'DEM_JAX_NOTEBOOK_OUT': str(tmp_path)}
-  old = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
-    nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
-                            resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}}).execute()
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-  outputs = '\n'.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
-  assert 'macro_f1_clip' in outputs and 'P@5' in outputs
-  assert 'fold1 trunk' in outputs and 'cosine' in outputs  # the trunk probed, k-Means on the unit sphere
-  assert all((tmp_path / f).stat().st_size > 10_000 for f in ('map.png', 'confusion.png', 'clusters.png'))
-
-
 def copy_workdir(workdir, target, **model_info):
   """A copy of `workdir` (its checkpoints and model.json, without its TensorBoard and reports) whose model.json
   fields are replaced by `model_info`: the same weights, presented as trained with another setting."""

@@ -116,9 +116,12 @@ def test_notebook_shows_its_figures_inline_writes_to_its_output_dir_and_scores_e
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 3  # the figures, not '<Figure size ...>'
   text = '\n'.join(o.get('text', '') for o in outputs)
   assert '<Figure size' not in text
+  assert 'macro_f1_clip' in text and 'P@5' in text
+  assert 'fold1 trunk' in text and 'cosine' in text  # the trunk probed, k-Means on the unit sphere
   assert sorted(os.listdir(tiny_workdir)) == workdir_before
   (output_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith('dem_jax_notebook_')]
   assert {'map.png', 'confusion.png', 'clusters.png', 'example.wav'} <= set(os.listdir(output_dir))
+  assert all((output_dir / f).stat().st_size > 10_000 for f in ('map.png', 'confusion.png', 'clusters.png'))
   # Retrieval over every fold's test tiles finds same-class tiles of other sessions; within fold 1's test part,
   # which holds one session per class here, it would find none (P@5 = 0).
   assert float(re.search(r'P@5 = ([0-9.]+)', text).group(1)) > 0
