@@ -7,7 +7,6 @@ candidate's windows, compile seconds, and the PyTorch reference with the ratio. 
 per batch by kind of operation (`profile_ms_per_call`, benchmarks/op_profile.py).
 """
 
-import sys
 
 import jax
 import ml_collections

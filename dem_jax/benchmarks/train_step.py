@@ -8,7 +8,6 @@ per step by kind of operation (`profile_ms_per_call`, benchmarks/op_profile.py).
 training's default `model.dtype='auto'` resolves to here (`dtype` in the JSON; `dtype_flag`: what --dtype asked for).
 """
 
-import sys
 
 import jax
 import ml_collections
