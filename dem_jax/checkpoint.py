@@ -6,6 +6,12 @@ Every process calls save/restore (orbax coordinates them; only the primary proce
 writes each step into a temporary folder and renames it when complete, so a killed run never leaves a checkpoint
 that looks whole but is not.
 
+Each step holds two orbax items: `state`, the train state's arrays, and `progress`, a small JSON object of the
+trainer's own state that must survive a restart with the weights (the time budget's clock and the learning-rate
+schedule's length; big_vision keeps its `chrono` in the checkpoint likewise), so that a resumed run continues from
+the checkpoint alone, whatever became of its logs. Steps saved before the progress item existed hold the state as
+orbax's single unnamed item (`default`); they are read as before and have no progress (`progress()` is None).
+
 What guards against a checkpoint that is whole but wrong:
 - Once orbax has finished a step, the primary process writes `digest.json` into the step's folder: the sha256 of
   the step's files, and whether every saved float was finite. A step whose files no longer match (flipped bytes, a
@@ -34,6 +40,9 @@ CHECKPOINT_DIR = 'checkpoints'
 DIGEST_NAME = 'digest.json'  # In each step's folder, written after orbax finished the step.
 SET_ASIDE_DIR = 'checkpoints_set_aside'  # Steps a resumed run could not use, kept rather than deleted.
 MODEL_INFO = 'model.json'  # What inference needs besides the weights: model config, normaliser, tile, front end.
+STATE_ITEM = 'state'
+PROGRESS_ITEM = 'progress'
+LEGACY_STATE_ITEM = 'default'  # Where a step saved without a progress item holds its state (orbax's unnamed item).
 
 
 class CheckpointError(ValueError):
@@ -50,7 +59,7 @@ def write_model_info(workdir: str, info: dict) -> None:
 def read_model_info(workdir: str) -> dict:
   path = os.path.join(workdir, MODEL_INFO)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir (train with ./launch.sh train '
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir (train with dem-jax train '
                             '--workdir=... first).')
   with open(path, encoding='utf-8') as f:
     return json.load(f)
@@ -176,15 +185,22 @@ class Checkpointer:
         json.dump({'step': step, 'sha256': files_digest(step_dir), 'finite': finite}, f)
       os.replace(tmp, path)
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-    """Saves `state` (a pytree; device arrays are fetched to the host) at `step` if due, or always with force."""
+  def save(self, step: int, state: Any, *, force: bool = False, progress: dict | None = None) -> bool:
+    """Saves `state` (a pytree; device arrays are fetched to the host) at `step` if due, or always with force.
+
+    `progress`, a JSON-able dict (the primary process's is written), goes into the same step as the state: one folder
+    that orbax completes or discards as a whole, under one digest, so the two always belong together.
+    """
     if self.read_only:
       raise CheckpointError(f'This Checkpointer of {self.directory} is read-only; open it without read_only to save.')
     if not force and step % self.save_every:
       return False
     host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(state)))
     finite = all_finite(host_state)
-    saved = self.manager.save(step, args=ocp.args.StandardSave(host_state), force=force)
+    items = {STATE_ITEM: ocp.args.StandardSave(host_state)}
+    if progress is not None:
+      items[PROGRESS_ITEM] = ocp.args.JsonSave(dict(progress))
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       self._pending[step] = finite
     self._write_digests(except_step=step)  # save() waited for the earlier saves; this one may still be running.
@@ -208,6 +224,15 @@ class Checkpointer:
         self._warn_damaged(candidate, reason)
       else:
         yield candidate
+
+  def _read_state(self, step: int, template: Any = None) -> Any:
+    args = ocp.args.StandardRestore(template)
+    if os.path.isdir(os.path.join(self._step_dir(step), STATE_ITEM)):
+      return self.manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+    # A step saved before the progress item: read its one unnamed item directly, since a manager that restored it
+    # would lock itself into orbax's single-item mode and could no longer save both items.
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as legacy:
+      return legacy.restore(os.path.join(self._step_dir(step), LEGACY_STATE_ITEM), args=args)
 
   def _restore_first_intact(self, step: int | None, restore_one) -> Any:
     failures = []
@@ -238,9 +263,22 @@ class Checkpointer:
     if not self._steps():
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     template = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(target)))
-    restored = self._restore_first_intact(
-        step, lambda s: self.manager.restore(s, args=ocp.args.StandardRestore(template)))
+    restored = self._restore_first_intact(step, lambda s: self._read_state(s, template))
     return flax.serialization.from_state_dict(target, restored)
+
+  def progress(self, step: int) -> dict | None:
+    """The `progress` saved with `step`, or None when the step was saved without one (by an older dem_jax)."""
+    if not os.path.isdir(os.path.join(self._step_dir(step), PROGRESS_ITEM)):
+      return None
+    reason = self.damage(step)
+    if reason is None:
+      try:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(
+            **{PROGRESS_ITEM: ocp.args.JsonRestore()}))[PROGRESS_ITEM])
+      except Exception as e:  # As in _restore_first_intact: unreadable means damaged.
+        reason = f'its progress cannot be read ({type(e).__name__}: {str(e)[:200]})'
+    raise CheckpointError(f'Checkpoint step {step} in {self.directory} is damaged: {reason}. Move its folder out '
+                          f'of {self.directory} to resume from the step before it.')
 
   def set_aside_after(self, step: int) -> list[int]:
     """Moves every saved step later than `step` (damaged ones a resumed run skipped) to
@@ -274,7 +312,7 @@ class Checkpointer:
     """The saved state as nested dicts of numpy arrays, without a template (for inference: params, batch_stats)."""
     if not self._steps():
       raise FileNotFoundError(f'No checkpoint in {self.directory}; train first, or check --workdir.')
-    return self._restore_first_intact(step, lambda s: self.manager.restore(s, args=ocp.args.StandardRestore()))
+    return self._restore_first_intact(step, self._read_state)
 
   def wait(self) -> None:
     if self.manager is not None:

@@ -3,7 +3,8 @@
 Only process 0 writes; other processes get a writer that does nothing. A resumed run passes the step it resumes
 from as `purge_step`: records of later steps, written by the run that was killed, disappear from metrics.jsonl and
 (through tensorboardX's purge_step) from TensorBoard, so both read as one uninterrupted run. A half-written last
-line of metrics.jsonl (a kill mid-write) is dropped; the records before it stay.
+line of metrics.jsonl (a kill mid-write) is dropped; the records before it stay. The log is for reading, not for
+resuming: what a resumed run needs (the time budget's clock, the schedule's length) is saved with each checkpoint.
 
 TensorBoard also gets the run's hyperparameters (`write_hparams`), the evaluation's figures (`write_figures`) and an
 embedding-projector export of labelled embeddings (`write_embedding`). Without tensorboardX (the `plots` extra) the

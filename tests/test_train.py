@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from dem_jax.configs import dcase as dcase_config
@@ -215,20 +217,93 @@ def test_non_finite_gradient_stops_like_a_non_finite_loss(dcase_features, tmp_pa
   assert not os.path.exists(tmp_path / 'g' / 'model.json')
 
 
-def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_features, tmp_path):
+def test_time_budget_stops_with_a_checkpoint_and_counts_across_restarts(dcase_features, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'budget')
-  config = tiny_config(dcase_features, num_steps=100000, log_every=5, checkpoint_every=1000, train_minutes=0.05,
-                       **{'optimizer.schedule': 'cosine'})
+  settings = dict(num_steps=100000, log_every=5, checkpoint_every=1000, **{'optimizer.schedule': 'cosine'})
+  config = tiny_config(dcase_features, train_minutes=0.05, **settings)
   train_lib.train_and_evaluate(config, workdir)
-  steps = checkpoint_lib.Checkpointer(workdir).all_steps()
-  assert len(steps) == 1 and 0 < steps[0] < 100000
+  (stop,) = checkpoint_lib.Checkpointer(workdir).all_steps()
+  assert 0 < stop < 100000
+  # The checkpoint holds the clock the log shows at its step, and the schedule's length: what the budget reaches,
+  # not the 100000-step cap.
+  progress = checkpoint_lib.Checkpointer(workdir).progress(stop)
   records = [r for r in read_metrics(workdir) if 'train/train_seconds' in r]
-  assert records[-1]['step'] == steps[0] and 3.0 <= records[-1]['train/train_seconds'] < 60
-  # The cosine schedule spans what the budget reaches, not the 100000-step cap.
-  logged = [r for r in records if 'train/schedule_steps' in r]
-  assert logged and logged[-1]['train/schedule_steps'] < 100000
+  assert records[-1]['step'] == stop and progress['train_seconds'] == records[-1]['train/train_seconds']
+  assert 3.0 <= progress['train_seconds'] < 60
+  logged = [r['train/schedule_steps'] for r in records if 'train/schedule_steps' in r]
+  assert logged and progress['schedule_steps'] == logged[-1] < 100000
+
+  # The log is only a log: without it, a restart still knows that the budget is spent.
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
   with pytest.raises(train_lib.TrainingError, match=r'budget.*is spent.*train_minutes'):
     train_lib.train_and_evaluate(config, workdir)
+
+  # A log that says otherwise (no time spent, a 100000-step schedule) is not believed either: given 3 s more, the run
+  # goes on from the checkpoint's clock, with the checkpoint's schedule.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    f.write(json.dumps({'step': stop, 'train/train_seconds': 0.0, 'train/schedule_steps': 100000}) + '\n')
+  schedules = []
+  real = train_lib.step_lib.learning_rate_at
+
+  def recording(optimizer_config, step, total_steps=None):
+    schedules.append((int(np.min(step)), total_steps))
+    return real(optimizer_config, step, total_steps)
+
+  monkeypatch.setattr(train_lib.step_lib, 'learning_rate_at', recording)
+  more = tiny_config(dcase_features, train_minutes=progress['train_seconds'] / 60 + 0.05, **settings)
+  train_lib.train_and_evaluate(more, workdir)
+  assert next(total for first, total in schedules if first == stop) == progress['schedule_steps']
+  resumed = [r['train/train_seconds'] for r in read_metrics(workdir) if r['step'] > stop and 'train/train_seconds' in r]
+  assert resumed and min(resumed) > progress['train_seconds']
+  stop_again = checkpoint_lib.Checkpointer(workdir).latest_step()
+  assert stop_again > stop
+  assert checkpoint_lib.Checkpointer(workdir).progress(stop_again)['train_seconds'] >= 60 * more.train_minutes
+
+
+def saved_as_before_progress(workdir, step):
+  """Rewrites a checkpoint step as dem_jax saved it before the progress item: the state as orbax's unnamed item."""
+  state = checkpoint_lib.Checkpointer(str(workdir), read_only=True).restore_raw(step)
+  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  shutil.rmtree(os.path.join(directory, str(step)))
+  with ocp.CheckpointManager(directory) as manager:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  assert checkpoint_lib.Checkpointer(str(workdir), read_only=True).progress(step) is None
+
+
+def test_a_checkpoint_without_progress_takes_the_clock_from_the_log_only_where_it_reaches_it(dcase_features,
+                                                                                            tmp_path):
+  workdir = tmp_path / 'w'
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, checkpoint_every=2), str(workdir))
+  saved_as_before_progress(workdir, 2)
+  # The log's last clock record of step 2 (the one written with the checkpoint) says 500 s: a budgeted run goes on
+  # from there.
+  with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write(json.dumps({'step': 2, 'train/train_seconds': 500.0}) + '\n')
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2, train_minutes=10.0),
+                               str(workdir))
+  assert 500.0 < checkpoint_lib.Checkpointer(str(workdir)).progress(4)['train_seconds'] < 600.0
+  # Without the log the time left is unknown: a budgeted run stops and says how to go on; one without a budget goes on.
+  saved_as_before_progress(workdir, 4)
+  os.remove(workdir / 'metrics.jsonl')
+  with pytest.raises(train_lib.TrainingError, match=r'step 4 .*without the time budget.*--config.train_minutes=0'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, checkpoint_every=2, train_minutes=10.0),
+                                 str(workdir))
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, checkpoint_every=2), str(workdir))
+  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 6
+
+
+def test_bad_settings_are_refused_before_anything_is_written(dcase_features, tmp_path):
+  workdir = tmp_path / 'w'
+  for minutes in (float('nan'), float('inf'), -1.0):
+    with pytest.raises(train_lib.TrainingError, match=r'^config.train_minutes=(nan|inf|-1.0) must be a finite number '
+                                                      r'.*--config.train_minutes=0') as raised:
+      train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, train_minutes=minutes), str(workdir))
+    assert '\n' not in str(raised.value)
+  # The schedule too, which the run first reads at its first step.
+  with pytest.raises(train_lib.TrainingError, match=r"config.optimizer.schedule='linear'"):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, **{'optimizer.schedule': 'linear'}),
+                                 str(workdir))
+  assert not workdir.exists()
 
 
 def test_run_length_ends_a_budgeted_run_when_it_comes_first(dcase_features, tmp_path):
