@@ -4,6 +4,7 @@ r"""Embeddings from a trained workdir: of feature-store clips, of audio files of
     embedder = Embedder('/scratch/dcase_run')              # latest checkpoint; Embedder(w, step=N) for another
     out = embedder.embed_file('kitchen.wav')              # {'embeddings': [n, E], 'timestamps': [n], 'clip_embedding': [E]}
     out = embedder.embed_audio(samples, 44100)            # in-memory audio: any rate, [samples] or [samples, channels]
+    out = embedder.embed_file('kitchen.wav', trunk=True)  # also 'trunk': [n, C] (the head's input), 'clip_trunk'
     table = embedder.embed_features(open_features('/data/features/dcase_dev'))
 
 Tiles are cut every `hop_seconds` (default: the tile length in seconds, the original's non-overlapping grid); a tile's
@@ -13,26 +14,41 @@ its timestamp is its own start, off the grid. Audio shorter than one tile is pad
 pooled clip embedding is the mean of the tile embeddings, L2-normalised again. Audio whose log-Mel is not finite
 raises `EmbedError` rather than giving an embedding of garbage.
 
+In-memory audio is [samples] or [samples, channels], the layout soundfile.read returns (the channels are averaged);
+a 2-D array with more channels than samples is [channels, samples] (torchaudio's and librosa's layout) and is
+refused: pass its transpose. Float samples are taken as they are (full scale 1.0); integer PCM (what
+scipy.io.wavfile.read returns) is scaled as soundfile scales it when it reads a file as float: int16 / 2**15,
+int32 / 2**31, int8 / 2**7, uint8 (x - 128) / 2**7.
+
+Two representations, one name each: 'embedding' is the model's output (arrays of them 'embeddings'), 'trunk' the
+pooled features of its trunk's last block, the head's input.
+
 Command line: embed a file or a folder (recursively), one `<file name>.npz` per input (`x.wav` -> `x.wav.npz`, so
-`x.wav` and `x.flac` of one folder stay apart) holding embeddings, timestamps, centre_timestamps, clip_embedding:
+`x.wav` and `x.flac` of one folder stay apart) holding embeddings, timestamps, centre_timestamps, clip_embedding,
+and the settings they were made with (workdir, checkpoint_step, tile_seconds, hop_seconds, representations):
 
-    ./launch.sh embed --workdir=W --input=FILE_OR_DIR --output_dir=O
+    dem-jax embed --workdir=W --input=FILE_OR_DIR --output_dir=O
 
-Tiles of many files are packed into full batches of `--batch_size` while worker threads decode the next files;
-a file whose output exists is skipped unless `--overwrite`, so a stopped run finishes what is left. `--trunk` also
-writes each tile's pooled trunk features (`trunk_features`, the head's input: the representation the `:cpu` recipe
-is tuned for). A file that cannot be embedded is reported and skipped; embed_summary.json in O lists what was
-written, already there and skipped.
+Tiles of many files are packed into full batches of `--batch_size` while worker threads decode the next files.
+A file whose output exists with the same settings is skipped unless `--overwrite`, so a stopped run finishes what
+is left; an output made with other settings (another workdir, step or hop, with or without the trunk), or by a
+version that did not record them, is embedded again, so one folder never mixes two settings. `--trunk` also writes
+each tile's pooled trunk features (`trunk`, the head's input: the representation the `:cpu` recipe is tuned for)
+and their mean (`clip_trunk`). A file that cannot be embedded is reported and skipped; embed_summary.json in O lists
+what was written (and which of those replaced an output of other settings), already there and skipped.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import concurrent.futures
 import dataclasses
 import itertools
 import json
+import logging
+import math
 import os
 import zipfile
 from typing import Any, Callable, Iterable, Iterator
@@ -102,7 +118,7 @@ class _FileTiles:
   starts: np.ndarray | None = None
   error: audio.AudioError | None = None
   embeddings: list = dataclasses.field(default_factory=list)
-  trunk: list = dataclasses.field(default_factory=list)  # with_trunk: each tile's pooled trunk features
+  trunk: list = dataclasses.field(default_factory=list)  # trunk=True: each tile's pooled trunk features
   missing: int = 0  # tiles whose embedding has not come back yet
 
 
@@ -143,7 +159,7 @@ class TileEmbedder:
   """A jit-compiled forward pass over fixed-size batches, data-parallel over all local devices.
 
   The batch shape never changes (the last batch is padded), so it compiles once. Calling it gives the embeddings;
-  `with_trunk` gives the embeddings and the pooled trunk features of the same pass.
+  with `trunk=True`, the embeddings and the pooled trunk features of the same pass.
   """
 
   def __init__(self, model, variables: dict, *, batch_size: int = 64):
@@ -166,20 +182,17 @@ class TileEmbedder:
     """New weights of the same shapes (no recompilation)."""
     self._variables = jax.device_put(variables, self._replicated)
 
-  def dispatch(self, batch: np.ndarray, *, with_trunk: bool = False):
+  def dispatch(self, batch: np.ndarray, *, trunk: bool = False):
     """Starts the forward pass of one full float32 batch [batch_size, T, M]; returns at once (the result is [B, E],
-    or `with_trunk` the dict of `forward_with_trunk`, once computed). The caller must not change `batch` before
+    or with `trunk` the dict of `forward_with_trunk`, once computed). The caller must not change `batch` before
     reading the result: the CPU may share its memory."""
-    forward = self._forward_with_trunk if with_trunk else self._forward
+    forward = self._forward_with_trunk if trunk else self._forward
     return forward(self._variables, jax.device_put(batch, self._batch_sharding))
 
-  def __call__(self, tiles: np.ndarray) -> np.ndarray:
-    """[N, T, M] -> float32 [N, E]."""
-    return self._batched(self._forward, tiles)
-
-  def with_trunk(self, tiles: np.ndarray) -> dict:
-    """[N, T, M] -> {'embedding': float32 [N, E], 'trunk': float32 [N, C]} (see `forward_with_trunk`)."""
-    return self._batched(self._forward_with_trunk, tiles)
+  def __call__(self, tiles: np.ndarray, *, trunk: bool = False):
+    """[N, T, M] -> float32 [N, E]; with `trunk`, {'embedding': float32 [N, E], 'trunk': float32 [N, C]} of one
+    pass (see `forward_with_trunk`)."""
+    return self._batched(self._forward_with_trunk if trunk else self._forward, tiles)
 
   def _batched(self, forward, tiles: np.ndarray):
     n = tiles.shape[0]
@@ -196,16 +209,35 @@ class TileEmbedder:
     return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:n], *out)
 
 
+@contextlib.contextmanager
+def _quiet_checkpoint_reading():
+  """Holds back what orbax logs (through absl) while a checkpoint is opened: its INFO lines, and its notice that a
+  read-only manager is read-only, our own choice restated as a WARNING that a notebook prints. The filter is the
+  command lines' (log_util), on the 'absl' logger for this block only: the user's own logging is untouched, and
+  library warnings still show."""
+  absl_logger = logging.getLogger('absl')
+  drop = log_util._DropLibraryInfo()
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
+
+
 class Embedder:
   """A trained model loaded once from a workdir; embeds feature-store clips, audio files and tiles."""
 
   def __init__(self, workdir: str, *, step: int | None = None, batch_size: int = 64, hop_seconds: float | None = None):
+    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
+      raise EmbedError(f'hop_seconds={hop_seconds}; give a positive number of seconds between tile starts (None: '
+                       'the tile length).')
     self.workdir = os.path.abspath(workdir)
     self.info = checkpoint_lib.read_model_info(self.workdir)
     # Read-only: a reader must never clean up the folder a running training is saving into.
-    checkpointer = checkpoint_lib.Checkpointer(self.workdir, read_only=True)
-    self.step = checkpointer.latest_step() if step is None else step
-    saved = checkpointer.restore_raw(self.step)
+    with _quiet_checkpoint_reading():
+      checkpointer = checkpoint_lib.Checkpointer(self.workdir, read_only=True)
+      self.step = checkpointer.latest_step() if step is None else step
+      saved = checkpointer.restore_raw(self.step)
     self.frontend = FrontEnd(**self.info['frontend'])
     self.tile_frames = int(self.info['tile_frames'])
     # Default hop: the tile's length in seconds, the original's non-overlapping grid (5-s tiles of 498 frames
@@ -248,12 +280,12 @@ class Embedder:
                               cover_end=cover_end)
     return tiles, starts / self.frontend.frame_rate
 
-  def embed_frames(self, frames: np.ndarray, *, with_trunk: bool = False) -> dict:
+  def embed_frames(self, frames: np.ndarray, *, trunk: bool = False) -> dict:
     """Embeddings of one clip's log-Mel frames [frames, bands]; see `embed_audio` for what it returns."""
     _check_log_mel(frames)
     tiles, times = self.tiles_of_frames(frames)
-    if with_trunk:
-      out = self.embed_tiles.with_trunk(tiles)
+    if trunk:
+      out = self.embed_tiles(tiles, trunk=True)
       return self._result(out['embedding'], times, out['trunk'])
     return self._result(self.embed_tiles(tiles), times)
 
@@ -265,22 +297,24 @@ class Embedder:
               'centre_timestamps': (times + self.tile_seconds / 2).astype(np.float32),
               'clip_embedding': l2_normalise(embeddings.mean(axis=0))}
     if trunk is not None:
-      result['trunk_features'] = trunk
+      result['trunk'] = trunk
+      result['clip_trunk'] = trunk.mean(axis=0)
     return result
 
-  def embed_audio(self, samples: np.ndarray, sample_rate: int, *, with_trunk: bool = False) -> dict:
-    """Embeddings of in-memory audio: [samples] or [samples, channels] (averaged to mono) at any `sample_rate`.
+  def embed_audio(self, samples: np.ndarray, sample_rate: int, *, trunk: bool = False) -> dict:
+    """Embeddings of in-memory audio at any `sample_rate`: [samples] or [samples, channels] (averaged to mono) as
+    soundfile.read returns it, float or integer PCM (scaled as soundfile scales it; see `to_mono`).
 
     Returns {'embeddings': [n, E] (one per tile), 'timestamps': [n] tile starts and 'centre_timestamps': [n] tile
-    centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}, and `with_trunk` also
-    'trunk_features': [n, C], each tile's pooled trunk features from the same pass (the head's input, not
-    normalised). Tiles lie on the hop grid, plus one aligned to the end of the audio where the grid stops short of
-    it (see `tile_starts`).
+    centres in seconds, 'clip_embedding': [E] (the tiles' mean, L2-normalised)}, and with `trunk` also 'trunk':
+    [n, C], each tile's pooled trunk features from the same pass (the head's input, not normalised), and
+    'clip_trunk': [C], their mean. Tiles lie on the hop grid, plus one aligned to the end of the audio where the
+    grid stops short of it (see `tile_starts`).
     """
     samples = to_mono(samples)
     if not np.all(np.isfinite(samples)):  # Decoded files are checked by audio.load_audio already.
       raise EmbedError('the audio holds NaN or infinite samples')
-    return self.embed_frames(self._log_mel_of_audio(samples, sample_rate), with_trunk=with_trunk)
+    return self.embed_frames(self._log_mel_of_audio(samples, sample_rate), trunk=trunk)
 
   def _log_mel_of_audio(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """float32 [frames, bands] log-Mel of finite mono `samples` at `sample_rate`."""
@@ -292,12 +326,12 @@ class Embedder:
                        f'{self.frontend.sample_rate} Hz)')
     return frames
 
-  def embed_file(self, path: str, *, with_trunk: bool = False) -> dict:
+  def embed_file(self, path: str, *, trunk: bool = False) -> dict:
     """Embeddings of an audio file of any length and format (see `embed_audio`); raises audio.AudioError naming
     the file if it cannot be read or embedded."""
     samples = audio.load_audio(path, self.frontend.sample_rate)
     try:
-      return self.embed_audio(samples, self.frontend.sample_rate, with_trunk=with_trunk)
+      return self.embed_audio(samples, self.frontend.sample_rate, trunk=trunk)
     except EmbedError as e:
       raise audio.AudioError(path, str(e)) from None
 
@@ -314,14 +348,14 @@ class Embedder:
     starts = tile_starts(frames.shape[0], self.tile_frames, self.hop_frames, cover_end=True)
     return _FileTiles(path, frames=frames, starts=starts)
 
-  def embed_files(self, paths: Iterable[str], *, num_workers: int = 2, with_trunk: bool = False
+  def embed_files(self, paths: Iterable[str], *, num_workers: int = 2, trunk: bool = False
                   ) -> Iterator[tuple[str, dict | audio.AudioError]]:
     """(path, `embed_file`'s result or the AudioError that says why not) for each of `paths`, in order.
 
     The tiles of many files share each batch (a 10-s clip does not pay for a batch of its own), and the next
     files are decoded and their log-Mel computed by `num_workers` threads (decoding, resampling and the FFT
     release the GIL) while the model runs; at most a few files per thread wait, decoded, in memory. The
-    embeddings (and `with_trunk` the trunk features) equal those of `embed_file`, file by file.
+    embeddings (and with `trunk` the trunk features) equal those of `embed_file`, file by file.
     """
     batch_size = self.embed_tiles.batch_size
     # Two batch buffers: one is filled while the model reads the other (the CPU backend may share its memory).
@@ -332,12 +366,12 @@ class Embedder:
 
     def collect():
       out, out_rows = in_flight
-      embeddings = np.asarray(out['embedding'] if with_trunk else out)
-      trunk = np.asarray(out['trunk']) if with_trunk else None
+      embeddings = np.asarray(out['embedding'] if trunk else out)
+      trunk_rows = np.asarray(out['trunk']) if trunk else None
       for row, (file, tile) in enumerate(out_rows):
         file.embeddings[tile] = embeddings[row]
-        if with_trunk:
-          file.trunk[tile] = trunk[row]
+        if trunk:
+          file.trunk[tile] = trunk_rows[row]
         file.missing -= 1
 
     def finished():
@@ -348,7 +382,7 @@ class Embedder:
           continue
         try:
           yield file.path, self._result(np.stack(file.embeddings), file.starts / self.frontend.frame_rate,
-                                        np.stack(file.trunk) if with_trunk else None)
+                                        np.stack(file.trunk) if trunk else None)
         except EmbedError as e:
           yield file.path, audio.AudioError(file.path, str(e))
 
@@ -356,7 +390,7 @@ class Embedder:
       nonlocal in_flight, rows
       batch = buffers[0]
       batch[len(rows):] = 0  # a last, part-filled batch: the rest is padding, whose embeddings are dropped
-      started = (self.embed_tiles.dispatch(batch, with_trunk=with_trunk), rows)
+      started = (self.embed_tiles.dispatch(batch, trunk=trunk), rows)
       if in_flight is not None:
         collect()
       in_flight, rows = started, []
@@ -387,17 +421,17 @@ class Embedder:
         collect()
       yield from finished()
 
-  def embed_features(self, features: Features, clips: list[Clip] | None = None, *, with_trunk: bool = False) -> dict:
+  def embed_features(self, features: Features, clips: list[Clip] | None = None, *, trunk: bool = False) -> dict:
     """Per-tile embeddings of feature-store clips (default: all); see `embed_clips` for what it returns, with the
-    tiles' embeddings under 'embeddings', their mean per clip under 'clip_embeddings' and, `with_trunk`, the pooled
-    trunk features of the same pass (the head's input) under 'trunk_features'."""
+    tiles' embeddings under 'embeddings', their mean per clip under 'clip_embeddings' and, with `trunk`, the pooled
+    trunk features of the same pass (the head's input) under 'trunk'."""
     check_frontend(features, self)
-    tile_fn = self.embed_tiles.with_trunk if with_trunk else self.embed_tiles
+    tile_fn = functools.partial(self.embed_tiles, trunk=True) if trunk else self.embed_tiles
     table = embed_clips(features, features.clips if clips is None else clips, {'embedding': tile_fn},
                         tile_frames=self.tile_frames, hop_frames=self.hop_frames)
     table['embeddings'] = table.pop('embedding')
-    if with_trunk:
-      table['trunk_features'] = table.pop('trunk', np.zeros((0, 0), np.float32))
+    if trunk:
+      table.setdefault('trunk', np.zeros((0, 0), np.float32))  # no clips: embed_clips names no second output
     table['clip_embeddings'] = pool_per_clip(table['embeddings'], table['clip_index'], len(table['clips']))
     return table
 
@@ -415,14 +449,49 @@ def check_frontend(features: Features, embedder: 'Embedder') -> None:
                    'settings (its model.json, "frontend").')
 
 
-def to_mono(samples: np.ndarray) -> np.ndarray:
-  """float32 mono samples of [samples] or [samples, channels] audio (the channel mean)."""
-  samples = np.asarray(samples, dtype=np.float32)
-  if samples.ndim == 2:
-    return samples.mean(axis=1)
-  if samples.ndim != 1:
+# Integer PCM as soundfile scales it when it reads a file as float: (x - offset) / full scale.
+_PCM_SCALE = {np.dtype(np.int16): (0, 2 ** 15), np.dtype(np.int32): (0, 2 ** 31), np.dtype(np.int8): (0, 2 ** 7),
+              np.dtype(np.uint8): (2 ** 7, 2 ** 7)}
+
+
+def as_float_samples(samples) -> np.ndarray:
+  """float32 samples (full scale 1.0) of float audio, or of integer PCM scaled as soundfile scales it: int16 / 2**15,
+  int32 / 2**31, int8 / 2**7, uint8 (x - 128) / 2**7. Other dtypes are refused: their full scale is unknown."""
+  samples = np.asarray(samples)
+  if samples.dtype in _PCM_SCALE:
+    offset, scale = _PCM_SCALE[samples.dtype]
+    return (samples.astype(np.float32) - np.float32(offset)) / np.float32(scale)  # powers of two: exact
+  if not np.issubdtype(samples.dtype, np.floating):
+    raise EmbedError(f'audio samples of dtype {samples.dtype}: pass float samples (full scale 1.0) or integer PCM '
+                     '(int16, int32, int8, uint8)')
+  return samples.astype(np.float32, copy=False)
+
+
+def to_mono(samples) -> np.ndarray:
+  """float32 mono samples of [samples] or [samples, channels] audio (the channel mean), the layout soundfile.read
+  returns; integer PCM is scaled as soundfile scales it (see `as_float_samples`).
+
+  Refused with the fix: empty audio, and a 2-D array with more channels than samples, which is [channels, samples]
+  (torchaudio's and librosa's layout; a clip that short could not be embedded anyway).
+  """
+  samples = np.asarray(samples)
+  if samples.ndim not in (1, 2):
     raise EmbedError(f'audio must be [samples] or [samples, channels]; got shape {samples.shape}')
-  return samples
+  if samples.size == 0:
+    raise EmbedError(f'empty audio: 0 samples (shape {samples.shape})')
+  if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
+    raise EmbedError(f'audio of shape {samples.shape} looks like [channels, samples] ({samples.shape[0]} channels of '
+                     f'{samples.shape[1]} samples); audio is [samples] or [samples, channels], as soundfile.read '
+                     'returns it: pass samples.T')
+  samples = as_float_samples(samples)
+  return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def mean_per_clip(values: np.ndarray, clip_index: np.ndarray, num_clips: int) -> np.ndarray:
+  """float32 [num_clips, D]: the mean of each clip's rows (tiles) of `values` [N, D]."""
+  sums = np.zeros((num_clips, values.shape[1]), np.float32)
+  np.add.at(sums, clip_index, values)
+  return (sums / np.maximum(np.bincount(clip_index, minlength=num_clips), 1)[:, None]).astype(np.float32)
 
 
 def pool_per_clip(embeddings: np.ndarray, clip_index: np.ndarray, num_clips: int) -> np.ndarray:
@@ -507,38 +576,62 @@ def default_num_workers() -> int:
   return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
-def write_embeddings(target: str, result: dict, hop_seconds: float) -> None:
-  """Writes one file's .npz atomically (a temporary name, then a rename): a run killed mid-write leaves no partial
-  file that a later run would take as done."""
+# What each output .npz records about how it was made, beside its arrays (see `output_settings`).
+SETTINGS = ('workdir', 'checkpoint_step', 'tile_seconds', 'hop_seconds', 'representations')
+
+
+def output_settings(embedder: Embedder, *, trunk: bool = False) -> dict:
+  """The settings an output of `embedder` records: its workdir (absolute; '' for in-memory weights), checkpoint
+  step (-1 for in-memory weights), tile and hop in seconds, and the representations the file holds."""
+  return {'workdir': embedder.workdir or '', 'checkpoint_step': -1 if embedder.step is None else int(embedder.step),
+          'tile_seconds': float(embedder.tile_seconds), 'hop_seconds': float(embedder.hop_seconds),
+          'representations': ['embedding', 'trunk'] if trunk else ['embedding']}
+
+
+def recorded_settings(target: str) -> dict | None:
+  """The settings the output .npz `target` records; None if it records none (written before they were recorded)
+  or cannot be read."""
+  try:
+    with np.load(target) as npz:
+      if not set(SETTINGS) <= set(npz.files):
+        return None
+      return {'workdir': str(npz['workdir']), 'checkpoint_step': int(npz['checkpoint_step']),
+              'tile_seconds': float(npz['tile_seconds']), 'hop_seconds': float(npz['hop_seconds']),
+              'representations': [str(r) for r in npz['representations']]}
+  except (OSError, ValueError, zipfile.BadZipFile):
+    return None
+
+
+def same_settings(recorded: dict | None, wanted: dict) -> bool:
+  """Whether an output that records `recorded` was made with the settings `wanted` (None records nothing: no)."""
+  if recorded is None:
+    return False
+  return all(math.isclose(recorded[k], v, rel_tol=1e-9) if isinstance(v, float) else recorded[k] == v
+             for k, v in wanted.items())
+
+
+def write_embeddings(target: str, result: dict, settings: dict) -> None:
+  """Writes one file's .npz, with the `settings` it was made with, atomically (a temporary name, then a rename): a
+  run killed mid-write leaves no partial file that a later run would take as done."""
   os.makedirs(os.path.dirname(target), exist_ok=True)
   tmp = f'{target}.tmp.{os.getpid()}.npz'
-  np.savez(tmp, **result, hop_seconds=hop_seconds)
+  np.savez(tmp, **result, **settings)
   os.replace(tmp, target)
 
 
-def _has_output(target: str, with_trunk: bool) -> bool:
-  """Whether `target` holds a finished output: any file there (outputs are written atomically), and `with_trunk`
-  one that also holds trunk features (an unreadable one does not)."""
-  if not os.path.exists(target):
-    return False
-  if not with_trunk:
-    return True
-  try:
-    with np.load(target) as npz:
-      return 'trunk_features' in npz.files
-  except (OSError, ValueError, zipfile.BadZipFile):
-    return False
-
-
 def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwrite: bool = False,
-                num_workers: int | None = None, show_progress: bool | None = None, with_trunk: bool = False) -> dict:
+                num_workers: int | None = None, show_progress: bool | None = None, trunk: bool = False) -> dict:
   """Embeds every audio file under `input_path` into `output_dir`/<relative path>.npz (see `output_name`); returns
-  {'written': [...], 'existing': [...], 'failures': [{'path', 'reason'}], 'checkpoint_step'}.
+  {'written': [...], 'existing': [...], 'reembedded': [...], 'failures': [{'path', 'reason'}], 'checkpoint_step',
+  'settings'}.
 
-  Files whose output already exists are left as they are (listed in 'existing') unless `overwrite`, so a stopped
-  run, started again, does only what is left. `with_trunk` also writes each tile's pooled trunk features
-  ('trunk_features', see `Embedder.embed_audio`), and an output without them counts as not yet written. The tiles
-  of many files share each batch and files are decoded ahead in `num_workers` threads (see `Embedder.embed_files`).
+  Each output records the settings it was made with (`output_settings`). Files whose output exists with the same
+  settings are left as they are (listed in 'existing') unless `overwrite`, so a stopped run, started again, does
+  only what is left. An output made with other settings (another workdir, step, hop, or set of representations), or
+  one that records none (an older version's), counts as not yet written: the file is embedded again, and listed in
+  'reembedded' as well as in 'written', so that no folder silently holds two settings. `trunk` also writes each
+  tile's pooled trunk features and their mean ('trunk' and 'clip_trunk', see `Embedder.embed_audio`). The tiles of
+  many files share each batch and files are decoded ahead in `num_workers` threads (see `Embedder.embed_files`).
   A file that cannot be read or embedded is reported and skipped. Progress: a bar on a terminal, a log line every
   30 s otherwise (`show_progress` forces).
   """
@@ -546,37 +639,46 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
   prepare_output_dir(output_dir)
   root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
   targets = {path: os.path.join(output_dir, output_name(path, root)) for path in files}
-  done = {path: not overwrite and _has_output(target, with_trunk) for path, target in targets.items()}
-  existing = [targets[path] for path in files if done[path]]
-  todo = [path for path in files if not done[path]]
-  written, failures = [], []
+  settings = output_settings(embedder, trunk=trunk)
+  kept, other_settings = set(), set()
+  for path, target in targets.items():
+    if not overwrite and os.path.exists(target):
+      (kept if same_settings(recorded_settings(target), settings) else other_settings).add(path)
+  existing = [targets[path] for path in files if path in kept]
+  todo = [path for path in files if path not in kept]
+  written, reembedded, failures = [], [], []
   progress = log_util.Progress('embed', len(todo), unit='file', interactive=show_progress)
-  for path, result in embedder.embed_files(todo, num_workers=num_workers or default_num_workers(),
-                                          with_trunk=with_trunk):
+  for path, result in embedder.embed_files(todo, num_workers=num_workers or default_num_workers(), trunk=trunk):
     if isinstance(result, audio.AudioError):
       failures.append({'path': path, 'reason': result.reason})
     else:
-      write_embeddings(targets[path], result, embedder.hop_seconds)
+      write_embeddings(targets[path], result, settings)
       written.append(targets[path])
+      if path in other_settings:
+        reembedded.append(targets[path])
     progress.update()
   progress.close()
-  return {'written': written, 'existing': existing, 'failures': failures, 'checkpoint_step': embedder.step}
+  return {'written': written, 'existing': existing, 'reembedded': reembedded, 'failures': failures,
+          'checkpoint_step': embedder.step, 'settings': settings}
 
 
 def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = None,
         hop_seconds: float | None = None, batch_size: int = 64, overwrite: bool = False,
-        num_workers: int | None = None, with_trunk: bool = False) -> dict:
+        num_workers: int | None = None, trunk: bool = False) -> dict:
   """The command line's work: embeds, writes output_dir/embed_summary.json, returns the summary."""
   if not os.path.exists(input_path):
     raise EmbedError(f'--input={input_path} does not exist; name an audio file or a folder of them.')
   if batch_size < 1:
     raise EmbedError(f'--batch_size={batch_size}; give 1 or more tiles per batch.')
+  if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
+    raise EmbedError(f'--hop_seconds={hop_seconds}; give a positive number of seconds between tile starts '
+                     '(default: the tile length).')
   if num_workers is not None and num_workers < 1:
     raise EmbedError(f'--num_workers={num_workers}; give 1 or more decoding threads.')
   prepare_output_dir(output_dir)
   embedder = Embedder(workdir, step=step, hop_seconds=hop_seconds, batch_size=batch_size)
   summary = embed_paths(embedder, input_path, output_dir, overwrite=overwrite, num_workers=num_workers,
-                        with_trunk=with_trunk)
+                        trunk=trunk)
   with open(os.path.join(output_dir, 'embed_summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -231,7 +231,7 @@ def training_loss(workdirs: list[str]) -> str | None:
 def model_tile_fn(embedder: Embedder):
   """The model's two representations of a batch of tiles, from one forward pass."""
   def embed(tiles):
-    out = embedder.embed_tiles.with_trunk(tiles)
+    out = embedder.embed_tiles(tiles, trunk=True)
     return {MODEL: out['embedding'], MODEL_TRUNK: out['trunk']}
   return embed
 

@@ -9,20 +9,30 @@ r"""The HEAR 2021 API (Holistic Evaluation of Audio Representations) for a train
 `pip install dem_jax[hear]`) that holds the JAX model; the computation stays in JAX. The functions take numpy arrays
 too and then return numpy, without torch. The HEAR kit's tasks run with `hear-validator dem_jax.hear -m WORKDIR`,
 then the kit's `python3 -m heareval.embeddings.runner dem_jax.hear --model WORKDIR --tasks-dir TASKS`
-(README: "Evaluate on the HEAR tasks").
+(README: "Evaluate on the HEAR tasks"). Audio is float (full scale 1.0) or integer PCM, scaled as soundfile scales
+it (int16 / 2**15, ...; see `dem_jax.embed.as_float_samples`).
+
+Which representation: the model's output, 'embedding' (the default), or 'trunk', the pooled features of the trunk's
+last block that the head takes as input (`dem-jax embed --trunk` writes the same per tile). Choose it with
+`load_model(path, representation='trunk')`, or, where the kit passes the path alone, by ending the path with
+`:trunk` (`hear-validator dem_jax.hear -m WORKDIR:trunk`). The model's scene_embedding_size and
+timestamp_embedding_size are those of the chosen representation.
 
 What the embeddings are:
 - A scene embedding is the model's clip embedding, as `Embedder.embed_audio` gives it: the clip cut into tiles of
   the training length (padded with silence to one tile when shorter), each tile embedded, the mean L2-normalised.
+  With the trunk, it is `Embedder.embed_audio`'s 'clip_trunk': the mean of the tiles' pooled trunk features (not
+  normalised).
 - A timestamp embedding describes the `timestamp_window_seconds` of audio centred on its timestamp (default 1 s,
   at most a tile). It is computed as the model computes a tile's embedding, with the tile's global average replaced
   by an average over that window: the ResNet trunk runs once over the whole clip (padded with silence at both ends),
   its output is averaged over the mel axis, the per-position features are averaged over the window along the time
-  axis, then the model's projection and L2 normalisation apply. The trunk's time axis has one position per 32
-  frames (320 ms); running it on 8 copies of the clip shifted by 4 frames each gives one position every 40 ms, so
-  the timestamps fall every 40 ms (HEAR asks for at most 50 ms), at the centres of those positions. The cost is
-  8 trunk passes over the clip, whatever its length, instead of one tile pass per timestamp; the copies go through
-  one at a time, so a 20-minute sound (HEAR's longest) needs the activations of one copy only.
+  axis (with the trunk, these window means are the timestamp embedding), then the model's projection and L2
+  normalisation apply. The trunk's time axis has one position per 32 frames (320 ms); running it on 8 copies of the
+  clip shifted by 4 frames each gives one position every 40 ms, so the timestamps fall every 40 ms (HEAR asks for at
+  most 50 ms), at the centres of those positions. The cost is 8 trunk passes over the clip, whatever its length,
+  instead of one tile pass per timestamp; the copies go through one at a time, so a 20-minute sound (HEAR's
+  longest) needs the activations of one copy only.
 """
 
 from __future__ import annotations
@@ -35,10 +45,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from dem_jax import models
-from dem_jax.embed import EmbedError, Embedder, pool_per_clip
+from dem_jax.embed import EmbedError, Embedder, as_float_samples, mean_per_clip, pool_per_clip
 
 TIMESTAMP_HOP_FRAMES = 4  # 40 ms at the default 10-ms frame hop; HEAR asks for a hop of at most 50 ms.
 TIMESTAMP_WINDOW_SECONDS = 1.0
+REPRESENTATIONS = ('embedding', 'trunk')  # the model's output; the pooled trunk features, the head's input
+
+
+def check_representation(representation: str) -> str:
+  """`representation` if it names one of REPRESENTATIONS; ValueError naming them otherwise."""
+  if representation not in REPRESENTATIONS:
+    raise ValueError(f'representation={representation!r}; choose one of {", ".join(map(repr, REPRESENTATIONS))}.')
+  return representation
 
 
 def trunk_stride(model) -> int:
@@ -47,13 +65,15 @@ def trunk_stride(model) -> int:
 
 
 class HearModel:
-  """The numpy core of the HEAR API around an `Embedder`: scene and timestamp embeddings of [n, samples] audio."""
+  """The numpy core of the HEAR API around an `Embedder`: scene and timestamp embeddings of [n, samples] audio, of
+  the model's output (`representation='embedding'`) or of its pooled trunk features ('trunk')."""
 
-  def __init__(self, embedder: Embedder, *, timestamp_window_seconds: float = TIMESTAMP_WINDOW_SECONDS):
+  def __init__(self, embedder: Embedder, *, timestamp_window_seconds: float = TIMESTAMP_WINDOW_SECONDS,
+               representation: str = 'embedding'):
     self.embedder = embedder
+    self.representation = check_representation(representation)
     self.frontend = embedder.frontend
     self.sample_rate = int(self.frontend.sample_rate)
-    self.scene_embedding_size = self.timestamp_embedding_size = int(embedder.model.embedding_dim)
     model = embedder.model
     self.stride = trunk_stride(model)
     if self.stride % TIMESTAMP_HOP_FRAMES:
@@ -79,22 +99,31 @@ class HearModel:
       return jnp.mean(trunk.astype(jnp.float32), axis=2)  # mean over the mel axis: [shifts, positions, C]
 
     def window_embeddings(head_params, positions, num_timestamps):
-      """[P, C] interleaved positions -> [num_timestamps, E]: window means, projected and L2-normalised."""
+      """[P, C] interleaved positions -> [num_timestamps, E]: window means, projected and L2-normalised (the
+      trunk's: [num_timestamps, C], the window means)."""
       width = 2 * self.half_window + 1
       sums = jnp.cumsum(jnp.pad(positions, ((1, 0), (0, 0))), axis=0)
       means = (sums[width:width + num_timestamps] - sums[:num_timestamps]) / width
+      if self.representation == 'trunk':
+        return means
       z = head.apply({'params': head_params}, means).astype(jnp.float32)
       return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
 
     self._position_features = jax.jit(position_features)
     self._window_embeddings = jax.jit(window_embeddings, static_argnums=2)
+    if self.representation == 'trunk':  # the trunk's channels, from shapes alone
+      tile = jax.ShapeDtypeStruct((1, embedder.tile_frames, self.frontend.n_mels), np.float32)
+      size = jax.eval_shape(position_features, self._variables, tile).shape[-1]
+    else:
+      size = model.embedding_dim
+    self.scene_embedding_size = self.timestamp_embedding_size = int(size)
 
   @property
   def timestamp_hop_ms(self) -> float:
     return 1000.0 * TIMESTAMP_HOP_FRAMES / self.frontend.frame_rate
 
   def _check(self, audio: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio, dtype=np.float32)
+    audio = as_float_samples(audio)
     if audio.ndim != 2:
       raise EmbedError(f'HEAR audio is [n_sounds, n_samples]; got shape {audio.shape}.')
     if not np.all(np.isfinite(audio)):
@@ -112,7 +141,8 @@ class HearModel:
     return frames
 
   def scene_embeddings(self, audio: np.ndarray) -> np.ndarray:
-    """[n, samples] at `sample_rate` -> float32 [n, E]: each sound's clip embedding (see the module docstring)."""
+    """[n, samples] at `sample_rate` -> float32 [n, scene_embedding_size]: each sound's clip embedding, or the mean
+    of its tiles' trunk features (see the module docstring)."""
     audio = self._check(audio)
     tiles, owner = [], []
     for i, samples in enumerate(audio):
@@ -121,7 +151,11 @@ class HearModel:
       owner.append(np.full(len(sound_tiles), i))
     if not tiles:
       return np.zeros((0, self.scene_embedding_size), np.float32)
-    embeddings = self.embedder.embed_tiles(np.concatenate(tiles))  # one batched pass over every sound's tiles
+    # One batched pass over every sound's tiles.
+    if self.representation == 'trunk':
+      trunk = self.embedder.embed_tiles(np.concatenate(tiles), trunk=True)['trunk']
+      return self._finite(mean_per_clip(trunk, np.concatenate(owner), len(audio)))
+    embeddings = self.embedder.embed_tiles(np.concatenate(tiles))
     return self._finite(pool_per_clip(embeddings, np.concatenate(owner), len(audio)))
 
   def _finite(self, embeddings: np.ndarray) -> np.ndarray:
@@ -206,17 +240,33 @@ def resolve_model_path(model_file_path: str) -> tuple[str, int | None]:
   return path, None
 
 
-def load_model(model_file_path: str = '', *, timestamp_window_seconds: float = TIMESTAMP_WINDOW_SECONDS,
-               batch_size: int = 64):
+def split_representation(model_file_path: str) -> tuple[str, str | None]:
+  """(path, representation or None) of a model path that may end with ':trunk' or ':embedding': the HEAR kit's
+  command lines pass `load_model` the path alone."""
+  path, colon, suffix = model_file_path.rpartition(':')
+  return (path, suffix) if colon and suffix in REPRESENTATIONS else (model_file_path, None)
+
+
+def load_model(model_file_path: str = '', *, representation: str | None = None,
+               timestamp_window_seconds: float = TIMESTAMP_WINDOW_SECONDS, batch_size: int = 64):
   """The HEAR model object: a torch module holding the dem_jax model of a training workdir (its latest checkpoint),
-  or of one step (WORKDIR/checkpoints/<step>). Needs torch (the `hear` extra)."""
+  or of one step (WORKDIR/checkpoints/<step>). Needs torch (the `hear` extra).
+
+  `representation`: 'embedding' (the default) or 'trunk' (see the module docstring); a path ending with ':trunk'
+  chooses the trunk as well, for the kit's command lines.
+  """
   if not model_file_path:
     raise ValueError('dem_jax.hear needs a trained model: pass a training workdir as model_file_path '
-                     '(hear-validator dem_jax.hear -m WORKDIR).')
+                     '(hear-validator dem_jax.hear -m WORKDIR, or -m WORKDIR:trunk for the trunk).')
+  path, named = split_representation(model_file_path)
+  if representation is not None and named is not None and representation != named:
+    raise ValueError(f'load_model({model_file_path!r}, representation={representation!r}) names two '
+                     'representations; give one.')
+  representation = check_representation(representation or named or 'embedding')
   module_class = _torch_module_class()
-  workdir, step = resolve_model_path(model_file_path)
+  workdir, step = resolve_model_path(path)
   core = HearModel(Embedder(workdir, step=step, batch_size=batch_size),
-                   timestamp_window_seconds=timestamp_window_seconds)
+                   timestamp_window_seconds=timestamp_window_seconds, representation=representation)
   return module_class(core)
 
 

@@ -50,8 +50,8 @@ def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_fea
 def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_features):
   embedder = Embedder(tiny_workdir)
   table = embedder.embed_features(open_features(dcase_features), open_features(dcase_features).clips[:2],
-                                  with_trunk=True)
-  trunk, embeddings = table['trunk_features'], table['embeddings']
+                                  trunk=True)
+  trunk, embeddings = table['trunk'], table['embeddings']
   head = embedder.embed_tiles.variables['params']['head']
   assert trunk.shape == (len(embeddings), head['kernel'].shape[0])
   # The model's head on these features, L2-normalised, gives the embedding of the same tiles.

@@ -7,6 +7,7 @@ The torch wrapper's own tests run where torch is installed.
 """
 
 import importlib.util
+import inspect
 
 import jax
 import ml_collections
@@ -160,6 +161,49 @@ def test_bad_audio_is_refused_with_the_reason(model):
     hear.get_timestamp_embeddings(audio, model)
 
 
+def test_integer_pcm_is_scaled_as_soundfile_scales_it(model):
+  pcm = np.round(noise(2, 1.5, seed=10) * 2 ** 15).astype(np.int16)
+  np.testing.assert_allclose(hear.get_scene_embeddings(pcm, model),
+                             hear.get_scene_embeddings(pcm / np.float32(2 ** 15), model), atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def trunk_model(model):
+  """The same network and timestamp windows, giving the trunk's features."""
+  return hear.HearModel(model.embedder, timestamp_window_seconds=0.5, representation='trunk')
+
+
+def test_trunk_representation_declares_its_size_and_is_the_heads_input(model, trunk_model):
+  assert trunk_model.scene_embedding_size == trunk_model.timestamp_embedding_size == 64  # channels at width 0.125
+  audio = noise(2, 2.5, seed=9)
+  scene = hear.get_scene_embeddings(audio, trunk_model)
+  assert scene.shape == (2, 64) and scene.dtype == np.float32
+  for row, sound in zip(scene, audio):  # the clip's trunk features as `dem-jax embed --trunk` gives them
+    np.testing.assert_allclose(row, model.embedder.embed_audio(sound, SR, trunk=True)['clip_trunk'], rtol=1e-5,
+                               atol=1e-5)
+  trunk, trunk_timestamps = hear.get_timestamp_embeddings(audio, trunk_model)
+  embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+  assert trunk.shape == embeddings.shape[:2] + (64,) and trunk.dtype == np.float32
+  np.testing.assert_array_equal(trunk_timestamps, timestamps)
+  # The model's head on the trunk's timestamp features, L2-normalised, gives the timestamp embeddings.
+  head = model.embedder.embed_tiles.variables['params']['head']
+  z = trunk @ np.asarray(head['kernel'], np.float32) + np.asarray(head['bias'], np.float32)
+  np.testing.assert_allclose(z / np.linalg.norm(z, axis=-1, keepdims=True), embeddings, atol=1e-4)
+
+
+def test_load_model_takes_the_path_alone_and_the_trunk_by_name(tmp_path):
+  # hear-validator and the kit's runner call load_model(path) with the path alone.
+  parameters = inspect.signature(hear.load_model).parameters
+  assert list(parameters)[0] == 'model_file_path' and parameters['model_file_path'].default == ''
+  assert all(p.kind == p.KEYWORD_ONLY for name, p in parameters.items() if name != 'model_file_path')
+  assert hear.split_representation(f'{tmp_path}:trunk') == (str(tmp_path), 'trunk')
+  assert hear.split_representation(f'{tmp_path}/checkpoints/20') == (f'{tmp_path}/checkpoints/20', None)
+  with pytest.raises(ValueError, match="choose one of 'embedding', 'trunk'"):
+    hear.load_model(str(tmp_path), representation='logits')
+  with pytest.raises(ValueError, match='names two representations'):
+    hear.load_model(f'{tmp_path}:trunk', representation='embedding')
+
+
 def test_model_path_names_a_workdir_or_one_of_its_steps(tmp_path):
   assert hear.resolve_model_path(str(tmp_path)) == (str(tmp_path), None)
   assert hear.resolve_model_path(str(tmp_path / 'checkpoints')) == (str(tmp_path), None)
@@ -183,3 +227,6 @@ def test_load_model_gives_a_torch_module_of_the_workdir(tiny_workdir):
   assert isinstance(embeddings, torch.Tensor) and embeddings.shape[:2] == timestamps.shape
   step_dir = f'{tiny_workdir}/checkpoints/{module.core.embedder.step}'
   np.testing.assert_allclose(hear.get_scene_embeddings(audio, hear.load_model(step_dir)).numpy(), scene.numpy())
+  trunk = hear.load_model(f'{step_dir}:trunk')  # as the kit's command lines name it
+  assert trunk.scene_embedding_size == trunk.timestamp_embedding_size != module.scene_embedding_size
+  assert hear.get_scene_embeddings(audio, trunk).shape == (2, trunk.scene_embedding_size)

@@ -193,7 +193,7 @@ def cluster_figures(workdir: str, features_dir: str, *, seed: int = 0,
   from dem_jax.features import open_features
 
   features = open_features(features_dir)
-  table = Embedder(workdir).embed_features(features, features.select(features.test_splits()), with_trunk=True)
+  table = Embedder(workdir).embed_features(features, features.select(features.test_splits()), trunk=True)
 
   def per_tile(values: list) -> np.ndarray:
     return np.unique(np.asarray(values), return_inverse=True)[1][table['clip_index']]
@@ -203,7 +203,7 @@ def cluster_figures(workdir: str, features_dir: str, *, seed: int = 0,
   sources = {'family': family, 'program': per_tile([dict(c.extra).get('program', '') for c in clips]),
              'tune': per_tile([c.group for c in clips])}
   follow, spread = {}, {}
-  for name, key in (('model', 'embeddings'), ('model_trunk', 'trunk_features')):
+  for name, key in (('model', 'embeddings'), ('model_trunk', 'trunk')):
     # One clustering per k-Means seed; `seed`'s also serves `follow`.
     runs = {s: probes.kmeans_scores(table[key], family, seed=s, label_names=features.labels, space='standardised',
                                     return_assignments=True) for s in {seed, *range(spread_seeds)}}
