@@ -45,11 +45,8 @@ class TrainingError(RuntimeError):
 
 
 def _select(features, config):
-  """(train clips, held-out clips) for the configured fold or split."""
+  """(train clips, held-out clips) for the configured fold or split (checked by _check_settings)."""
   fold = config.data.fold or None
-  if features.folds() and fold is not None and fold not in features.folds():
-    raise TrainingError(f'config.data.fold={fold}, but {features.root} has folds {features.folds()}; pick one of '
-                        'them, or 0 to train on all.')
   train = features.select(features.train_splits(fold))
   held_out = []
   if features.folds():
@@ -67,6 +64,14 @@ def _features_digest(features) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def _fingerprint(config, features) -> dict:
+  """The FINGERPRINT_KEYS of model.json: the model and the data it is trained on."""
+  return {'model': config.model.to_dict(),
+          'tile_frames': features.frontend.frames_for_seconds(config.data.tile_seconds),
+          'frontend': dict(vars(features.frontend)), 'features_dir': features.root,
+          'features_digest': _features_digest(features), 'fold': config.data.fold}
+
+
 def _check_fingerprint(workdir: str, info: dict) -> None:
   """A resumed run must train the same model on the same features as the run that wrote the workdir."""
   try:
@@ -80,11 +85,53 @@ def _check_fingerprint(workdir: str, info: dict) -> None:
                         'the settings it was started with; nothing in it was changed.')
 
 
-def _steps_per_dispatch(config) -> int:
+def _check_settings(config, workdir: str):
+  """Every check of the run's settings, made before the run writes anything, so that a bad setting fails with its
+  fix and leaves the workdir as it was. Opens the features only as far as the checks need, and returns them."""
+  if not config.features_dir:
+    raise TrainingError('config.features_dir is empty: point it at a preprocessing output with '
+                        '--config.features_dir=DIR (see dem-jax preprocess).')
+  try:
+    features = open_features(config.features_dir)
+  except FeaturesError as e:
+    raise TrainingError(str(e)) from None
+  if not features.clips:
+    raise TrainingError(f'{config.features_dir} holds no clips.')
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    fits = devices * max(1, config.batch_size // devices)
+    raise TrainingError(f'config.batch_size={config.batch_size} does not divide across {devices} devices; use a '
+                        f'multiple of {devices} (e.g. --config.batch_size={fits}).')
+  train_minutes = float(config.get('train_minutes', 0.0))
+  if not (math.isfinite(train_minutes) and train_minutes >= 0):  # nan fails every comparison, `< 0` included.
+    raise TrainingError(f'config.train_minutes={train_minutes} must be a finite number of minutes >= 0 (0: no time '
+                        'budget); set --config.train_minutes=0 or the minutes to train.')
   k = int(config.get('steps_per_dispatch', 0))
   if k < 0:
     raise TrainingError(f'config.steps_per_dispatch={k} must be >= 0 (0: 1 on CPU, 16 on GPU/TPU).')
-  return k or (1 if jax.default_backend() == 'cpu' else 16)
+  fold = config.data.fold or None
+  if features.folds() and fold is not None and fold not in features.folds():
+    raise TrainingError(f'config.data.fold={fold}, but {features.root} has folds {features.folds()}; pick one of '
+                        'them, or 0 to train on all.')
+  if not features.select(features.train_splits(fold)):
+    raise TrainingError(f'No training clips in {config.features_dir} for config.data.fold={config.data.fold}.')
+  try:
+    augment_lib.make_augment(**config.data.get('augment', {}))
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+  except TypeError as e:
+    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db, '
+                        'time_stretch, freq_mask and time_mask.') from None
+  try:  # The schedule is otherwise first read at the first step, after the run has written its files.
+    step_lib.learning_rate_at(config.optimizer, 0, total_steps=1)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+  _check_fingerprint(workdir, _fingerprint(config, features))
+  return features
+
+
+def _steps_per_dispatch(config) -> int:
+  return int(config.get('steps_per_dispatch', 0)) or (1 if jax.default_backend() == 'cpu' else 16)
 
 
 def _dispatches(start: int, stop: int, size: int, boundaries: list[int]):
@@ -112,48 +159,34 @@ class _Lookahead:
       window.extend(itertools.islice(self._items, 1))
 
 
-def _resumed_value(workdir: str, step: int, key: str, default: float) -> float:
-  """The last value of `key` that earlier processes of this run logged up to `step` (`default` for a new run)."""
-  if not step:
-    return default
+def _progress_from_log(workdir: str, step: int) -> dict | None:
+  """The progress of a checkpoint saved without one (by an older dem_jax), from metrics.jsonl: None unless the log
+  holds the clock record written with that checkpoint, at its step."""
   try:
-    records = read_metrics(workdir)
+    records = [r for r in read_metrics(workdir) if r['step'] <= step]
   except (FileNotFoundError, ValueError):
-    return default
-  values = [r[key] for r in records if r['step'] <= step and key in r]
-  return float(values[-1]) if values else default
+    return None
+  clock = [r['train/train_seconds'] for r in records if r['step'] == step and 'train/train_seconds' in r]
+  schedule = [r['train/schedule_steps'] for r in records if 'train/schedule_steps' in r]
+  if not clock:
+    return None
+  return {'train_seconds': float(clock[-1]), 'schedule_steps': int(schedule[-1]) if schedule else None}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains for config.num_steps (or num_epochs, or config.train_minutes) steps; returns the last logged metrics."""
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
+  features = _check_settings(config, workdir)
 
   # ---- Data -------------------------------------------------------------------------------------------------
-  if not config.features_dir:
-    raise TrainingError('config.features_dir is empty: point it at a preprocessing output with '
-                        '--config.features_dir=DIR (see ./launch.sh preprocess).')
-  try:
-    features = open_features(config.features_dir)
-  except FeaturesError as e:
-    raise TrainingError(str(e)) from None
-  if not features.clips:
-    raise TrainingError(f'{config.features_dir} holds no clips.')
   parallel = DataParallel(config.parallel)
   devices = jax.device_count()
-  if config.batch_size % devices:
-    fits = devices * max(1, config.batch_size // devices)
-    raise TrainingError(f'config.batch_size={config.batch_size} does not divide across {devices} devices; use a '
-                        f'multiple of {devices} (e.g. --config.batch_size={fits}).')
   budget_s = 60.0 * float(config.get('train_minutes', 0.0))
-  if budget_s < 0:
-    raise TrainingError(f'config.train_minutes={config.train_minutes} must be >= 0 (0: no time budget).')
 
   tile_frames = features.frontend.frames_for_seconds(config.data.tile_seconds)
   neighbour_frames = int(round(config.data.neighbour_seconds * features.frame_rate))
   train_clips, held_out_clips = _select(features, config)
-  if not train_clips:
-    raise TrainingError(f'No training clips in {config.features_dir} for config.data.fold={config.data.fold}.')
   sampler_args = dict(tile_frames=tile_frames, neighbour_frames=neighbour_frames,
                       cross_clip_neighbours=config.data.cross_clip_neighbours,
                       distant_other_group=config.data.distant_other_group)
@@ -188,42 +221,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = models.create_model(config.model, band_mean=band_mean, band_std=band_std, axis_name=parallel.axis_name)
   optimizer = step_lib.make_optimizer(config.optimizer)
   loss_fn = losses.get_loss_fn(config.loss.name, **{k: v for k, v in config.loss.items() if k != 'name'})
-  try:
-    augment = augment_lib.make_augment(**config.data.get('augment', {}))
-  except ValueError as e:
-    raise TrainingError(str(e)) from None
-  except TypeError as e:
-    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db, '
-                        'time_stretch, freq_mask and time_mask.') from None
-  model_info = {
-      'model': config.model.to_dict(), 'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(),
-      'tile_frames': tile_frames, 'tile_seconds': config.data.tile_seconds, 'frontend': dict(vars(features.frontend)),
-      'features_dir': features.root, 'features_digest': _features_digest(features), 'labels': features.labels,
-      'fold': config.data.fold, 'dataset': features.dataset}
+  augment = augment_lib.make_augment(**config.data.get('augment', {}))
+  model_info = _fingerprint(config, features) | {
+      'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(), 'tile_seconds': config.data.tile_seconds,
+      'labels': features.labels, 'dataset': features.dataset}
 
   # ---- State ------------------------------------------------------------------------------------------------
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = step_lib.create_train_state(init_rng, model, optimizer, (tile_frames, features.n_mels))
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                              save_every=config.checkpoint_every)
-  start_step = 0
+  # The trainer's own state beside the arrays: the budget's clock and the schedule's length (None: the run's).
+  start_step, spent_s, saved_schedule = 0, 0.0, None
   if checkpointer.all_steps():
-    _check_fingerprint(workdir, model_info)
     try:  # The newest intact step: a damaged one is skipped with a warning.
       state = checkpointer.restore(state)
+      start_step = int(state.step)
+      progress = checkpointer.progress(start_step)
     except checkpoint_lib.CheckpointError as e:
       raise TrainingError(str(e)) from None
     except (ValueError, KeyError) as e:
       raise TrainingError(f'The newest checkpoint in {checkpointer.directory} does not fit this model ({e}); use a '
                           'new --workdir.') from None
-    start_step = int(state.step)
+    if progress is None:
+      # Saved by an older dem_jax. The careful fallback: the log only where it holds the clock record written with
+      # this checkpoint, since a log cut short or lost would silently restart the budget and resize the schedule.
+      progress = _progress_from_log(workdir, start_step)
+    if progress is None and budget_s:
+      raise TrainingError(f'The checkpoint of step {start_step} in {checkpointer.directory} was saved without the '
+                          'time budget\'s clock, and metrics.jsonl has no record of that step to take it from. Run '
+                          'dem-jax train with --config.train_minutes=0 to go on without a budget (to '
+                          'config.num_steps), or in a new --workdir.')
+    if progress is None:
+      logging.warning('The checkpoint of step %d was saved without the training clock, and metrics.jsonl does not '
+                      'reach it: the clock restarts at 0 s.', start_step)
+    else:
+      spent_s, saved_schedule = float(progress['train_seconds']), progress['schedule_steps']
+    if budget_s and spent_s >= budget_s and start_step < num_steps:
+      raise TrainingError(f'The time budget (config.train_minutes={config.train_minutes}) is spent: this run trained '
+                          f'{spent_s / 60:.1f} min to step {start_step}. Raise config.train_minutes, or set it to 0 '
+                          f'to train on to config.num_steps={num_steps}.')
     checkpointer.set_aside_after(start_step)  # Damaged later steps: kept aside, so training can save them anew.
     logging.info('Resumed from the checkpoint of step %d in %s.', start_step, checkpointer.directory)
-  spent_s = _resumed_value(workdir, start_step, 'train/train_seconds', 0.0)
-  if budget_s and spent_s >= budget_s and start_step < num_steps:
-    raise TrainingError(f'The time budget (config.train_minutes={config.train_minutes}) is spent: this run trained '
-                        f'{spent_s / 60:.1f} min to step {start_step}. Raise config.train_minutes, or set it to 0 to '
-                        f'train on to config.num_steps={num_steps}.')
 
   # ---- Step -------------------------------------------------------------------------------------------------
   train_step = step_lib.make_train_step(model, optimizer, loss_fn, axis_name=parallel.axis_name, guard=False,
@@ -330,8 +369,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   plan = _Lookahead(_dispatches(start_step, num_steps, steps_per_call, boundaries), ahead=2)
   last_metrics, files_written = {}, False
   run_start, window_start, window_steps, paused_s = time.time(), time.time(), 0, 0.0
-  # Under a budget the schedule's length is re-estimated at every log line; a resumed run starts from the last one.
-  total_steps = int(_resumed_value(workdir, start_step, 'train/schedule_steps', schedule_length(start_step, 0.0)))
+  # Under a budget the schedule's length is re-estimated at every log line; a resumed run starts from the one its
+  # checkpoint was saved with.
+  total_steps = int(saved_schedule) if saved_schedule is not None else schedule_length(start_step, 0.0)
   try:
     for index, ((step, n), upcoming) in enumerate(plan):
       if loader is not None:
@@ -388,8 +428,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if is_eval:
         writer.write(done, evaluate(device_state), prefix='eval/')
       if is_checkpoint:
-        writer.write(done, {'train_seconds': spent_s + time.time() - run_start}, prefix='train/')
-        checkpointer.save(done, parallel.get_state(device_state), force=True)
+        clock_s = spent_s + time.time() - run_start
+        writer.write(done, {'train_seconds': clock_s}, prefix='train/')
+        checkpointer.save(done, parallel.get_state(device_state), force=True,
+                          progress={'train_seconds': clock_s, 'schedule_steps': int(total_steps)})
       paused_s += time.time() - pause
       if out_of_time:
         logging.info('Stopped at step %d: the time budget of %g min is spent.', done, config.train_minutes)
