@@ -200,3 +200,27 @@ def test_library_missing_a_handler_makes_the_path_unavailable_instead_of_raising
   assert not onednn.available()
   assert 'lacks DemOnednnConvForward, DemOnednnConvBackwardData' in onednn.unavailable_reason()
   assert 'delete it to have it rebuilt' in onednn.unavailable_reason()
+
+
+@needs_onednn
+def test_a_cache_folder_others_can_write_to_is_not_trusted_unless_sticky(small_source):
+  library = onednn.build()
+  small_source.chmod(0o777)
+  assert 'its folder' in onednn.untrusted_reason(library) and 'chmod go-w' in onednn.untrusted_reason(library)
+  assert not onednn.available() and 'its folder' in onednn.unavailable_reason()
+  small_source.chmod(0o1777)  # sticky, as /tmp: no one can replace another user's file there
+  assert onednn.untrusted_reason(library) is None
+
+
+@needs_onednn
+def test_the_library_is_loaded_through_the_file_descriptor_it_was_checked_by(small_source, monkeypatch):
+  loaded = []
+  real_cdll = onednn.ctypes.CDLL
+  monkeypatch.setattr(onednn.ctypes, 'CDLL', lambda path: loaded.append(path) or real_cdll(path))
+  assert not onednn.available()  # the small library lacks the handlers, but it was loaded
+  (path,) = loaded
+  assert path.startswith('/proc/self/fd/')
+  symlink = small_source / 'link.so'
+  symlink.symlink_to(onednn.build())
+  onednn.digest_path(symlink).write_text(onednn.digest_path(onednn.build()).read_text())
+  assert 'a symbolic link is not followed' in onednn.untrusted_reason(symlink)

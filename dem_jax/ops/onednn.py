@@ -106,27 +106,79 @@ def _file_digest(path: pathlib.Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _owner_and_mode_reason(path, info: os.stat_result) -> str | None:
+  if not stat.S_ISREG(info.st_mode):
+    return f'{path} is not a regular file'
+  if info.st_uid not in (os.getuid(), 0):
+    return f'{path} is owned by user id {info.st_uid}, not by this user ({os.getuid()}) or root'
+  if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return f'{path} is writable by its group or by others (mode {stat.filemode(info.st_mode)})'
+  return None
+
+
+def _folder_reason(folder: pathlib.Path) -> str | None:
+  """Why files in `folder` cannot be trusted: another user could replace them there (a sticky folder, such as /tmp,
+  lets no one replace another's files)."""
+  try:
+    info = folder.stat()
+  except OSError as e:
+    return f'its folder {folder} cannot be read ({e.strerror})'
+  if info.st_uid not in (os.getuid(), 0):
+    return f'its folder {folder} is owned by user id {info.st_uid}, not by this user ({os.getuid()}) or root'
+  if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+    return (f'its folder {folder} is writable by its group or by others (mode {stat.filemode(info.st_mode)}), so '
+            'another user could swap the library; make it writable by its owner only (chmod go-w)')
+  return None
+
+
+def _open_verified(library: pathlib.Path) -> tuple[int | None, str | None]:
+  """(a file descriptor of `library`, None) once its folder, owner, mode and sha256 are checked, or (None, why not).
+
+  The checks and the load go through one open file, so the library cannot be swapped between them.
+  """
+  reason = _folder_reason(library.parent)
+  if reason:
+    return None, reason
+  digest_file = digest_path(library)
+  try:
+    reason = _owner_and_mode_reason(digest_file, digest_file.lstat())
+  except FileNotFoundError:
+    reason = f'{digest_file} does not exist'
+  if reason:
+    return None, reason
+  try:
+    fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except FileNotFoundError:
+    return None, f'{library} does not exist'
+  except OSError as e:
+    return None, f'{library} cannot be opened ({e.strerror}; a symbolic link is not followed)'
+  try:
+    reason = _owner_and_mode_reason(library, os.fstat(fd))
+    if reason is None:
+      with os.fdopen(os.dup(fd), 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+      recorded = digest_file.read_text().split()
+      if not recorded or recorded[0] != digest:
+        reason = f'{library} does not match the sha256 recorded in {digest_file.name} when it was built'
+  except BaseException:
+    os.close(fd)
+    raise
+  if reason:
+    os.close(fd)
+    return None, reason
+  return fd, None
+
+
 def untrusted_reason(library: pathlib.Path) -> str | None:
   """Why the cached `library` must not be loaded (None: it may be).
 
   Loading a shared library runs its code, so it (and its digest) must be owned by this user or root, writable by
-  no one else, and match the digest recorded when it was built.
+  no one else, in a folder no one else can write to, and match the digest recorded when it was built.
   """
-  for path in (library, digest_path(library)):
-    try:
-      info = path.lstat()
-    except FileNotFoundError:
-      return f'{path} does not exist'
-    if not stat.S_ISREG(info.st_mode):
-      return f'{path} is not a regular file'
-    if info.st_uid not in (os.getuid(), 0):
-      return f'{path} is owned by user id {info.st_uid}, not by this user ({os.getuid()}) or root'
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-      return f'{path} is writable by its group or by others (mode {stat.filemode(info.st_mode)})'
-  recorded = digest_path(library).read_text().split()
-  if not recorded or recorded[0] != _file_digest(library):
-    return f'{library} does not match the sha256 recorded in {digest_path(library).name} when it was built'
-  return None
+  fd, reason = _open_verified(library)
+  if fd is not None:
+    os.close(fd)
+  return reason
 
 
 def _remove_other_builds(keep: pathlib.Path) -> None:
@@ -198,12 +250,15 @@ def load() -> ctypes.CDLL:
         path = build()
       except OSError as e:  # an unwritable cache folder, say
         raise OnednnUnavailable(f'cannot build {SOURCE.name}: {e}') from e
-      reason = untrusted_reason(path)
+      fd, reason = _open_verified(path)
       if reason is not None:  # e.g. replaced between build() and here
         raise OnednnUnavailable(f'refusing to load the oneDNN convolution library: {reason}')
+      # The very file that was checked. The descriptor stays open for the process's life: the loader knows a
+      # library by its path name, and a closed descriptor's number (so its /proc path) could name another file.
       try:
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(f'/proc/self/fd/{fd}')
       except OSError as e:
+        os.close(fd)
         raise OnednnUnavailable(f'cannot load {path}: {e}') from e
       missing = [symbol for symbol in TARGETS.values() if not hasattr(lib, symbol)]
       if missing:
