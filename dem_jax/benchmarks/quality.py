@@ -350,7 +350,3 @@ def main(argv: list[str]) -> None:
   print(format_over_seeds(combined))
   print(json.dumps({**head, 'seeds': flags.seeds, 'dataset': dataset, 'over_seeds': combined,
                     'runs': {str(seed): record for seed, record in zip(flags.seeds, records)}}))
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])
