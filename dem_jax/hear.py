@@ -7,9 +7,8 @@ r"""The HEAR 2021 API (Holistic Evaluation of Audio Representations) for a train
 
 `load_model` returns a torch module (the HEAR kit takes torch or TensorFlow models; torch comes with
 `pip install dem_jax[hear]`) that holds the JAX model; the computation stays in JAX. The functions take numpy arrays
-too and then return numpy, without torch. The HEAR kit's tasks run with `hear-validator dem_jax.hear -m WORKDIR`,
-then the kit's `python3 -m heareval.embeddings.runner dem_jax.hear --model WORKDIR --tasks-dir TASKS`
-(README: "Evaluate on the HEAR tasks"). Audio is float (full scale 1.0) or integer PCM, scaled as soundfile scales
+too and then return numpy, without torch. `hear-validator dem_jax.hear -m WORKDIR` checks the API; the README's
+"HEAR" section says how the kit's runners (which pin old numpy) are set up beside dem_jax. Audio is float (full scale 1.0) or integer PCM, scaled as soundfile scales
 it (int16 / 2**15, ...; see `dem_jax.embed.as_float_samples`).
 
 Which representation: the model's output, 'embedding' (the default), or 'trunk', the pooled features of the trunk's
