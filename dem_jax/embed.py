@@ -610,13 +610,48 @@ def same_settings(recorded: dict | None, wanted: dict) -> bool:
              for k, v in wanted.items())
 
 
+# A file being written is named `<final name>.partial-<pid>`: it never ends in .npz, so no reader takes it for an
+# output, and a later run removes what a killed one left (`remove_partial_files`).
+PARTIAL_MARK = '.partial-'
+
+
 def write_embeddings(target: str, result: dict, settings: dict) -> None:
   """Writes one file's .npz, with the `settings` it was made with, atomically (a temporary name, then a rename): a
-  run killed mid-write leaves no partial file that a later run would take as done."""
+  run killed mid-write leaves no partial file that a later run would take as done. An operating-system error (a
+  full disk) names the file and leaves no partial one."""
   os.makedirs(os.path.dirname(target), exist_ok=True)
-  tmp = f'{target}.tmp.{os.getpid()}.npz'
-  np.savez(tmp, **result, **settings)
-  os.replace(tmp, target)
+  tmp = f'{target}{PARTIAL_MARK}{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:  # a file object: np.savez would append .npz to a name
+      np.savez(f, **result, **settings)
+    os.replace(tmp, target)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror, e.filename or target) from None
+
+
+def _process_alive(pid: str) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ValueError, ProcessLookupError):
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def remove_partial_files(output_dir: str) -> int:
+  """Removes the partial files that runs killed while writing left under `output_dir` (not those of a process
+  still running, which may be writing beside this one); returns how many."""
+  removed = 0
+  for folder, _, names in os.walk(output_dir):
+    for name in names:
+      if PARTIAL_MARK in name and not _process_alive(name.rsplit(PARTIAL_MARK, 1)[1]):
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(folder, name))
+          removed += 1
+  return removed
 
 
 def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwrite: bool = False,
@@ -637,6 +672,7 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
   """
   files = find_audio_files(input_path)
   prepare_output_dir(output_dir)
+  remove_partial_files(output_dir)
   root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
   targets = {path: os.path.join(output_dir, output_name(path, root)) for path in files}
   settings = output_settings(embedder, trunk=trunk)

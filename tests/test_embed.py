@@ -326,3 +326,27 @@ def test_features_of_another_front_end_are_refused_naming_both_settings(embedder
                        (FrontEnd(n_mels=32, fmin=0.0), 'fmin=0.0 in the features, 50.0 for the model')):
     with pytest.raises(EmbedError, match=named):
       embed.check_frontend(types.SimpleNamespace(frontend=other, root='/data/feats'), embedder)
+
+
+def test_a_failed_write_names_its_file_and_leaves_no_output_and_killed_runs_leave_nothing_behind(embedder, tmp_path,
+                                                                                                monkeypatch):
+  data = tmp_path / 'in'
+  data.mkdir()
+  soundfile.write(data / 'x.wav', sound(1.5, seed=2), SR)
+  out = tmp_path / 'out'
+  out.mkdir()
+  stale = out / f'x.wav.npz{embed.PARTIAL_MARK}999999999'  # what a run killed while writing left
+  stale.write_bytes(b'half')
+  real_savez = np.savez
+
+  def full_disk(f, **arrays):
+    real_savez(f, **arrays)
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(embed.np, 'savez', full_disk)
+  with pytest.raises(OSError) as raised:
+    embed.embed_paths(embedder, str(data), str(out), show_progress=False)
+  assert raised.value.errno == 28 and raised.value.filename == str(out / 'x.wav.npz')
+  assert os.listdir(out) == []  # neither a partial file nor the stale one
+  monkeypatch.setattr(embed.np, 'savez', real_savez)
+  assert len(embed.embed_paths(embedder, str(data), str(out), show_progress=False)['written']) == 1
+  assert os.listdir(out) == ['x.wav.npz']
