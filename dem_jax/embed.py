@@ -397,8 +397,7 @@ class Embedder:
       buffers.reverse()
 
     # One BLAS thread per decoding thread (numpy's BLAS only; the model has its own threads): more only contend
-    # (measured on a busy 2-core machine: decoding a 4-channel clip, mostly its channel average, took 10-30 ms
-    # with 2, 2.5 ms with 1).
+    # (docs/benchmarks.md, "Smaller CPU timings").
     with threadpoolctl.threadpool_limits(1, user_api='blas'), \
         concurrent.futures.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix='embed-decode') as pool:
       for file in _map_ahead(pool, self._file_tiles, paths, ahead=2 * max(1, num_workers) + 2):

@@ -156,8 +156,8 @@ def onednn_available() -> bool:
   """Whether the oneDNN convolutions load here; logs why not, once."""
   reason = onednn.unavailable_reason()
   if reason is not None:
-    logging.warning("conv_impl='auto' runs XLA's convolutions on CPU (about 25%% slower than oneDNN's in a ResNet18 "
-                    'training step): %s', reason)
+    logging.warning("conv_impl='auto' runs XLA's convolutions on CPU (slower than oneDNN's; docs/benchmarks.md): %s",
+                    reason)
   return reason is None
 
 

@@ -1,19 +1,19 @@
 """oneDNN's convolutions, a native max-pooling and per-channel sums as XLA FFI custom calls: what `ops` runs on CPU.
 
-Why: this jaxlib runs convolutions on CPU through YNNPACK (or Eigen), whose kernels are 15-75% slower than oneDNN's
-on ResNet18's layers, most of all the kernel gradient, which also needs its inputs transposed first. PyTorch calls
-oneDNN, so no formulation built from XLA ops (im2col, shifted matrix products, Winograd) caught up with it. Calling
-oneDNN from the compiled step does: activations stay in XLA's NHWC buffers, and XLA still fuses everything around
-the convolutions (BatchNorm, ReLU, the optimizer).
+Why: this jaxlib runs convolutions on CPU through YNNPACK (or Eigen), whose kernels are slower than oneDNN's on
+ResNet18's layers (docs/benchmarks.md), most of all the kernel gradient, which also needs its inputs transposed
+first. PyTorch calls oneDNN, so no formulation built from XLA ops (im2col, shifted matrix products, Winograd)
+caught up with it. Calling oneDNN from the compiled step does: activations stay in XLA's NHWC buffers, and XLA still
+fuses everything around the convolutions (BatchNorm, ReLU, the optimizer).
 
 Activations are float32 or bfloat16. In bfloat16 the kernel may stay float32: oneDNN converts it while reordering
 it to its blocked layout, accumulates in float32, and returns the kernel gradient in float32. bfloat16 runs only
 where oneDNN has native bfloat16 kernels (AVX512-BF16 or AMX): `bf16_available()` / `bf16_unavailable_reason()`.
 
 `max_pool_native` is max-pooling and its gradient in the same library: plain loops over NHWC, one pass forward and
-two back, where XLA:CPU made several over the network's largest activation (in bfloat16 the pooling and its
-gradient took about a fifth of the training step). `channel_sums` gives BatchNorm (`ops.norm`) its per-channel sums,
-read straight from bfloat16.
+two back, where XLA:CPU made several over the network's largest activation (a large share of the bfloat16 training
+step; docs/benchmarks.md). `channel_sums` gives BatchNorm (`ops.norm`) its per-channel sums, read straight from
+bfloat16.
 
 The handlers live in `native/onednn_conv.cc`. `load()` compiles that file once per environment with the C++
 compiler (`$CXX`, else g++) against jaxlib's FFI headers and the oneDNN wheels that setup.cfg installs on Linux
