@@ -60,6 +60,8 @@ def resolve_config_arguments(args: list[str]) -> list[str]:
   for arg in args:
     if arg.startswith('--config='):
       arg = '--config=' + configs.resolve(arg[len('--config='):])
+    elif out and out[-1] == '--config':  # the value as the next argument
+      arg = configs.resolve(arg)
     out.append(arg)
   return out
 

@@ -86,6 +86,8 @@ def test_short_config_names_resolve_only_where_no_such_path_exists(tmp_path, mon
   assert configs.resolve('dcase:tiny') == os.path.join(ROOT, 'configs', 'dcase.py') + ':tiny'
   assert configs.resolve('configs/dcase.py:cpu') == 'configs/dcase.py:cpu'
   assert configs.resolve('mine.py') == 'mine.py'
+  assert cli.resolve_config_arguments(['--config', 'music', '--config.seed=1', '--workdir=w']) == [
+      '--config', os.path.join(ROOT, 'configs', 'music.py'), '--config.seed=1', '--workdir=w']
   monkeypatch.chdir(tmp_path)
   (tmp_path / 'dcase').write_text('')
   assert configs.resolve('dcase') == 'dcase'  # the user's own file of that name wins
