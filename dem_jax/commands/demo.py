@@ -5,7 +5,10 @@ two no-learning baselines, and prints the headline figures and where the report 
 output is already complete, so a second run (or one after an interruption) finishes quickly.
 """
 
+import logging
 import sys
+
+from absl import logging as absl_logging
 
 
 def main(argv):
@@ -16,4 +19,5 @@ def main(argv):
   from dem_jax import process
   process.retain_freed_memory_on_cpu()  # before the CPU backend starts its threads
   log_util.quiet_console()
+  absl_logging.get_absl_handler().setFormatter(logging.Formatter('%(message)s'))  # a demo's lines, plain
   demo.run_demo(argv[1] if len(argv) > 1 else 'demo_workdir')
