@@ -30,6 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from dem_jax.frontend import FrontEnd
+import re
 
 ARRAY_NAME = 'features.zarr'
 MANIFEST_NAME = 'manifest.csv'
@@ -169,6 +170,11 @@ class Features:
     except (ValueError, UnicodeDecodeError) as e:
       raise FeaturesError(f'{info_path} is damaged ({e}); {refinalize}.') from None
     self.frontend = FrontEnd(**self.info['frontend'])
+  # A split word of no reader (a split file's 'Train', say) would otherwise put every clip in the training part.
+  unknown = [s for s in present if s not in ('train', 'test', 'none', 'eval') and not re.fullmatch(r'fold\d+', s)]
+  if unknown:
+    raise FeaturesError(f'the store holds the split(s) {unknown}, which no reader writes (folder data: train or '
+                        'test; DCASE: fold1-fold4, none, eval); fix the split file and preprocess again.')
     self.labels: list[str] = list(self.info['labels'])
     self.dataset: str = self.info['dataset']
     manifest_path = os.path.join(self.root, MANIFEST_NAME)

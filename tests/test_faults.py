@@ -555,3 +555,10 @@ def test_a_store_with_a_missing_or_short_shard_file_is_refused_at_open(tiny_dcas
   with pytest.raises(features_lib.FeaturesError, match=f'{shards[0]} holds 100 bytes, {recorded[shards[0]]} were'):
     features_lib.open_features(str(broken))
   assert len(features_lib.open_features(str(out)).clips) == 4
+
+
+def test_training_refuses_a_store_whose_split_words_no_reader_writes():
+  assert features_lib.training_splits(['train', 'test']) == ['train']
+  assert features_lib.training_splits(['fold1', 'fold2', 'none'], fold=1) == ['fold2']
+  with pytest.raises(features_lib.FeaturesError, match=r"split\(s\) \['Test', 'Train'\], which no reader writes"):
+    features_lib.training_splits(['Train', 'Test'])
