@@ -3,6 +3,8 @@ r"""Quality on real audio within a training budget: the model against the no-lea
     dem-jax bench quality [--minutes=15] [--config=music:cpu] [--config.loss.name=infonce ...]
     dem-jax bench quality --seeds=0,1,2,3,4      # one run per training seed, then each figure over them
     dem-jax bench quality --build_only          # only build (or find) the data set and its features
+    dem-jax bench quality --suite [--tasks=instruments,speakers,sounds] [--suite_minutes=60] [--export_hear=DIR]
+                                                # every task of the suite (dem_jax/benchmarks/quality_suite.py)
 
 1. Builds, once, the labelled set of dem_jax.benchmarks.quality_data (real tunes on sampled instruments, 6
    instrument families, split by tune; about 80 minutes of audio) under --data_dir, and preprocesses it with the
@@ -65,6 +67,14 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument('--num_workers', type=int, default=os.cpu_count() or 1, help='preprocessing worker processes')
   p.add_argument('--seeds', default='', help='comma-separated training seeds: one run each (WORKDIR/seed_N), then '
                  'every figure over them (mean, standard deviation, min, max); default: one run, the config\'s seed')
+  suite = p.add_argument_group('the suite (dem_jax/benchmarks/quality_suite.py)')
+  suite.add_argument('--suite', action='store_true',
+                     help='every task of the suite (instruments, speakers, sounds), each trained within --minutes')
+  suite.add_argument('--tasks', default='', help='with --suite: comma-separated task names (default: all)')
+  suite.add_argument('--suite_minutes', type=float, default=None,
+                     help='with --suite: minutes of audio per task (default 60; less for a quick check)')
+  suite.add_argument('--export_hear', default='',
+                     help='with --suite: also export every task built, in the HEAR 2021 task format, under this folder')
   flags, rest = p.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith('--config.')]
   if unknown:
@@ -80,6 +90,12 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             '--seeds: use --config.seed=N)')
   if flags.seeds and any(a.startswith('--config.seed=') for a in rest):
     p.error('--seeds and --config.seed both set the training seed; give one of them')
+  if not flags.suite and (flags.tasks or flags.suite_minutes is not None or flags.export_hear):
+    p.error('--tasks, --suite_minutes and --export_hear belong to the suite; add --suite')
+  if flags.suite and flags.seeds:
+    p.error('--suite runs one training seed per task; drop --seeds (or use --config.seed=N)')
+  if flags.suite_minutes is not None and flags.suite_minutes <= 0:
+    p.error(f'--suite_minutes={flags.suite_minutes} must be positive')
   return flags, rest
 
 
@@ -95,11 +111,16 @@ def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tup
   data_root = os.path.join(data_dir, 'data')
   built = quality_data.build(data_root, install=install)
   features_dir = os.path.join(data_dir, 'features')
+  preprocess(data_root, features_dir, num_workers=num_workers)
+  return built, features_dir
+
+
+def preprocess(data_root: str, features_dir: str, *, num_workers: int = 1) -> None:
+  """The features of a built set (DATA_ROOT/audio, DATA_ROOT/split.csv) in features_dir, unless already there."""
   if not os.path.exists(os.path.join(features_dir, 'features.json')):
     _run([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
           f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
           f'--num_workers={num_workers}', '--strict'], 'preprocessing')
-  return built, features_dir
 
 
 def config_has_train_minutes(config_arg: str) -> bool:
@@ -324,6 +345,10 @@ def run_seeds(flags: argparse.Namespace, overrides: list[str], features_dir: str
 
 def main(argv: list[str]) -> None:
   flags, overrides = parse_flags(argv)
+  if flags.suite:
+    from dem_jax.benchmarks import quality_suite  # pylint: disable=import-outside-toplevel  # It imports this module.
+    quality_suite.main(flags, overrides)
+    return
   try:
     built, features_dir = prepare(flags.data_dir, install=not flags.no_install, num_workers=flags.num_workers)
     dataset = {'features_dir': features_dir, 'files': built['files'], 'tunes': built['tunes'],

@@ -69,41 +69,53 @@ class QualityDataError(RuntimeError):
   """The set cannot be built; the message says what to install or change."""
 
 
+class MissingMaterialError(QualityDataError):
+  """Packages a set needs are missing and were not installed; `packages` names them (the suite skips that task)."""
+
+  def __init__(self, message: str, packages: Sequence[str]):
+    super().__init__(message)
+    self.packages = list(packages)
+
+
 def _missing_packages(packages: Sequence[Package]) -> list[Package]:
   return [p for p in packages if not glob.glob(p.pattern)]
 
 
-def ensure_material(install: bool = True, packages: Sequence[Package] = TUNES + (SOUNDFONT,)) -> None:
+def ensure_material(install: bool = True, packages: Sequence[Package] = TUNES + (SOUNDFONT,),
+                    python_requirements: dict[str, str] | None = None, name: str = 'quality set') -> None:
   """Makes sure the Debian packages and Python modules are there; installs them if allowed and possible.
 
-  apt-get runs only as root; pip installs into this interpreter. Raises QualityDataError naming the commands.
+  apt-get runs only as root; pip installs into this interpreter. `python_requirements` ({module: pip requirement})
+  defaults to this set's; `name` is the set's name in the messages. Raises MissingMaterialError naming the commands.
   """
+  python_requirements = PYTHON_REQUIREMENTS if python_requirements is None else python_requirements
   missing = _missing_packages(packages)
   if missing and install and os.geteuid() == 0:
-    names = [p.name for p in missing]
-    print(f'quality set: installing the Debian packages {" ".join(names)} (apt-get install, as root); '
+    names = sorted({p.name for p in missing})
+    print(f'{name}: installing the Debian packages {" ".join(names)} (apt-get install, as root); '
           '--no_install refuses instead.', file=sys.stderr, flush=True)
     for cmd in (['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', *names]):
       subprocess.run(cmd, check=False, env=os.environ | {'DEBIAN_FRONTEND': 'noninteractive'},
                      stdout=subprocess.DEVNULL)
     missing = _missing_packages(missing)
   if missing:
-    raise QualityDataError(
-        f'the quality set needs the Debian packages {", ".join(p.name for p in missing)} (not found: '
+    names = sorted({p.name for p in missing})
+    raise MissingMaterialError(
+        f'the {name} needs the Debian packages {", ".join(names)} (not found: '
         f'{", ".join(p.pattern for p in missing)}); install them with `sudo apt-get install '
-        f'{" ".join(p.name for p in missing)}`.')
-  modules = [m for m in PYTHON_REQUIREMENTS if importlib.util.find_spec(m) is None]
+        f'{" ".join(names)}`.', names)
+  modules = [m for m in python_requirements if importlib.util.find_spec(m) is None]
   if modules and install:
-    print(f'quality set: installing the Python packages {" ".join(PYTHON_REQUIREMENTS[m] for m in modules)} (pip, '
+    print(f'{name}: installing the Python packages {" ".join(python_requirements[m] for m in modules)} (pip, '
           'into this environment); --no_install refuses instead.', file=sys.stderr, flush=True)
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps',
-                    *[PYTHON_REQUIREMENTS[m] for m in modules]], check=False)
+                    *[python_requirements[m] for m in modules]], check=False)
     importlib.invalidate_caches()
     modules = [m for m in modules if importlib.util.find_spec(m) is None]
   if modules:
-    reqs = ' '.join(PYTHON_REQUIREMENTS[m] for m in modules)
-    raise QualityDataError(f'the quality set needs the Python packages {reqs}; install them with '
-                           f'`{sys.executable} -m pip install --no-deps {reqs}`.')
+    reqs = ' '.join(python_requirements[m] for m in modules)
+    raise MissingMaterialError(f'the {name} needs the Python packages {reqs}; install them with '
+                               f'`{sys.executable} -m pip install --no-deps {reqs}`.', modules)
 
 
 def tune_paths(packages: Sequence[Package] = TUNES) -> dict[str, str]:

@@ -1,0 +1,224 @@
+"""The quality suite's speech task: who is speaking, told from voices built from recordings of real speakers.
+
+Material, all from Debian packages (the builder installs them when run as root):
+- voices: festival's diphone and HTS voices, each built from the recordings of one real speaker: American English
+  `festvox-kallpc16k` (kal), `festvox-kdlpc16k` (ked) and `festvox-us-slt-hts` (slt); Czech `festvox-czech-dita`,
+  `-krb`, `-machac` and `-ph` (with `festival-czech`); Italian `festvox-italp16k` (lp) and `festvox-itapc16k` (pc);
+  spoken by `festival`'s text2wave;
+- text: the fortune cookies of `fortunes` (English), `fortunes-cs` (Czech) and `fortunes-it` (Italian).
+
+A passage is one fortune of PASSAGE_CHARS characters, chosen in a fixed order (by a hash of its text) so that no
+sentence is in two passages; every voice of the passage's language speaks it (cut to ITEM_SECONDS, at a fixed
+loudness). The label is the voice; the group is the passage, and the split is by passage, the same passages on the
+test side for every voice of a language: no sentence of the test split is ever spoken in training, and within a
+language only the voice tells the classes apart. On disk: `<root>/audio/<voice>/<passage>.wav` and
+`<root>/split.csv` (file, split, group, language).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+import soundfile
+
+from dem_jax.benchmarks import quality_data
+from dem_jax.benchmarks.quality_data import Package, QualityDataError
+
+SAMPLE_RATE = 16000
+ITEM_SECONDS = 10.0
+PASSAGE_CHARS = (150, 320)  # A passage this long takes about 10-20 s to speak.
+TEST_FRACTION = 0.3
+VERSION = 1  # Bump when the rendering changes, so that cached sets are rebuilt.
+DEFAULT_MINUTES = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Voice:
+  label: str  # <language>_<speaker>
+  language: str
+  package: Package
+  command: str  # festival's command that selects the voice
+
+
+VOICE_DIR = '/usr/share/festival/voices'
+VOICES = (
+    Voice('en_kal', 'en', Package('festvox-kallpc16k', f'{VOICE_DIR}/english/kal_diphone'), 'voice_kal_diphone'),
+    Voice('en_ked', 'en', Package('festvox-kdlpc16k', f'{VOICE_DIR}/english/ked_diphone'), 'voice_ked_diphone'),
+    Voice('en_slt', 'en', Package('festvox-us-slt-hts', f'{VOICE_DIR}/us/cmu_us_slt_arctic_hts'),
+          'voice_cmu_us_slt_arctic_hts'),
+    Voice('cs_dita', 'cs', Package('festvox-czech-dita', f'{VOICE_DIR}/czech/czech_dita'), 'voice_czech_dita'),
+    Voice('cs_krb', 'cs', Package('festvox-czech-krb', f'{VOICE_DIR}/czech/czech_krb'), 'voice_czech_krb'),
+    Voice('cs_machac', 'cs', Package('festvox-czech-machac', f'{VOICE_DIR}/czech/czech_machac'),
+          'voice_czech_machac'),
+    Voice('cs_ph', 'cs', Package('festvox-czech-ph', f'{VOICE_DIR}/czech/czech_ph'), 'voice_czech_ph'),
+    Voice('it_lp', 'it', Package('festvox-italp16k', f'{VOICE_DIR}/italian/lp_diphone'), 'voice_lp_diphone'),
+    Voice('it_pc', 'it', Package('festvox-itapc16k', f'{VOICE_DIR}/italian/pc_diphone'), 'voice_pc_diphone'),
+)
+SYNTHESIZER = (Package('festival', '/usr/bin/text2wave'),
+               Package('festival-czech', '/usr/share/festival/czech.scm'))
+
+FORTUNES = '/usr/share/games/fortunes'
+# Prose collections only (no verse, ASCII art or dialogue scripts), and festival's 8-bit encoding per language.
+TEXTS = {
+    'en': (Package('fortunes', f'{FORTUNES}/wisdom'),
+           ('wisdom', 'people', 'science', 'humorists', 'education', 'politics', 'platitudes', 'men-women', 'work',
+            'law', 'medicine', 'food', 'pets', 'love', 'computers', 'miscellaneous')),
+    'cs': (Package('fortunes-cs', f'{FORTUNES}/cs/citace'),
+           ('cs/citace', 'cs/citat', 'cs/klasik-cz', 'cs/jerome', 'cs/ignac', 'cs/guth', 'cs/josef', 'cs/cimrman',
+            'cs/filmy')),
+    'it': (Package('fortunes-it', f'{FORTUNES}/it/italia'),
+           ('it/italia', 'it/leggi', 'it/definizioni', 'it/formiche', 'it/luttazzi', 'it/paolotedeschi',
+            'it/norm', 'it/adams', 'it/zuse')),
+}
+ENCODINGS = {'en': 'ascii', 'cs': 'iso-8859-2', 'it': 'iso-8859-1'}
+
+
+def packages() -> tuple[Package, ...]:
+  return SYNTHESIZER + tuple(v.package for v in VOICES) + tuple(p for p, _ in TEXTS.values())
+
+
+def read_fortunes(paths: Sequence[str]) -> list[str]:
+  """The fortunes of fortune(6) files (entries between lines holding a single %), whitespace collapsed."""
+  entries = []
+  for path in paths:
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding='utf-8', errors='replace') as f:
+      for entry in re.split(r'^%\s*$', f.read(), flags=re.M):
+        text = ' '.join(entry.split())
+        if text:
+          entries.append(text)
+  return entries
+
+
+def sentences(text: str) -> list[str]:
+  return [s for s in re.split(r'(?<=[.!?])\s+', text) if s.strip()]
+
+
+def sentence_key(sentence: str) -> str:
+  """What makes two sentences the same: their letters, lower case (case, punctuation and spacing aside)."""
+  return ''.join(ch for ch in sentence.lower() if ch.isalpha())
+
+
+def is_prose(text: str, encoding: str) -> bool:
+  """A passage the voice can read: mostly letters and spaces, written in its language's 8-bit encoding."""
+  if not PASSAGE_CHARS[0] <= len(text) <= PASSAGE_CHARS[1]:
+    return False
+  if sum(ch.isalpha() or ch == ' ' for ch in text) < 0.85 * len(text):
+    return False
+  return len(text.encode(encoding, errors='ignore')) >= 0.97 * len(text)
+
+
+def choose_passages(fortunes: Sequence[str], count: int, encoding: str) -> list[str]:
+  """`count` passages in a fixed order (a hash of the text), none sharing a sentence with another."""
+  chosen, used = [], set()
+  for text in sorted(set(fortunes), key=lambda t: (zlib.crc32(t.encode()), t)):
+    if len(chosen) == count:
+      break
+    keys = {sentence_key(s) for s in sentences(text)} - {''}
+    if not is_prose(text, encoding) or not keys or keys & used:
+      continue
+    chosen.append(text)
+    used |= keys
+  return chosen
+
+
+def passages_per_language(minutes: float) -> int:
+  """Passages per language so that the set holds about `minutes` of speech (every voice speaks each once)."""
+  return max(4, int(round(minutes * 60 / ITEM_SECONDS / len(VOICES))))
+
+
+class FestivalRenderer:
+  """Speaks a text with a festival voice (text2wave), mono float32 at SAMPLE_RATE."""
+
+  def __call__(self, text: str, voice: Voice) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+      text_path, wav_path = os.path.join(tmp, 'text.txt'), os.path.join(tmp, 'speech.wav')
+      with open(text_path, 'wb') as f:
+        f.write(text.encode(ENCODINGS[voice.language], errors='ignore'))
+      result = subprocess.run(['text2wave', '-eval', f'({voice.command})', '-F', str(SAMPLE_RATE), '-o', wav_path,
+                               text_path], capture_output=True, check=False)
+      if result.returncode or not os.path.exists(wav_path):
+        raise QualityDataError(f'text2wave with {voice.command} failed (exit {result.returncode}): '
+                               f'{result.stderr.decode(errors="replace")[-300:]}')
+      audio, rate = soundfile.read(wav_path, dtype='float32', always_2d=True)
+    if rate != SAMPLE_RATE:
+      raise QualityDataError(f'text2wave wrote {rate} Hz, not {SAMPLE_RATE}.')
+    return audio.mean(axis=1)
+
+
+def settings(minutes: float = DEFAULT_MINUTES) -> dict:
+  return {'version': VERSION, 'sample_rate': SAMPLE_RATE, 'item_seconds': ITEM_SECONDS,
+          'passage_chars': list(PASSAGE_CHARS), 'test_fraction': TEST_FRACTION,
+          'passages_per_language': passages_per_language(minutes), 'target_rms': quality_data.TARGET_RMS,
+          'voices': [v.label for v in VOICES], 'texts': {k: list(v[1]) for k, v in TEXTS.items()}}
+
+
+Renderer = Callable[[str, Voice], np.ndarray]
+
+
+def build(root: str, *, minutes: float = DEFAULT_MINUTES, texts: dict[str, list[str]] | None = None,
+          voices: Sequence[Voice] = VOICES, render: Renderer | None = None, config: dict | None = None,
+          install: bool = True, log: Callable[[str], None] = print) -> dict:
+  """Writes the set under `root` unless an identical one is there; returns the contents of root/build.json.
+
+  `texts` ({language: fortunes}) and `render` default to the packaged material (installed first if missing);
+  passing them builds the same layout from other material. Raises quality_data.MissingMaterialError naming the
+  packages that are missing.
+  """
+  config = config or settings(minutes)
+  done = os.path.join(root, 'build.json')
+  if os.path.exists(done):
+    with open(done, encoding='utf-8') as f:
+      built = json.load(f)
+    if built.get('settings') == config:
+      return built
+    log(f'{root} holds a set built with other settings; rebuilding it.')
+    os.remove(done)
+  shutil.rmtree(os.path.join(root, 'audio'), ignore_errors=True)
+  if texts is None:
+    quality_data.ensure_material(install, packages(), python_requirements={}, name='speech set')
+    texts = {lang: read_fortunes([os.path.join(FORTUNES, f) for f in files]) for lang, (_, files) in TEXTS.items()}
+  render = render or FestivalRenderer()
+  rows, test_passages, seconds = [], [], 0.0
+  for language in sorted({v.language for v in voices}):
+    passages = choose_passages(texts.get(language, []), config['passages_per_language'], ENCODINGS[language])
+    if len(passages) < 2:
+      raise QualityDataError(f'only {len(passages)} passages of {language} text; the set needs two or more.')
+    names = [f'{language}-{i:03d}' for i in range(len(passages))]
+    test = quality_data.test_tunes(names, config['test_fraction'])
+    test_passages += sorted(test)
+    for voice in [v for v in voices if v.language == language]:
+      os.makedirs(os.path.join(root, 'audio', voice.label), exist_ok=True)
+      for name, text in zip(names, passages):
+        audio = render(text, voice)[:int(config['item_seconds'] * config['sample_rate'])]
+        audio = quality_data.at_loudness(audio, config['target_rms'])
+        file = f'{voice.label}/{name}.wav'
+        soundfile.write(os.path.join(root, 'audio', file), audio, config['sample_rate'], subtype='PCM_16')
+        seconds += len(audio) / config['sample_rate']
+        rows.append({'file': file, 'split': 'test' if name in test else 'train', 'group': name,
+                     'language': language, 'text': text})
+      log(f'{voice.label}: {len(passages)} passages')
+  with open(os.path.join(root, 'split.csv'), 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, fieldnames=['file', 'split', 'group', 'language'], extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  # The passages' text, for checking that no sentence is on both sides.
+  with open(os.path.join(root, 'passages.json'), 'w', encoding='utf-8') as f:
+    json.dump({r['group']: r['text'] for r in rows}, f, indent=1, ensure_ascii=False)
+  built = {'settings': config, 'files': len(rows), 'passages': len({r['group'] for r in rows}),
+           'test_passages': test_passages, 'audio_seconds': round(seconds, 1),
+           'labels': sorted(v.label for v in voices)}
+  with open(done, 'w', encoding='utf-8') as f:
+    json.dump(built, f, indent=1)
+  return built
