@@ -62,6 +62,8 @@ def test_passages_never_share_a_sentence_and_skip_what_is_not_prose():
   assert fortune(1) in chosen and sum(shared in t for t in chosen) == 1
   assert not set(not_prose) & set(chosen)
   assert qp.choose_passages(['žluťoučký kůň ' * 15], 1, 'iso-8859-2')  # Czech letters are the Czech voices'
+  # Marks that crash festival's tokenizer are not spoken.
+  assert qp.speakable('"Hi..." -- Bo (x).') == 'Hi. Bo x.'
   # Case and punctuation do not make a sentence another one.
   assert qp.sentence_key('It ends, HERE!') == qp.sentence_key('it ends here.')
 

@@ -38,7 +38,7 @@ SAMPLE_RATE = 16000
 ITEM_SECONDS = 10.0
 PASSAGE_CHARS = (150, 320)  # A passage this long takes about 10-20 s to speak.
 TEST_FRACTION = 0.3
-VERSION = 1  # Bump when the rendering changes, so that cached sets are rebuilt.
+VERSION = 2  # Bump when the rendering changes, so that cached sets are rebuilt.
 DEFAULT_MINUTES = 60.0
 
 
@@ -101,6 +101,17 @@ def read_fortunes(paths: Sequence[str]) -> list[str]:
   return entries
 
 
+def speakable(text: str) -> str:
+  """The text as the voices read it: quotes, brackets and other marks that festival's tokenizer can crash on (with
+  a segmentation fault) are dropped, dashes become commas and runs of dots one dot."""
+  text = text.replace('--', ',')
+  text = re.sub(r'[\"`()\[\]{}*_<>|/\\#~^=+@&%$]', ' ', text)
+  text = re.sub(r'\.{2,}', '.', text)
+  text = re.sub(r'\s+([,.;:!?])', r'\1', text)
+  text = re.sub(r'([,.;:!?])[,.;:!?\s]*[,.;:!?]', r'\1', text)  # one mark where several meet
+  return ' '.join(text.split()).lstrip(',.;:!? ')
+
+
 def sentences(text: str) -> list[str]:
   return [s for s in re.split(r'(?<=[.!?])\s+', text) if s.strip()]
 
@@ -120,9 +131,10 @@ def is_prose(text: str, encoding: str) -> bool:
 
 
 def choose_passages(fortunes: Sequence[str], count: int, encoding: str) -> list[str]:
-  """`count` passages in a fixed order (a hash of the text), none sharing a sentence with another."""
+  """`count` passages (made `speakable`) in a fixed order (a hash of the text), none sharing a sentence with
+  another."""
   chosen, used = [], set()
-  for text in sorted(set(fortunes), key=lambda t: (zlib.crc32(t.encode()), t)):
+  for text in sorted({speakable(t) for t in fortunes}, key=lambda t: (zlib.crc32(t.encode()), t)):
     if len(chosen) == count:
       break
     keys = {sentence_key(s) for s in sentences(text)} - {''}
