@@ -4,7 +4,13 @@ The state is saved as one copy on the host (numpy leaves): whether the step ran 
 or jit (a replicated global array), the saved form is the same, so a checkpoint written on 8 GPUs restores on a CPU.
 Every process calls save/restore (orbax coordinates them; only the primary process writes numpy leaves). orbax
 writes each step into a temporary folder and renames it when complete, so a killed run never leaves a checkpoint
-that looks whole but is not.
+that looks whole but is not; a writable Checkpointer deletes such temporary folders when it opens.
+
+A save is synchronous: `save()` returns once the step is on disk, or raises. A write that fails (a full disk, a
+quota, a disk error) raises OSError naming the checkpoint folder (the dispatcher prints it as one line with the
+fix), its temporary folder is deleted, and orbax's own reports of the failure (a traceback per thread) are held
+back. Older steps are pruned to `max_to_keep` only after the new step was written whole, and a state that is not
+finite is never saved (CheckpointError), so pruning never removes the newest intact step.
 
 Each step holds two orbax items: `state`, the train state's arrays, and `progress`, a small JSON object of the
 trainer's own state that must survive a restart with the weights (the time budget's clock and the learning-rate
@@ -14,8 +20,9 @@ orbax's single unnamed item (`default`); they are read as before and have no pro
 
 What guards against a checkpoint that is whole but wrong:
 - Once orbax has finished a step, the primary process writes `digest.json` into the step's folder: the sha256 of
-  the step's files, and whether every saved float was finite. A step whose files no longer match (flipped bytes, a
-  truncated file) or that held non-finite values is damaged: `latest_step()` skips it with a warning and returns the
+  the step's files, and whether every saved float was finite (always, since a non-finite state is refused; steps
+  saved by an older dem_jax may say otherwise). A step whose files no longer match (flipped bytes, a truncated
+  file) or that held non-finite values is damaged: `latest_step()` skips it with a warning and returns the
   newest intact step, and `restore()` falls back to it. Restored arrays are checked to be finite as well, so a step
   without a digest (a run killed between orbax's rename and the digest) is still never restored with NaN/inf.
 - `Checkpointer(workdir, read_only=True)` is for readers (embed, evaluate): it creates no folder, deletes nothing
@@ -25,10 +32,15 @@ What guards against a checkpoint that is whole but wrong:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import sys
 from typing import Any
 
 import flax.serialization
@@ -87,6 +99,59 @@ def all_finite(tree: Any) -> bool:
              if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
 
 
+@contextlib.contextmanager
+def _failure_reports_held_back():
+  """While orbax saves: its threads log a failed write with a traceback each, and its event loops' teardown prints
+  one more ('Event loop is closed', raised in a late callback); `Checkpointer.save` reports a failure once itself,
+  so these are dropped when the save raises, and let through when it returns. The late callbacks can come after
+  the save raised, so after a failure the hook that drops them stays."""
+  held = []
+
+  class Hold(logging.Filter):
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      if record.levelno >= logging.ERROR and '/orbax/' in record.pathname:
+        held.append(record)
+        return False
+      return True
+
+  def drop_closed_loop(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous_hook(unraisable)
+
+  logger, hold, previous_hook = logging.getLogger('absl'), Hold(), sys.unraisablehook  # orbax logs through absl.
+  logger.addFilter(hold)
+  sys.unraisablehook = drop_closed_loop
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    logger.removeFilter(hold)
+    if not failed:
+      sys.unraisablehook = previous_hook
+      for record in held:
+        logger.handle(record)
+
+
+def _save_error(e: Exception, directory: str, step: int) -> Exception:
+  """A failed save as the error to raise: OSError (with errno and the folder) when the operating system refused a
+  write, which tensorstore reports as a ValueError with the OS's code in its text; CheckpointError otherwise."""
+  if isinstance(e, OSError):
+    return e if e.filename else OSError(e.errno, e.strerror or str(e), directory)
+  text = str(e)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    number = int(code.group(1))
+  elif 'No space left on device' in text or 'RESOURCE_EXHAUSTED' in text:
+    number = errno.ENOSPC
+  else:
+    first = ' '.join(text.split())[:300]
+    return CheckpointError(f'Saving checkpoint step {step} in {directory} failed ({type(e).__name__}: {first}); the '
+                           'steps saved before it are kept. Fix the cause and run the same command again.')
+  return OSError(number, os.strerror(number), directory)
+
+
 class Checkpointer:
   """Saves and restores the train state in `<workdir>/checkpoints`; see the module docstring for the guarantees."""
 
@@ -103,9 +168,12 @@ class Checkpointer:
       # A workdir without checkpoints yet has nothing to read; orbax is not asked to look (or create).
       self.manager = ocp.CheckpointManager(self.directory, options=options) if os.path.isdir(self.directory) else None
     else:
+      # Synchronous: a failed write then raises in save(), at its step, instead of in orbax's background threads
+      # while training goes on; and orbax prunes older steps only once the new one is whole.
       self.manager = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=False))
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -170,11 +238,9 @@ class Checkpointer:
     """Every saved step, damaged or not."""
     return self._steps()
 
-  def _write_digests(self, *, except_step: int | None = None) -> None:
-    """Digests of this process's finished saves (orbax finishes a save before it starts the next one)."""
+  def _write_digests(self) -> None:
+    """Digests of this process's finished saves."""
     for step in sorted(self._pending):
-      if step == except_step:
-        continue
       finite = self._pending.pop(step)
       step_dir = self._step_dir(step)
       if jax.process_index() != 0 or not os.path.isdir(step_dir):  # Pruned meanwhile: nothing to describe.
@@ -189,22 +255,44 @@ class Checkpointer:
     """Saves `state` (a pytree; device arrays are fetched to the host) at `step` if due, or always with force.
 
     `progress`, a JSON-able dict (the primary process's is written), goes into the same step as the state: one folder
-    that orbax completes or discards as a whole, under one digest, so the two always belong together.
+    that orbax completes or discards as a whole, under one digest, so the two always belong together. A state with
+    NaN or inf raises CheckpointError and nothing is written; a failed write raises OSError (or CheckpointError)
+    and leaves the steps saved before it as they were.
     """
     if self.read_only:
       raise CheckpointError(f'This Checkpointer of {self.directory} is read-only; open it without read_only to save.')
     if not force and step % self.save_every:
       return False
     host_state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(jax.device_get(state)))
-    finite = all_finite(host_state)
+    if not all_finite(host_state):
+      raise CheckpointError(f'The state of step {step} holds non-finite values (NaN or inf); it was not saved, and '
+                            f'{self.directory} keeps its steps (the newest intact: {self.latest_step()}).')
     items = {STATE_ITEM: ocp.args.StandardSave(host_state)}
     if progress is not None:
       items[PROGRESS_ITEM] = ocp.args.JsonSave(dict(progress))
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      with _failure_reports_held_back():
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # orbax and tensorstore raise many types for a failed write.
+      self._discard_unfinished(step)
+      raise _save_error(e, self.directory, step) from None
     if saved:
-      self._pending[step] = finite
-    self._write_digests(except_step=step)  # save() waited for the earlier saves; this one may still be running.
+      self._pending[step] = True
+    self._write_digests()
     return saved
+
+  def _discard_unfinished(self, step: int) -> None:
+    """Deletes the temporary folder of a save that failed: it holds no usable step, and may hold the space the
+    disk lacks. (A writable Checkpointer opened later deletes any such folder as well.)"""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass  # Best effort: the error being raised is what matters.
 
   def _candidates(self, step: int | None):
     """Steps to try to restore, newest first: the given one only, or each intact one (verified as it is reached)."""

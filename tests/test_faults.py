@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import soundfile
 
@@ -347,13 +348,20 @@ def test_a_damaged_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, cap
     reader.restore_raw(3)
 
 
-def test_non_finite_checkpoints_count_as_damaged(tmp_path):
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1)
+def test_non_finite_states_are_never_saved_and_count_as_damaged_where_found(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, max_to_keep=1)
   ckpt.save(1, _state(1))
-  ckpt.save(2, _state(2, np.nan))  # Recorded as non-finite in its digest.
-  ckpt.save(3, _state(3, np.inf))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'step 2 holds non-finite .*not saved.*newest intact: 1'):
+    ckpt.save(2, _state(2, np.nan))
   ckpt.close()
-  os.remove(tmp_path / checkpoint_lib.CHECKPOINT_DIR / '3' / checkpoint_lib.DIGEST_NAME)  # No digest: checked on read.
+  assert ckpt.all_steps() == [1]  # Nothing written, so max_to_keep=1 pruned nothing.
+  # Non-finite steps written otherwise (as an older dem_jax did): one whose digest says so, one without a digest.
+  directory = tmp_path / checkpoint_lib.CHECKPOINT_DIR
+  with ocp.CheckpointManager(str(directory)) as manager:
+    for step, value in ((2, np.nan), (3, np.inf)):
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state(step, value))))
+  digest = {'step': 2, 'sha256': checkpoint_lib.files_digest(str(directory / '2')), 'finite': False}
+  (directory / '2' / checkpoint_lib.DIGEST_NAME).write_text(json.dumps(digest))
   reader = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
   assert reader.latest_step() == 3  # Nothing recorded against it...
   assert reader.restore_raw()['params']['kernel'][0, 0] == 1.0  # ...but its values are checked: step 1 is used.
@@ -470,11 +478,13 @@ def test_os_errors_become_one_line_with_the_path_and_the_fix():
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-  """A 64-KiB tmpfs: a full disk for real (needs root and a kernel that lets it mount)."""
+def small_disk(tmp_path, request):
+  """A 64-KiB tmpfs (or the size a test passes as the fixture's param): a full disk for real (needs root and a
+  kernel that lets it mount)."""
   mount = tmp_path / 'disk'
   mount.mkdir()
-  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(mount)], capture_output=True,
+  size = getattr(request, 'param', '64k')
+  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(mount)], capture_output=True,
                           text=True)
   if result.returncode:
     pytest.skip(f'cannot mount a small tmpfs here ({result.stderr.strip() or "not root"})')
@@ -494,6 +504,33 @@ def test_a_full_disk_ends_preprocessing_in_one_line_and_the_rerun_finishes(tiny_
                            f'--output_dir={tmp_path / "features"}', '--num_workers=1')
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1])['clips_written'] == 4
+
+
+# Room for config.json, model.json, the log and one checkpoint of the tiny model (about 2 MiB), not for two.
+@pytest.mark.parametrize('small_disk', ['3m'], indirect=True)
+def test_a_full_disk_stops_training_in_one_line_and_the_rerun_resumes(dcase_features, small_disk, tmp_path):
+  def train(workdir, steps):
+    return dem_jax_command('train', '--config=dcase:tiny', f'--workdir={workdir}',
+                           f'--config.features_dir={dcase_features}', '--config.data.tile_seconds=0.5', '--config.data.neighbour_seconds=0.5',
+                           '--config.batch_size=8', '--config.data.eval_batches=1', '--config.data.eval_max_clips=16',
+                           f'--config.num_steps={steps}', '--config.checkpoint_every=2', '--config.log_every=1',
+                           env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'))
+
+  workdir = small_disk / 'w'
+  result = train(workdir, 6)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  # The save of step 4 failed: training stopped there, in one line, and orbax's own reports of it were held back.
+  assert [line for line in lines if 'No space left' in line or line.startswith('E')] == [lines[-1]], lines[-5:]
+  assert lines[-1].startswith(f'train: No space left on device ({workdir / "checkpoints"}); free space there')
+  assert os.listdir(workdir / 'checkpoints') == ['2']  # The intact step; nothing half-written beside it.
+  assert max(r['step'] for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())) == 4
+  # Room made: the same command resumes from step 2 and finishes.
+  shutil.copytree(workdir, tmp_path / 'roomy')
+  result = train(tmp_path / 'roomy', 6)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resumed from the checkpoint of step 2 ' in result.stderr
+  assert checkpoint_lib.Checkpointer(str(tmp_path / 'roomy'), read_only=True).latest_step() == 6
 
 
 @pytest.mark.parametrize('error,code,expected', [
