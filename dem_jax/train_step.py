@@ -57,6 +57,13 @@ def learning_rate_at(optimizer_config, step, total_steps: int | None = None) -> 
   return np.asarray(lr, dtype=np.float32)
 
 
+def all_finite(tree) -> jax.Array:
+  """A device scalar: whether every floating-point leaf of `tree` is free of NaN and inf (one fused reduction,
+  so that a step can check the whole state it produced at the cost of reading it once)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def _kernel_mask(params):
   """True on conv and dense kernels: the original put weight decay on every kernel, not on biases or BatchNorm."""
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
@@ -127,9 +134,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, l
   The optimizer's update is multiplied by `lr` (a scalar: `make_optimizer`'s updates are a direction). The dropout
   key is fold_in(rng, step), so a resumed run draws the same masks. With `axis_name` (pmap), gradients and metrics
   are averaged over it and the model's BatchNorm is set to average its batch statistics over it too (the step owns
-  that setting, so the model's own axis_name does not matter). metrics['finite'] is 1 when the loss and the
-  gradient are finite. With `guard`, a step that is not finite returns the state unchanged, with the non-finite
-  values in its metrics, so the caller can stop with the last good state in hand; without it the caller guards.
+  that setting, so the model's own axis_name does not matter). metrics['finite'] is 1 when the loss, the gradient
+  and the state the update produced are finite (a finite gradient times a learning rate that is not, or an update
+  that overflows, gives a non-finite state from finite inputs); metrics['state_finite'] is the last of the three.
+  With `guard`, a step that is not finite returns the state unchanged, with the non-finite values in its metrics,
+  so the caller can stop with the last good state in hand; without it the caller guards.
   `augment(batch, rng) -> batch` (dem_jax.augment), when given, changes the tiles first, with a key drawn like the
   dropout key's.
   """
@@ -155,9 +164,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, l
     updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-    metrics['finite'] = finite.astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    state_finite = all_finite(new_state)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & state_finite
+    metrics['finite'] = finite.astype(jnp.float32)
+    metrics['state_finite'] = state_finite.astype(jnp.float32)
     if guard:
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
@@ -203,9 +214,9 @@ def make_train_loop(train_step, batch_fn: Callable):
   batch (the k-th of this call) from `data` (packed features on the device, or the steps' batches sent from the
   host); `lrs` [K] holds each step's learning rate, and `num_steps` (a device scalar, at most K) how many to run: one
   compilation serves calls of any length up to K, so checkpoints, evaluations and logs can fall anywhere. Metrics
-  stay on the device, summed into `acc` (`init_loop_metrics`). The first step whose loss or gradient is not finite
-  is recorded in acc['first_bad_step'] and is sticky: that step and every later one leave the state as it was, so
-  the caller, fetching `acc` when it likes, stops with the last good state.
+  stay on the device, summed into `acc` (`init_loop_metrics`). The first step whose loss, gradient or new state is
+  not finite is recorded in acc['first_bad_step'] and is sticky: that step and every later one leave the state as
+  it was, so the caller, fetching `acc` when it likes, stops with the last good state.
   """
 
   def loop(state, acc, data, lrs, rng, num_steps):

@@ -133,6 +133,14 @@ def test_non_finite_step_is_reported_and_leaves_the_state_alone(runs):
   after = run['parallel'].get_state(run['state'])
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)
+  # Finite inputs, a learning rate that is not: the loss and gradient are finite, the state the update makes is not.
+  run['state'], metrics = run['step'](run['state'], run['parallel'].put_batch(batches(1, seed=3)[0]),
+                                      jax.random.key(3), np.float32(np.nan))
+  metrics = run['parallel'].get_metrics(metrics)
+  assert np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])
+  assert metrics['state_finite'] == 0.0 and metrics['finite'] == 0.0
+  for a, b in zip(jax.tree.leaves(run['parallel'].get_state(run['state'])), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_training_pulls_neighbours_closer_than_distant_tiles(runs):
