@@ -15,6 +15,11 @@ On disk, in one output folder:
     frames = features.read('DevNode1_ex1_1')            # float32 [998, 128]
     tile = features.read('DevNode1_ex1_1', 100, 598)     # frames 100..597
     mean, std = features.norm_stats()                    # over the training part
+
+The store may also be read where tensorstore reads, by a kvstore URL instead of a path: `file://`, `http(s)://`
+(read-only), `gs://` and `s3://` (credentials from the environment: GOOGLE_APPLICATION_CREDENTIALS or the machine's
+gcloud login, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_REGION). The side files are then read
+through tensorstore's kvstore too. Preprocessing writes to a local folder only.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from dem_jax.frontend import FrontEnd
-import re
 
 ARRAY_NAME = 'features.zarr'
 MANIFEST_NAME = 'manifest.csv'
@@ -42,6 +48,24 @@ MANIFEST_COLUMNS = ('clip_id', 'path', 'label', 'group', 'recording', 'position'
 
 class FeaturesError(Exception):
   """A features folder that is missing, unfinished or inconsistent."""
+
+
+# Remote reads retry a few times, so that a passing glitch is ridden out and an unreachable address fails in
+# seconds (tensorstore's own default keeps retrying for minutes).
+_REMOTE_RETRIES = {'max_retries': 4, 'initial_delay': '0.5s', 'max_delay': '4s'}
+_REMOTE_FIX = ('check the address and the network; gs:// reads GOOGLE_APPLICATION_CREDENTIALS (or the gcloud '
+               'login), s3:// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and AWS_REGION')
+
+
+def is_url(location: str) -> bool:
+  """Whether `location` is a tensorstore kvstore URL (http(s)://, gs://, s3://) rather than a local path."""
+  return '://' in location and not location.startswith('file://')
+
+
+def store_context(cache_bytes: int) -> ts.Context:
+  """The tensorstore context every read of a store uses: a chunk cache of `cache_bytes`, bounded retries."""
+  return ts.Context({'cache_pool': {'total_bytes_limit': cache_bytes}, 'http_request_retries': _REMOTE_RETRIES,
+                     'gcs_request_retries': _REMOTE_RETRIES, 's3_request_retries': _REMOTE_RETRIES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +119,15 @@ def array_spec(path: str, *, num_frames: int, n_mels: int, dtype: str, chunk_fra
   }
 
 
-def read_manifest(path: str) -> list[Clip]:
-  """The clips of a manifest; FeaturesError naming the file and line when it cannot be read."""
+def read_manifest(path: str, text: str | None = None) -> list[Clip]:
+  """The clips of a manifest (the file at `path`, or its `text` when read elsewhere); FeaturesError naming the file
+  and line when it cannot be read."""
   try:
-    with open(path, newline='', encoding='utf-8') as f:
-      rows = list(csv.DictReader(f))
+    if text is None:
+      with open(path, newline='', encoding='utf-8') as f:
+        rows = list(csv.DictReader(f))
+    else:
+      rows = list(csv.DictReader(io.StringIO(text, newline='')))
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise FeaturesError(f'{path} cannot be read ({e}); run the preprocessing job again with --finalize to rewrite '
                         'it.') from None
@@ -142,6 +170,11 @@ def training_splits(splits: Iterable[str], fold: int | None = None) -> list[str]
   """The splits that form the training part: 'train' for folder data; for the DCASE development set every fold
   except `fold` (all four when fold is None: the label-free embedding's usual training set); else all of them."""
   present = sorted(set(splits))
+  # A split word of no reader (a split file's 'Train', say) would otherwise put every clip in the training part.
+  unknown = [s for s in present if s not in ('train', 'test', 'none', 'eval') and not re.fullmatch(r'fold\d+', s)]
+  if unknown:
+    raise FeaturesError(f'the store holds the split(s) {unknown}, which no reader writes (folder data: train or '
+                        'test; DCASE: fold1-fold4, none, eval); fix the split file and preprocess again.')
   if any(s.startswith('fold') for s in present):
     return [s for s in present if s.startswith('fold') and s != f'fold{fold}']
   if 'train' in present:
@@ -153,39 +186,47 @@ class Features:
   """A finished preprocessing output, opened for reading. Cheap to open; reads go through tensorstore."""
 
   def __init__(self, root: str, *, cache_bytes: int = 256 << 20):
-    self.root = os.path.abspath(root)
+    if root.startswith('file://'):
+      root = root[len('file://'):]
+    self.remote = is_url(root)
+    self.root = root.rstrip('/') if self.remote else os.path.abspath(root)
+    self._context = store_context(cache_bytes)
+    if self.remote:
+      try:
+        self._kvstore = ts.KvStore.open(self.root + '/', context=self._context).result()
+      except ValueError as e:
+        raise FeaturesError(f'{self.root} is not a store address tensorstore can open ({e}); use a path or a '
+                            'file://, http(s)://, gs:// or s3:// URL.') from None
     info_path = os.path.join(self.root, INFO_NAME)
-    if not os.path.isdir(self.root):
+    if not self.remote and not os.path.isdir(self.root):
       raise FeaturesError(f'Features folder {self.root} does not exist; run `dem-jax preprocess` first and '
                           'point at its --output_dir.')
-    if not os.path.exists(info_path):
+    self.info_bytes = self._read_side(INFO_NAME)
+    if self.info_bytes is None:
       raise FeaturesError(f'{self.root} is not a finished preprocessing output ({INFO_NAME} is missing). If the job '
                           'ran as several tasks, run it once more with --finalize; if it was interrupted, run the '
                           'same command again to finish it.')
     refinalize = (f'run the preprocessing job for {self.root} again with --finalize to rewrite it (or the same '
                   'command as before)')
     try:
-      with open(info_path, encoding='utf-8') as f:
-        self.info = json.load(f)
+      self.info = json.loads(self.info_bytes.decode('utf-8'))
     except (ValueError, UnicodeDecodeError) as e:
       raise FeaturesError(f'{info_path} is damaged ({e}); {refinalize}.') from None
     self.frontend = FrontEnd(**self.info['frontend'])
-  # A split word of no reader (a split file's 'Train', say) would otherwise put every clip in the training part.
-  unknown = [s for s in present if s not in ('train', 'test', 'none', 'eval') and not re.fullmatch(r'fold\d+', s)]
-  if unknown:
-    raise FeaturesError(f'the store holds the split(s) {unknown}, which no reader writes (folder data: train or '
-                        'test; DCASE: fold1-fold4, none, eval); fix the split file and preprocess again.')
     self.labels: list[str] = list(self.info['labels'])
     self.dataset: str = self.info['dataset']
     manifest_path = os.path.join(self.root, MANIFEST_NAME)
-    if not os.path.exists(manifest_path):
+    manifest = self._read_side(MANIFEST_NAME)
+    if manifest is None:
       raise FeaturesError(f'{self.root} has {INFO_NAME} but no {MANIFEST_NAME}; {refinalize}.')
     if 'manifest_sha256' in self.info:  # Stores written before the digest existed are opened as they are.
-      with open(manifest_path, 'rb') as f:
-        digest = hashlib.file_digest(f, 'sha256').hexdigest()
-      if digest != self.info['manifest_sha256']:
+      if hashlib.sha256(manifest).hexdigest() != self.info['manifest_sha256']:
         raise FeaturesError(f'{manifest_path} does not match {INFO_NAME} (another run\'s or edited); {refinalize}.')
-    self.clips: list[Clip] = read_manifest(manifest_path)
+    try:
+      text = manifest.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise FeaturesError(f'{manifest_path} cannot be read ({e}); {refinalize}.') from None
+    self.clips: list[Clip] = read_manifest(manifest_path, text)
     if len(self.clips) != self.info.get('num_clips', len(self.clips)):
       raise FeaturesError(f'{manifest_path} lists {len(self.clips)} clips, {INFO_NAME} says '
                           f'{self.info["num_clips"]}; {refinalize}.')
@@ -194,11 +235,37 @@ class Features:
     if outside:
       raise FeaturesError(f'{manifest_path} places {outside[0]} beyond the {total} frames of {ARRAY_NAME}; '
                           f'{refinalize}.')
-    check_store_files(self.root, self.info.get('store_files'))
+    if not self.remote:  # Remote stores have no cheap listing; there a missing shard fails its read instead.
+      check_store_files(self.root, self.info.get('store_files'))
     self._index = {c.clip_id: i for i, c in enumerate(self.clips)}
-    self._array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(self.root, ARRAY_NAME)},
-                           'context': {'cache_pool': {'total_bytes_limit': cache_bytes}},
-                           'recheck_cached_data': False}, read=True).result()
+    self._array = self.open_array(fill_missing=not self.remote)
+
+  def _read_side(self, name: str) -> bytes | None:
+    """The bytes of a side file (features.json, manifest.csv), None when it is missing."""
+    if not self.remote:
+      path = os.path.join(self.root, name)
+      if not os.path.exists(path):
+        return None
+      with open(path, 'rb') as f:
+        return f.read()
+    try:
+      result = self._kvstore.read(name).result()
+    except ValueError as e:
+      raise FeaturesError(f'{self.root}/{name} cannot be read ({e}); {_REMOTE_FIX}.') from None
+    return result.value if result.state == 'value' else None
+
+  def open_array(self, *, context: ts.Context | None = None, fill_missing: bool = True) -> ts.TensorStore:
+    """A tensorstore handle of the features array. fill_missing=False turns a read of a lost shard into an error
+    instead of the fill value (zeros): preprocessing never leaves a clip's chunks unwritten, so a missing one is
+    damage. FeaturesError when the array cannot be opened (an unreachable address, no credentials)."""
+    location = self.root + '/' + ARRAY_NAME + '/'
+    kvstore = location if self.remote else {'driver': 'file', 'path': os.path.join(self.root, ARRAY_NAME)}
+    try:
+      return ts.open({'driver': 'zarr3', 'kvstore': kvstore, 'recheck_cached_data': False,
+                      'fill_missing_data_reads': fill_missing}, context=context or self._context, read=True).result()
+    except ValueError as e:
+      fix = _REMOTE_FIX if self.remote else 'preprocess again into a new --output_dir'
+      raise FeaturesError(f'The features array {location} cannot be opened ({e}); {fix}.') from None
 
   def __len__(self) -> int:
     return len(self.clips)
