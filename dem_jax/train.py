@@ -12,12 +12,14 @@ run sees the same batches and dropout masks as an uninterrupted run: both are fu
 from __future__ import annotations
 
 import collections
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import socket
 import time
 
 import jax
@@ -38,6 +40,7 @@ from dem_jax.sampler import SamplerError, TripletSampler
 
 # model.json keys that must not change when a run resumes (num_steps, the budget and the schedule may).
 FINGERPRINT_KEYS = ('model', 'tile_frames', 'frontend', 'features_dir', 'features_digest', 'fold')
+LOCK_NAME = '.lock'  # In the workdir: held by the one run that writes there.
 
 
 class TrainingError(RuntimeError):
@@ -72,15 +75,34 @@ def _fingerprint(config, features) -> dict:
           'features_digest': _features_digest(features), 'fold': config.data.fold}
 
 
+_MISSING = object()
+
+
+def _differences(saved, now, name: str) -> list[str]:
+  """'name.field: <saved> in the workdir, <now> now' for each field that differs, nested dicts followed down to
+  the fields themselves (a dict shown whole would be cut before the field that differs)."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [line for key in sorted(set(saved) | set(now))
+            for line in _differences(saved.get(key, _MISSING), now.get(key, _MISSING), f'{name}.{key}')]
+  if saved == now:
+    return []
+
+  def show(value) -> str:
+    text = 'nothing' if value is _MISSING else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + '...'
+  return [f'{name}: {show(saved)} in the workdir, {show(now)} now']
+
+
 def _check_fingerprint(workdir: str, info: dict) -> None:
   """A resumed run must train the same model on the same features as the run that wrote the workdir."""
   try:
     saved = checkpoint_lib.read_model_info(workdir)
   except FileNotFoundError:
     return
+  info = json.loads(json.dumps(info))  # As model.json holds it (tuples as lists).
   changed = [k for k in FINGERPRINT_KEYS if k in saved and saved[k] != info[k]]
   if changed:
-    details = '; '.join(f'{k}: {json.dumps(saved[k])[:120]} -> {json.dumps(info[k])[:120]}' for k in changed)
+    details = '; '.join(line for k in changed for line in _differences(saved[k], info[k], k))
     raise TrainingError(f'{workdir} holds a run of another {"/".join(changed)} ({details}). Use a new --workdir, or '
                         'the settings it was started with; nothing in it was changed.')
 
@@ -88,6 +110,7 @@ def _check_fingerprint(workdir: str, info: dict) -> None:
 def _check_settings(config, workdir: str):
   """Every check of the run's settings, made before the run writes anything, so that a bad setting fails with its
   fix and leaves the workdir as it was. Opens the features only as far as the checks need, and returns them."""
+  _check_numbers(config)
   if not config.features_dir:
     raise TrainingError('config.features_dir is empty: point it at a preprocessing output with '
                         '--config.features_dir=DIR (see dem-jax preprocess).')
@@ -128,6 +151,57 @@ def _check_settings(config, workdir: str):
     raise TrainingError(str(e)) from None
   _check_fingerprint(workdir, _fingerprint(config, features))
   return features
+
+
+def _check_numbers(config) -> None:
+  """Numeric settings outside their range, refused one at a time with the range and the default as an example.
+  Each rule states what a good value satisfies, so that NaN, which fails every comparison, is refused too."""
+  def within(low, high, *, low_open=False, high_open=False):
+    def ok(value):
+      try:
+        v = float(value)
+      except (TypeError, ValueError):
+        return False
+      return (math.isfinite(v) and (v > low if low_open else v >= low)
+              and (high is None or (v < high if high_open else v <= high)))
+    return ok
+
+  positive, non_negative, fraction = within(0, None, low_open=True), within(0, None), within(0, 1)
+  o, d, loss = config.optimizer, config.data, config.loss
+  rules = [  # (setting, value, ok, what it must be, an example)
+      ('optimizer.learning_rate', o.learning_rate, positive, 'a finite number > 0', '1e-4'),
+      ('optimizer.decay_rate', o.decay_rate, within(0, 1, low_open=True), 'in (0, 1]', '0.95'),
+      ('optimizer.decay_steps', o.decay_steps, positive, '>= 1', '7500'),
+      ('optimizer.warmup_steps', o.get('warmup_steps', 0), non_negative, '>= 0', '0'),
+      ('optimizer.final_fraction', o.get('final_fraction', 0.0), fraction, 'in [0, 1]', '0.0'),
+      ('optimizer.schedule_steps', o.get('schedule_steps', 0), non_negative, '>= 0 (0: the run\'s length)', '0'),
+      ('optimizer.weight_decay', o.weight_decay, non_negative, 'a finite number >= 0 (0: off)', '1e-4'),
+      ('optimizer.grad_clip_norm', o.grad_clip_norm, non_negative, 'a finite number >= 0 (0: off)', '0.0'),
+      ('loss.margin', loss.get('margin', 1.0), positive, 'a finite number > 0', '1.0'),
+      ('loss.l2', loss.get('l2', 0.0), non_negative, 'a finite number >= 0', '0.01'),
+      ('loss.temperature', loss.get('temperature', 0.1), positive, 'a finite number > 0', '0.1'),
+      ('loss.debias', loss.get('debias', 0.0), within(0, 1, high_open=True), 'in [0, 1)', '0.0'),
+      ('batch_size', config.batch_size, positive, '>= 1', '64'),
+      ('num_steps', config.num_steps, non_negative, '>= 0 (0: config.num_epochs decides)', '1000'),
+      ('num_epochs', config.num_epochs, non_negative, '>= 0', '20'),
+      ('log_every', config.log_every, positive, '>= 1', '50'),
+      ('eval_every', config.eval_every, non_negative, '>= 0 (0: once per epoch)', '0'),
+      ('checkpoint_every', config.checkpoint_every, positive, '>= 1', '1000'),
+      ('keep_checkpoints', config.keep_checkpoints, positive, '>= 1', '3'),
+      ('data.tile_seconds', d.tile_seconds, positive, 'a finite number of seconds > 0', '5.0'),
+      ('data.neighbour_seconds', d.neighbour_seconds, non_negative, 'a finite number of seconds >= 0', '5.0'),
+      ('data.eval_batches', d.eval_batches, non_negative, '>= 0', '4'),
+      ('data.eval_max_clips', d.eval_max_clips, non_negative, '>= 0', '400'),
+      ('data.device_memory_fraction', d.get('device_memory_fraction', 0.5), within(0, 1, low_open=True),
+       'in (0, 1]', '0.5'),
+  ]
+  for name, value, ok, must, example in rules:
+    if not ok(value):
+      raise TrainingError(f'config.{name}={value} must be {must}; set --config.{name} to such a value (e.g. '
+                          f'--config.{name}={example}).')
+  if not config.num_steps and not config.num_epochs:
+    raise TrainingError('config.num_steps=0 and config.num_epochs=0 leave nothing to train; set '
+                        '--config.num_steps=N (or --config.num_epochs=N).')
 
 
 def _steps_per_dispatch(config) -> int:
@@ -173,11 +247,54 @@ def _progress_from_log(workdir: str, step: int) -> dict | None:
   return {'train_seconds': float(clock[-1]), 'schedule_steps': int(schedule[-1]) if schedule else None}
 
 
+def _lock_workdir(workdir: str):
+  """Makes this process the workdir's one writer: an exclusive flock on WORKDIR/.lock, which names this host and
+  pid, held until the returned file is closed. The kernel drops a flock when its process ends, however it ends, so
+  the lock file a killed run left behind is simply taken over. A second run is refused, naming the holder."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = open(os.path.join(workdir, LOCK_NAME), 'a+', encoding='utf-8')
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or 'a process that has not yet written its name'
+    lock.close()
+    raise TrainingError(f'{workdir} is in use by another dem-jax train ({holder}). Wait for it to end (or stop it), '
+                        'or train in another --workdir.') from None
+  except OSError as e:  # A file system without locks (some network mounts): train unguarded rather than not at all.
+    logging.warning('Cannot lock %s (%s): a second dem-jax train there would not be refused.', lock.name, e)
+    return lock
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
+  lock.flush()
+  return lock
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains for config.num_steps (or num_epochs, or config.train_minutes) steps; returns the last logged metrics."""
   workdir = os.path.abspath(workdir)
-  is_chief = jax.process_index() == 0
   features = _check_settings(config, workdir)
+  # One writer per workdir, locked before anything is written. With several processes process 0 holds it (the
+  # others write only their part of the checkpoints), and all of them stop when it is refused.
+  lock, refusal = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = _lock_workdir(workdir)
+    except TrainingError as e:
+      refusal = e
+  if not _agreed(refusal is None):
+    raise refusal or TrainingError(f'Process 0 could not lock {workdir}: its message names the run that holds it.')
+  try:
+    return _train(config, workdir, features)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train(config, workdir: str, features) -> dict:
+  """train_and_evaluate's run, in a workdir whose lock process 0 holds."""
+  is_chief = jax.process_index() == 0
 
   # ---- Data -------------------------------------------------------------------------------------------------
   parallel = DataParallel(config.parallel)
@@ -368,6 +485,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   boundaries = [config.log_every, eval_every, config.checkpoint_every]
   plan = _Lookahead(_dispatches(start_step, num_steps, steps_per_call, boundaries), ahead=2)
   last_metrics, files_written = {}, False
+  # Signs that training stopped learning, warned of once.
+  previous_log, peak_grad_norm, stall, stall_warned = None, 0.0, None, False
   run_start, window_start, window_steps, paused_s = time.time(), time.time(), 0, 0.0
   # Under a budget the schedule's length is re-estimated at every log line; a resumed run starts from the one its
   # checkpoint was saved with.
@@ -397,10 +516,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if values['first_bad_step'] >= 0:
         bad = values['first_bad_step'] + 1
         writer.write(bad, {'loss': values['bad_loss'], 'grad_norm': values['bad_grad_norm']}, prefix='train/')
-        raise TrainingError(
-            f'Non-finite loss ({values["bad_loss"]}) or gradient norm ({values["bad_grad_norm"]}) at step {bad}. '
-            f'The last good checkpoint (step {checkpointer.latest_step()}) is kept; lower '
-            'config.optimizer.learning_rate or enable config.optimizer.grad_clip_norm, then run again.')
+        raise TrainingError(_non_finite_message(values, bad, checkpointer.latest_step()))
       if not files_written and is_chief:
         _check_fingerprint(workdir, model_info)  # Again: another run may have started here meanwhile.
         with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -416,6 +532,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_metrics |= {'learning_rate': lr, 'steps_per_s': rate, 'train_seconds': elapsed_s,
                          'schedule_steps': total_steps}
         writer.write(done, last_metrics, prefix='train/')
+        peak_grad_norm = max(peak_grad_norm, last_metrics['grad_norm'])
+        stall = stall or _stall_reason(last_metrics, previous_log, peak_grad_norm)
+        previous_log = last_metrics
         if is_chief:
           eta = (num_steps - done) / rate if rate > 0 else float('nan')
           if budget_s:
@@ -426,7 +545,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window_start, window_steps, paused_s = time.time(), 0, 0.0
       pause = time.time()
       if is_eval:
-        writer.write(done, evaluate(device_state), prefix='eval/')
+        eval_metrics = evaluate(device_state)
+        writer.write(done, eval_metrics, prefix='eval/')
+        stall = stall or _stall_reason(eval_metrics, held_out=True)
+      if stall and not stall_warned:
+        # Warned, not stopped: the signs are rules of thumb, and stopping a run they misjudge would lose more than
+        # finishing one that has collapsed.
+        stall_warned = True
+        writer.write(done, {'collapsed': 1.0}, prefix='train/')
+        if is_chief:
+          logging.warning('Step %d: %s. The usual cause is a learning rate too high (config.optimizer.learning_rate='
+                          '%g): its first updates leave the ReLUs dead. Lower it or set '
+                          'config.optimizer.grad_clip_norm, and train again in a new --workdir.', done, stall,
+                          config.optimizer.learning_rate)
       if is_checkpoint:
         clock_s = spent_s + time.time() - run_start
         writer.write(done, {'train_seconds': clock_s}, prefix='train/')
@@ -442,6 +573,41 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()
     writer.close()
   return last_metrics
+
+
+def _non_finite_message(values: dict, step: int, last_saved: int | None) -> str:
+  """The stop message of a non-finite step, naming the newest checkpoint actually saved intact."""
+  loss, grad_norm = values['bad_loss'], values['bad_grad_norm']
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    what = (f'The update of step {step} made the train state non-finite (its loss {loss:.4g} and gradient norm '
+            f'{grad_norm:.4g} were finite)')
+  else:
+    what = f'Non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}'
+  if last_saved is None:
+    kept = 'no checkpoint was saved before it, so the same command starts afresh'
+  else:
+    kept = f'the last intact checkpoint (step {last_saved}) is kept, and the same command resumes from it'
+  return (f'{what}; it was not saved: {kept}. Lower config.optimizer.learning_rate or set '
+          'config.optimizer.grad_clip_norm, then run dem-jax train again.')
+
+
+def _stall_reason(metrics: dict, previous: dict | None = None, peak_grad_norm: float = 0.0, *,
+                  held_out: bool = False) -> str | None:
+  """Why a log line's (or an evaluation's) metrics say training stopped learning, else None: every tile mapped to
+  one point (distances to the neighbour and distant tiles ~0 against the embedding's norm), or, at two log lines in
+  a row, a gradient norm ~0 (a millionth of the largest this run logged, or 0) while the loss is not 0 (a model
+  that satisfies every margin has a zero loss and gradient)."""
+  if 'd_pos' in metrics and 'd_neg' in metrics:
+    scale = max(metrics.get('embedding_norm', 1.0), 1e-3) ** 2
+    if max(metrics['d_pos'], metrics['d_neg']) <= 1e-6 * scale:
+      where = 'held-out' if held_out else 'training'
+      return (f'the embedding has collapsed: every {where} tile maps to the same point (its distances to the '
+              'neighbour and distant tiles are ~0)')
+  if previous is not None and all('grad_norm' in m and m['grad_norm'] <= 1e-6 * peak_grad_norm and m['loss'] > 0
+                                  for m in (metrics, previous)):
+    return (f'the updates have stopped: the gradient norm was ~0 ({metrics["grad_norm"]:.3g}) at two log lines in a '
+            f'row while the loss was {metrics["loss"]:.4g}')
+  return None
 
 
 def _hparams(config) -> dict:

@@ -506,7 +506,7 @@ def test_a_full_disk_ends_preprocessing_in_one_line_and_the_rerun_finishes(tiny_
   assert json.loads(result.stdout.strip().splitlines()[-1])['clips_written'] == 4
 
 
-# Room for config.json, model.json, the log and one checkpoint of the tiny model (about 2 MiB), not for two.
+# Room for config.json, model.json, the log and one checkpoint of the tiny model, not for two.
 @pytest.mark.parametrize('small_disk', ['3m'], indirect=True)
 def test_a_full_disk_stops_training_in_one_line_and_the_rerun_resumes(dcase_features, small_disk, tmp_path):
   def train(workdir, steps):

@@ -1,9 +1,13 @@
 """The trainer end to end on the sample data: CLI, resume after a real kill, and its failure messages."""
 
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +124,63 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dcase_features
   assert checkpoint_lib.Checkpointer(workdir).all_steps() == [2]
 
 
+def test_a_non_finite_update_is_never_saved_and_a_nan_learning_rate_is_refused(dcase_features, tmp_path,
+                                                                             monkeypatch):
+  # The run that was lost: a workdir keeping one checkpoint, resumed with learning_rate=nan. Refused at the start.
+  workdir = tmp_path / 'w'
+  settings = dict(checkpoint_every=2, keep_checkpoints=1, log_every=2, eval_every=2)
+  train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, **settings), str(workdir))
+  log = (workdir / 'metrics.jsonl').read_bytes()
+  with pytest.raises(train_lib.TrainingError, match=r'^config.optimizer.learning_rate=nan must be a finite number > 0'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, **settings,
+                                             **{'optimizer.learning_rate': float('nan')}), str(workdir))
+  assert (workdir / 'metrics.jsonl').read_bytes() == log
+  # A rate that turns NaN from the third step on (as a schedule gone wrong would): step 3's loss and gradient are
+  # finite, the state its update makes is not. The step's own check stops the run before step 4's checkpoint.
+  real = train_lib.step_lib.learning_rate_at
+  monkeypatch.setattr(train_lib.step_lib, 'learning_rate_at', lambda optimizer, step, total_steps=None: np.where(
+      np.asarray(step) >= 2, np.float32(np.nan), real(optimizer, step, total_steps)))
+  with pytest.raises(train_lib.TrainingError, match=r'^The update of step 3 made the train state non-finite .*'
+                                                    r'the last intact checkpoint \(step 2\) is kept'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=6, **settings), str(workdir))
+  checkpoints = checkpoint_lib.Checkpointer(str(workdir), read_only=True)
+  assert checkpoints.all_steps() == [2] and checkpoints.latest_step() == 2  # keep_checkpoints=1 pruned nothing.
+  assert int(checkpoints.restore_raw()['step']) == 2
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(dcase_features, tmp_path):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 0.5}\n')
+  with open(workdir / train_lib.LOCK_NAME, 'w', encoding='utf-8') as held:  # The first trainer's lock.
+    fcntl.flock(held, fcntl.LOCK_EX)
+    held.write('host trainer-7, pid 4242\n')
+    held.flush()
+    with pytest.raises(train_lib.TrainingError, match=r'is in use by another dem-jax train \(host trainer-7, pid '
+                                                      r'4242\)\. Wait for it to end .*another --workdir\.$'):
+      train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2), str(workdir))
+  assert (workdir / 'metrics.jsonl').read_text() == '{"step": 1, "train/loss": 0.5}\n'
+  assert sorted(os.listdir(workdir)) == [train_lib.LOCK_NAME, 'metrics.jsonl']
+  # Its holder gone (the kernel drops a flock with its process), the lock file it left is taken over.
+  lock = train_lib._lock_workdir(str(workdir))
+  assert (workdir / train_lib.LOCK_NAME).read_text() == f'host {socket.gethostname()}, pid {os.getpid()}\n'
+  lock.close()
+
+
+def test_a_collapsed_run_is_flagged_once_in_the_log_and_the_metrics(dcase_features, tiny_workdir, tmp_path, caplog):
+  workdir = tmp_path / 'w'
+  config = tiny_config(dcase_features, num_steps=4, log_every=1, eval_every=4, checkpoint_every=4,
+                       **{'optimizer.learning_rate': 1e6})
+  train_lib.train_and_evaluate(config, str(workdir))  # Warned, not stopped: the run ends as usual.
+  assert [r['step'] for r in read_metrics(str(workdir)) if 'train/collapsed' in r] == [3]
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  warned = [m for m in warned if 'learning rate too high' in m]
+  assert len(warned) == 1 and warned[0].startswith('Step 3: the updates have stopped'), warned
+  assert '(config.optimizer.learning_rate=1e+06)' in warned[0]
+  assert checkpoint_lib.Checkpointer(str(workdir), read_only=True).latest_step() == 4
+  assert not [r for r in read_metrics(tiny_workdir) if 'train/collapsed' in r]  # A healthy run is not flagged.
+
+
 def test_failures_name_the_setting_and_the_fix(dcase_features, tmp_path):
   workdir = str(tmp_path / 'w')
   with pytest.raises(train_lib.TrainingError, match='features_dir'):
@@ -189,8 +250,15 @@ def test_restart_with_another_model_is_refused_and_changes_nothing(dcase_feature
   workdir = tmp_path / 'w'
   train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, checkpoint_every=2), str(workdir))
   before = {name: (workdir / name).read_bytes() for name in ('config.json', 'model.json', 'metrics.jsonl')}
-  with pytest.raises(train_lib.TrainingError, match=r'another model.*embedding_dim.*new --workdir'):
+  with pytest.raises(train_lib.TrainingError, match=r'another model \(model.embedding_dim: 32 in the workdir, 16 now\)'
+                                                    r'.*new --workdir'):
     train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, **{'model.embedding_dim': 16}),
+                                 str(workdir))
+  # Each field that differs, with both values, however long the model's settings are.
+  with pytest.raises(train_lib.TrainingError, match=r'\(model.dropout_rate: 0.1 in the workdir, 0.2 now; '
+                                                    r'model.width: 0.125 in the workdir, 0.25 now\)'):
+    train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, **{'model.width': 0.25,
+                                                                             'model.dropout_rate': 0.2}),
                                  str(workdir))
   assert {name: (workdir / name).read_bytes() for name in before} == before
   # Running longer with the same model is a resume, not another run.
@@ -211,7 +279,8 @@ def test_non_finite_gradient_stops_like_a_non_finite_loss(dcase_features, tmp_pa
     return finite_loss_nan_gradient
 
   monkeypatch.setattr(train_lib.losses, 'get_loss_fn', poisoned)
-  with pytest.raises(train_lib.TrainingError, match=r'gradient norm \(nan\) at step 1\b'):
+  with pytest.raises(train_lib.TrainingError, match=r'gradient norm \(nan\) at step 1\b.*no checkpoint was saved '
+                                                    r'before it, so the same command starts afresh'):
     train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=4, checkpoint_every=2), str(tmp_path / 'g'))
   assert checkpoint_lib.Checkpointer(str(tmp_path / 'g')).all_steps() == []
   assert not os.path.exists(tmp_path / 'g' / 'model.json')
@@ -303,6 +372,17 @@ def test_bad_settings_are_refused_before_anything_is_written(dcase_features, tmp
   with pytest.raises(train_lib.TrainingError, match=r"config.optimizer.schedule='linear'"):
     train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, **{'optimizer.schedule': 'linear'}),
                                  str(workdir))
+  # Numbers out of their range, NaN and inf among them.
+  nan, inf = float('nan'), float('inf')
+  for key, value in [('optimizer.learning_rate', nan), ('optimizer.learning_rate', inf),
+                     ('optimizer.learning_rate', 0.0), ('optimizer.learning_rate', -1e-3),
+                     ('optimizer.decay_steps', 0), ('optimizer.grad_clip_norm', nan), ('loss.margin', inf),
+                     ('batch_size', 0), ('num_steps', -5), ('checkpoint_every', 0), ('log_every', 0),
+                     ('keep_checkpoints', 0), ('data.tile_seconds', 0.0)]:
+    with pytest.raises(train_lib.TrainingError, match=rf'^config\.{re.escape(key)}={value} must be .*; set '
+                                                      rf'--config\.{re.escape(key)} to such a value') as raised:
+      train_lib.train_and_evaluate(tiny_config(dcase_features, **({'num_steps': 2} | {key: value})), str(workdir))
+    assert '\n' not in str(raised.value)
   assert not workdir.exists()
 
 

@@ -1,8 +1,8 @@
 r"""Train an embedding: `dem-jax train --config=dcase --workdir=W [--config.X=...] [--distributed]`.
 
 Exit status: 0 when training reached config.num_steps or its time budget; 1 with one line naming the cause and the
-fix otherwise (a setting, the features, the workdir, a non-finite step, the disk); 130 when interrupted. Either
-way the same command resumes from the last checkpoint.
+fix otherwise (a setting, the features, the workdir or another run holding it, a non-finite step, the disk); 130
+when interrupted. Either way the same command resumes from the last checkpoint.
 """
 
 import logging
