@@ -247,9 +247,12 @@ class Checkpointer:
         continue
       path = os.path.join(step_dir, DIGEST_NAME)
       tmp = f'{path}.tmp'
-      with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump({'step': step, 'sha256': files_digest(step_dir), 'finite': finite}, f)
-      os.replace(tmp, path)
+      try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+          json.dump({'step': step, 'sha256': files_digest(step_dir), 'finite': finite}, f)
+        os.replace(tmp, path)
+      except OSError as e:  # A failed write names no file; the one-line report needs it. The step stays usable.
+        raise OSError(e.errno, e.strerror, e.filename or tmp) from None
 
   def save(self, step: int, state: Any, *, force: bool = False, progress: dict | None = None) -> bool:
     """Saves `state` (a pytree; device arrays are fetched to the host) at `step` if due, or always with force.

@@ -111,8 +111,11 @@ class MetricWriter:
       return
     if self.jsonl:
       record = {'step': int(step)} | {f'{prefix}{k}': _clean(v) for k, v in metrics.items()}
-      with open(self.path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
+      try:
+        with open(self.path, 'a', encoding='utf-8') as f:
+          f.write(json.dumps(record) + '\n')
+      except OSError as e:  # A failed write (a full disk) names no file; the one-line report needs it.
+        raise OSError(e.errno, e.strerror, e.filename or self.path) from None
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f'{prefix}{k}', float(v), int(step))
