@@ -27,7 +27,9 @@ def test_every_benchmark_module_imports():
   import importlib  # pylint: disable=import-outside-toplevel
   import pkgutil  # pylint: disable=import-outside-toplevel
   from dem_jax import benchmarks  # pylint: disable=import-outside-toplevel
-  helpers = {'harness', 'op_profile', 'quality_data', 'torch_reference'}  # torch_reference runs under PyTorch's interpreter
+  # torch_reference runs under PyTorch's interpreter; the quality suite's modules are run by `bench quality --suite`.
+  helpers = {'harness', 'op_profile', 'quality_data', 'torch_reference', 'quality_suite', 'quality_speech',
+             'quality_sounds', 'hear_export'}
   names = {m.name for m in pkgutil.iter_modules(benchmarks.__path__)} - helpers
   assert {'embed_folder', 'train_step', 'quality', 'preprocess'} <= names
   for name in sorted(names):

@@ -7,6 +7,7 @@
   input        tiles per second each store delivers to the device, against tensorstore reads and memcpy
   gpu          the prepared GPU check: bf16 step speed and MFU, input stall, store and parallel agreement
   quality      real-audio quality within a training budget: the model vs the no-learning baselines
+               (--suite: instruments, speakers and everyday sounds, and their average)
 
 Each prints its figures as JSON on the last line of its output; `dem-jax bench NAME --help` lists its flags.
 """
