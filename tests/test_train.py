@@ -128,7 +128,8 @@ def test_a_non_finite_update_is_never_saved_and_a_nan_learning_rate_is_refused(d
                                                                              monkeypatch):
   # The run that was lost: a workdir keeping one checkpoint, resumed with learning_rate=nan. Refused at the start.
   workdir = tmp_path / 'w'
-  settings = dict(checkpoint_every=2, keep_checkpoints=1, log_every=2, eval_every=2)
+  settings = dict(checkpoint_every=2, keep_checkpoints=1, log_every=2,
+                  **{'data.eval_batches': 0, 'data.eval_max_clips': 0})  # No evaluation: not what this is about.
   train_lib.train_and_evaluate(tiny_config(dcase_features, num_steps=2, **settings), str(workdir))
   log = (workdir / 'metrics.jsonl').read_bytes()
   with pytest.raises(train_lib.TrainingError, match=r'^config.optimizer.learning_rate=nan must be a finite number > 0'):
