@@ -204,6 +204,13 @@ def test_hear_export_gives_the_clip_length_when_every_clip_has_it(tmp_path):
                                    log=lambda _: None)
   with open(os.path.join(folder, 'task_metadata.json'), encoding='utf-8') as f:
     assert json.load(f)['sample_duration'] == 2.0
+  # A passage, spoken by every voice of its language, is in one split only.
+  side_of_passage = {}
+  for split in hear_export.SPLITS:
+    with open(os.path.join(folder, f'{split}.json'), encoding='utf-8') as f:
+      for name in json.load(f):
+        assert side_of_passage.setdefault(name.split('__')[1], split) == split
+  assert set(side_of_passage.values()) == set(hear_export.SPLITS)
 
 
 def report_figures(f1: float, nmi: float) -> dict:
@@ -291,3 +298,21 @@ def test_suite_flags_are_refused_where_they_mean_nothing(argv):
 def test_unknown_suite_tasks_are_refused(tmp_path):
   with pytest.raises(SystemExit, match='--tasks=voices'):
     quality.main(['--suite', '--tasks=voices', f'--data_dir={tmp_path}'])
+
+
+def test_a_smaller_instrument_set_is_built_from_a_share_of_the_tunes_in_a_cache_of_its_own(tmp_path, monkeypatch):
+  tunes = {f'pkg-tune{i:02d}': f'/nowhere/{i}.mid' for i in range(41)}
+  calls = []
+  monkeypatch.setattr(qd, 'ensure_material', lambda install: None)
+  monkeypatch.setattr(qd, 'tune_paths', lambda: tunes)
+  monkeypatch.setattr(qd, 'build', lambda root, **kw: calls.append((root, kw)) or {})
+  suite.build_instruments('R', 20.0, True)
+  (root, kw), = calls
+  assert len(kw['tunes']) == 10 and set(kw['tunes']) <= set(tunes)  # 41 tunes x 20 / 80 minutes
+  assert kw['config']['tunes_kept'] == sorted(kw['tunes'])  # another share is another set, not the cached one
+  calls.clear()
+  suite.build_instruments('R', 60.0, True)
+  assert calls == [('R', {'install': True})]  # today's set, as it is
+  assert suite.task_dirs('D', 'instruments', 60.0) == (os.path.join('D', 'data'), os.path.join('D', 'features'))
+  assert suite.task_dirs('D', 'instruments', 20.0)[0] == os.path.join('D', 'suite', 'instruments-20min', 'data')
+  assert suite.task_dirs('D', 'sounds', 60.0)[1] == os.path.join('D', 'suite', 'sounds', 'features')
