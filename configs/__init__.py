@@ -17,6 +17,6 @@ def path(name: str) -> str:
 def resolve(value: str) -> str:
   """A `--config` value with a short name (`dcase`, `dcase:tiny`) turned into the packaged file; paths unchanged."""
   name, colon, arg = value.partition(':')
-  if name in NAMES and not os.path.exists(name):
+  if name in NAMES and not os.path.isfile(name):  # a data folder called music/ is no config
     return path(name) + colon + arg
   return value

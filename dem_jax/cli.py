@@ -91,9 +91,10 @@ def os_error_line(e: OSError) -> str:
 
 
 def _disk_full(e: Exception) -> bool:
-  """tensorstore reports a full disk as a ValueError whose text carries the OS's words."""
+  """tensorstore reports a full disk as a ValueError whose text carries the OS's words (its RESOURCE_EXHAUSTED
+  alone also means a remote store's quota)."""
   text = str(e)
-  return 'RESOURCE_EXHAUSTED' in text or 'No space left on device' in text
+  return "os_error_code='28'" in text or 'No space left on device' in text
 
 
 def fail(name: str, message: str, code: int = 1):
@@ -102,6 +103,8 @@ def fail(name: str, message: str, code: int = 1):
 
 
 def _one_line(e: BaseException) -> str:
+  while len(e.args) == 1 and isinstance(e.args[0], BaseException):  # ml_collections wraps its KeyError
+    e = e.args[0]
   text = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)  # KeyError's str is a repr
   return ' '.join(text.split())
 
@@ -120,6 +123,9 @@ def _flags_parser(name: str):
       detail = lines[0] if len(lines) < 3 else f'{lines[0].split(":")[0]}: {lines[-1]}'
       fail(name, f'{detail.rstrip(".")}. See dem-jax {name} --help.')
     except (KeyError, AttributeError) as e:
+      fields = {f for a in argv if a.startswith('--config.') for f in a.split('=')[0].split('.')[1:]}
+      if not any(f"'{f}'" in _one_line(e) for f in fields):
+        raise  # not an override's: an error inside the config file, with its traceback
       fail(name, f'a --config override names no field of the config ({_one_line(e)}); check the name against the '
            'config file.')
     except SyntaxError as e:
@@ -150,13 +156,16 @@ def run(name: str, args: list[str]) -> None:
       return
     flag_args = args[:args.index('--')] if '--' in args else args
     if any(a in HELP_FLAGS for a in flag_args):
-      print(help_text(name, module))
+      print(help_text(name, module), flush=True)  # flushed here, so that a closed pipe is met in this `try`
       return
     from absl import app
     app.run(module.main, argv=[f'dem-jax {name}', *resolve_config_arguments(args)], flags_parser=_flags_parser(name))
   except BrokenProcessPool:
     fail(name, 'a worker process died (killed, or out of memory: see `dmesg`); run the same command again: what '
          'was saved so far is kept.')
+  except BrokenPipeError:  # `dem-jax CMD --help | head`: the reader went away, nothing failed
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
   except KeyboardInterrupt:
     fail(name, 'interrupted; run the same command again to go on: what was saved so far is kept.', 130)
   except OSError as e:
@@ -179,5 +188,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   env = process.cpu_malloc_environment(name, args, os.environ)
   if env != os.environ:
-    os.execve(sys.executable, [sys.executable, '-m', 'dem_jax', name, *args], env)
+    # -P: the folder the user is in (a stray jax.py, another dem_jax/) must not shadow the installed packages.
+    os.execve(sys.executable, [sys.executable, '-P', '-m', 'dem_jax', name, *args], env)
   run(name, args)

@@ -45,11 +45,14 @@ import contextlib
 import functools
 import concurrent.futures
 import dataclasses
+import errno
 import itertools
 import json
 import logging
 import math
 import os
+import re
+import tempfile
 import zipfile
 from typing import Any, Callable, Iterable, Iterator
 
@@ -612,21 +615,28 @@ def same_settings(recorded: dict | None, wanted: dict) -> bool:
 # A file being written is named `<final name>.partial-<pid>`: it never ends in .npz, so no reader takes it for an
 # output, and a later run removes what a killed one left (`remove_partial_files`).
 PARTIAL_MARK = '.partial-'
+_PARTIAL_NAME = re.compile(re.escape(PARTIAL_MARK) + r'(\d+)$')
+# Write errors that concern every file (the disk, the file system) stop the run; others concern one file.
+_WRITE_ERRORS_OF_ALL_FILES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 def write_embeddings(target: str, result: dict, settings: dict) -> None:
   """Writes one file's .npz, with the `settings` it was made with, atomically (a temporary name, then a rename): a
   run killed mid-write leaves no partial file that a later run would take as done. An operating-system error (a
   full disk) names the file and leaves no partial one."""
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  tmp = f'{target}{PARTIAL_MARK}{os.getpid()}'
+  tmp = None
   try:
-    with open(tmp, 'wb') as f:  # a file object: np.savez would append .npz to a name
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    # A short name beside the target (a long file name plus a suffix could pass the system's limit).
+    fd, tmp = tempfile.mkstemp(prefix='.', suffix=f'{PARTIAL_MARK}{os.getpid()}', dir=os.path.dirname(target))
+    with os.fdopen(fd, 'wb') as f:  # a file object: np.savez would append .npz to a name
       np.savez(f, **result, **settings)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make outputs private, unlike any other file written
     os.replace(tmp, target)
   except OSError as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
+    if tmp:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
     raise OSError(e.errno, e.strerror, e.filename or target) from None
 
 
@@ -646,7 +656,8 @@ def remove_partial_files(output_dir: str) -> int:
   removed = 0
   for folder, _, names in os.walk(output_dir):
     for name in names:
-      if PARTIAL_MARK in name and not _process_alive(name.rsplit(PARTIAL_MARK, 1)[1]):
+      match = _PARTIAL_NAME.search(name)
+      if match and not _process_alive(match.group(1)):
         with contextlib.suppress(OSError):
           os.remove(os.path.join(folder, name))
           removed += 1
@@ -684,10 +695,21 @@ def embed_paths(embedder: Embedder, input_path: str, output_dir: str, *, overwri
   written, reembedded, failures = [], [], []
   progress = log_util.Progress('embed', len(todo), unit='file', interactive=show_progress)
   for path, result in embedder.embed_files(todo, num_workers=num_workers or default_num_workers(), trunk=trunk):
+    if not isinstance(result, audio.AudioError):
+      try:
+        write_embeddings(targets[path], result, settings)
+      except OSError as e:
+        if e.errno in _WRITE_ERRORS_OF_ALL_FILES:
+          raise
+        result = audio.AudioError(path, f'its output {targets[path]} cannot be written ({e.strerror})')
     if isinstance(result, audio.AudioError):
-      failures.append({'path': path, 'reason': result.reason})
+      reason = result.reason
+      if path in other_settings:  # an output of other settings must not stay beside this run's
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(targets[path])
+        reason += '; its older output, made with other settings, was removed'
+      failures.append({'path': path, 'reason': reason})
     else:
-      write_embeddings(targets[path], result, settings)
       written.append(targets[path])
       if path in other_settings:
         reembedded.append(targets[path])

@@ -168,7 +168,8 @@ def stats_from_sums(count: float, total: np.ndarray, total_sq: np.ndarray) -> tu
 
 def training_splits(splits: Iterable[str], fold: int | None = None) -> list[str]:
   """The splits that form the training part: 'train' for folder data; for the DCASE development set every fold
-  except `fold` (all four when fold is None: the label-free embedding's usual training set); else all of them."""
+  except `fold` (all four when fold is None: the label-free embedding's usual training set) and the clips in no
+  fold ('none'); else all of them."""
   present = sorted(set(splits))
   # A split word of no reader (a split file's 'Train', say) would otherwise put every clip in the training part.
   unknown = [s for s in present if s not in ('train', 'test', 'none', 'eval') and not re.fullmatch(r'fold\d+', s)]
@@ -176,7 +177,8 @@ def training_splits(splits: Iterable[str], fold: int | None = None) -> list[str]
     raise FeaturesError(f'the store holds the split(s) {unknown}, which no reader writes (folder data: train or '
                         'test; DCASE: fold1-fold4, none, eval); fix the split file and preprocess again.')
   if any(s.startswith('fold') for s in present):
-    return [s for s in present if s.startswith('fold') and s != f'fold{fold}']
+    # 'none': clips of meta.txt in no evaluate list, never scored, so free to train on.
+    return [s for s in present if (s.startswith('fold') and s != f'fold{fold}') or s == 'none']
   if 'train' in present:
     return ['train']
   return present

@@ -76,8 +76,12 @@ def _read_json(path: str, fix: str = 'delete the output folder and run the job a
     raise PreprocessError(f'{path} is damaged ({e}); {fix}.') from None
 
 
-# A damaged done marker or task record costs only its own block: the job redoes a block whose marker is missing.
-_REDO_BLOCK = 'delete that file and run the same command again: its block is redone, the rest is kept'
+# A damaged done marker costs only its own block: the job redoes a block whose marker is missing.
+_REDO_BLOCK = ('delete that file and run the same command again, which redoes that block and keeps the rest (an '
+               'array job: run the task that owns the block again, then --finalize)')
+# A damaged task record only held that task's wall time.
+_REDO_TASK_RECORD = ('delete that file and run that task again (the same command; its finished blocks are kept), '
+                     'then --finalize')
 
 
 def _sha256(path: str) -> str:
@@ -549,7 +553,7 @@ def finalize(output_dir: str, *, wall_seconds: float | None = None) -> dict:
       acc['count'] += s['count']
       acc['sum'] += np.asarray(s['sum'])
       acc['sum_sq'] += np.asarray(s['sum_sq'])
-  task_walls = [_read_json(os.path.join(output_dir, WORK_DIR, 'tasks', f), _REDO_BLOCK)['wall_seconds']
+  task_walls = [_read_json(os.path.join(output_dir, WORK_DIR, 'tasks', f), _REDO_TASK_RECORD)['wall_seconds']
                 for f in sorted(os.listdir(os.path.join(output_dir, WORK_DIR, 'tasks')))]
   summary = {
       'clips_written': len(clips),
@@ -609,16 +613,17 @@ def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str
                           'or more; nothing was written.')
   created = not os.path.lexists(output_dir)
   try:
-    if finalize_only:
-      return finalize(output_dir)
-    settings = settings_from_config(config, dataset, data_dir, split_file)
-    run_task(output_dir, settings, task_index=task_index, num_tasks=num_tasks, num_workers=num_workers)
-    if num_tasks == 1:
-      return finalize(output_dir, wall_seconds=time.time() - start)
-  except OSError as e:
-    where = e.filename or output_dir
-    raise PreprocessError(f'{where}: {e.strerror or e}. Fix that (free space, permissions), then run the same '
-                          'command again: it finishes what is left.') from None
+    try:
+      if finalize_only:
+        return finalize(output_dir)
+      settings = settings_from_config(config, dataset, data_dir, split_file)
+      run_task(output_dir, settings, task_index=task_index, num_tasks=num_tasks, num_workers=num_workers)
+      if num_tasks == 1:
+        return finalize(output_dir, wall_seconds=time.time() - start)
+    except OSError as e:
+      where = e.filename or output_dir
+      raise PreprocessError(f'{where}: {e.strerror or e}. Fix that (free space, permissions), then run the same '
+                            'command again: it finishes what is left.') from None
   except BaseException:
     # A run refused before it made its plan (a bad --data_dir, a list that cannot be read) leaves no folder behind.
     if created and os.path.isdir(output_dir) and not os.path.exists(os.path.join(output_dir, WORK_DIR, PLAN_NAME)):

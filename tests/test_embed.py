@@ -348,5 +348,27 @@ def test_a_failed_write_names_its_file_and_leaves_no_output_and_killed_runs_leav
   assert raised.value.errno == 28 and raised.value.filename == str(out / 'x.wav.npz')
   assert os.listdir(out) == []  # neither a partial file nor the stale one
   monkeypatch.setattr(embed.np, 'savez', real_savez)
+  kept = out / 'take.partial-2.wav.npz'  # an output whose name merely holds the mark
+  kept.write_bytes(b'x')
   assert len(embed.embed_paths(embedder, str(data), str(out), show_progress=False)['written']) == 1
-  assert os.listdir(out) == ['x.wav.npz']
+  assert sorted(os.listdir(out)) == ['take.partial-2.wav.npz', 'x.wav.npz']
+  assert oct((out / 'x.wav.npz').stat().st_mode & 0o777) == oct(0o644 & ~current_umask())
+
+
+def current_umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_a_file_that_fails_to_re_embed_leaves_no_output_of_other_settings(embedder, tmp_path):
+  data = tmp_path / 'in'
+  data.mkdir()
+  soundfile.write(data / 'x.wav', sound(1.5, seed=2), SR)
+  out = tmp_path / 'out'
+  embed.embed_paths(embedder, str(data), str(out), show_progress=False)
+  (data / 'x.wav').write_bytes(b'not audio any more')
+  summary = embed.embed_paths(embedder, str(data), str(out), show_progress=False, trunk=True)  # other settings
+  (failure,) = summary['failures']
+  assert failure['reason'].endswith('its older output, made with other settings, was removed')
+  assert not (out / 'x.wav.npz').exists()

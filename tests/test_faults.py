@@ -462,6 +462,11 @@ def test_config_mistakes_end_in_one_line_naming_the_setting(tmp_path):
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('train: '), (expected, result.stderr)
     assert expected in lines[0], (expected, lines[0])
   assert not (tmp_path / 'w').exists()
+  # A mistake inside the config file itself is the file's own, with its traceback, not taken for an override.
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(arg=None):\n  return {}["k"]\n')
+  result = dem_jax_command('train', f'--config={broken}', '--config.seed=1', f'--workdir={tmp_path / "w"}')
+  assert result.returncode == 1 and "KeyError: 'k'" in result.stderr and 'names no field' not in result.stderr
   result = dem_jax_command('preprocess', '--dataset=folder', f'--data_dir={tmp_path}', f'--output_dir={tmp_path / "f"}',
                            '--config.frontend.n_mels=0')
   assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith('preprocess: --config.frontend:')
@@ -561,6 +566,11 @@ def test_refused_runs_leave_no_output_folder_and_a_bad_task_index_writes_nothing
   with pytest.raises(job.PreprocessError, match='--task_index=3 must lie in'):
     run_job(tiny_dcase, out, task_index=3, num_tasks=2)
   assert not out.exists()
+  (tiny_dcase / 'meta.txt').unlink()
+  (tiny_dcase / 'meta.txt').mkdir()  # an operating-system error while the lists are read
+  with pytest.raises(job.PreprocessError, match='meta.txt: Is a directory'):
+    run_job(tiny_dcase, out)
+  assert not out.exists()
 
 
 def test_a_damaged_block_marker_names_itself_and_costs_only_its_block(tiny_dcase, tmp_path):
@@ -568,7 +578,7 @@ def test_a_damaged_block_marker_names_itself_and_costs_only_its_block(tiny_dcase
   run_job(tiny_dcase, out)
   marker = out / job.WORK_DIR / 'blocks' / 'block-000001.json'
   marker.write_text(marker.read_text()[:20])
-  with pytest.raises(job.PreprocessError, match=f'{marker} is damaged.*delete that file.*its block is redone'):
+  with pytest.raises(job.PreprocessError, match=f'{marker} is damaged.*delete that file.*redoes that block'):
     job.finalize(str(out))
   marker.unlink()
   before = features_lib.open_features(str(out)).clips
@@ -596,6 +606,6 @@ def test_a_store_with_a_missing_or_short_shard_file_is_refused_at_open(tiny_dcas
 
 def test_training_refuses_a_store_whose_split_words_no_reader_writes():
   assert features_lib.training_splits(['train', 'test']) == ['train']
-  assert features_lib.training_splits(['fold1', 'fold2', 'none'], fold=1) == ['fold2']
+  assert features_lib.training_splits(['fold1', 'fold2', 'none'], fold=1) == ['fold2', 'none']
   with pytest.raises(features_lib.FeaturesError, match=r"split\(s\) \['Test', 'Train'\], which no reader writes"):
     features_lib.training_splits(['Train', 'Test'])

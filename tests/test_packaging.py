@@ -104,6 +104,21 @@ def test_help_exits_zero_and_lists_the_commands_flags():
     assert result.returncode == 0 and flag in result.stdout, (command, result.stdout[-500:], result.stderr[-500:])
 
 
+def test_help_into_a_closed_pipe_says_nothing():
+  proc = subprocess.Popen([sys.executable, '-m', 'dem_jax', 'train', '--help'], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  proc.stdout.close()  # as `| head` does once it has its lines
+  assert proc.stderr.read() == ''
+  proc.wait(timeout=60)
+
+
+def test_short_config_names_are_not_taken_for_a_data_folder_of_that_name(tmp_path, monkeypatch):
+  from dem_jax import configs
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'music').mkdir()  # /data/music, the README's own layout
+  assert configs.resolve('music:tiny') == os.path.join(ROOT, 'configs', 'music.py') + ':tiny'
+
+
 def test_unknown_command_exits_2_naming_it():
   result = subprocess.run([sys.executable, '-m', 'dem_jax', 'trian'], capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and "unknown command 'trian'" in result.stderr
