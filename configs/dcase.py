@@ -2,8 +2,8 @@ r"""Triplet training on DCASE 2018 task 5 (SINS) features.
 
   dem-jax train --config=dcase --workdir=/scratch/dcase_run \
       --config.features_dir=/data/features/dcase_dev
-  dem-jax train --config=dcase:tiny --workdir=/tmp/dcase_tiny --config.features_dir=...   # CPU, ~1 min
-  dem-jax train --config=dcase:cpu --workdir=/tmp/dcase_cpu --config.features_dir=...     # CPU, 15 min
+  dem-jax train --config=dcase:tiny --workdir=/tmp/dcase_tiny --config.features_dir=...   # CPU, a smoke run
+  dem-jax train --config=dcase:cpu --workdir=/tmp/dcase_cpu --config.features_dir=...     # CPU, 15-min budget
 
 The embedding trains on fold 1's train part and holds fold 1's evaluate clips out for the held-out loss and
 silhouette (labels are never used in training); --config.data.fold=0 trains on all four folds.

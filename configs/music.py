@@ -3,7 +3,7 @@ r"""Triplet training on music sorted by genre (folder data, one song per file).
   dem-jax train --config=music --workdir=/scratch/music_run \
       --config.features_dir=/data/features/music
   dem-jax train --config=music:tiny --workdir=/tmp/music_tiny --config.features_dir=...
-  dem-jax train --config=music:cpu --workdir=/tmp/music_cpu --config.features_dir=...   # 15 min
+  dem-jax train --config=music:cpu --workdir=/tmp/music_cpu --config.features_dir=...   # 15-min budget
 """
 
 from dem_jax.configs import base

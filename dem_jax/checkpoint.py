@@ -134,21 +134,20 @@ def _failure_reports_held_back():
         logger.handle(record)
 
 
-def _save_error(e: Exception, directory: str, step: int) -> Exception:
-  """A failed save as the error to raise: OSError (with errno and the folder) when the operating system refused a
-  write, which tensorstore reports as a ValueError with the OS's code in its text; CheckpointError otherwise."""
+def _save_error(e: Exception, directory: str) -> OSError | None:
+  """A failed save as the OSError to raise (with errno and the folder) when the operating system refused a write,
+  which tensorstore reports as a ValueError with the OS's code in its text; None for any other error, which is
+  raised as it is (a bug must keep its traceback)."""
   if isinstance(e, OSError):
     return e if e.filename else OSError(e.errno, e.strerror or str(e), directory)
   text = str(e)
   code = re.search(r"os_error_code='?(\d+)", text)
   if code:
     number = int(code.group(1))
-  elif 'No space left on device' in text or 'RESOURCE_EXHAUSTED' in text:
+  elif 'No space left on device' in text:
     number = errno.ENOSPC
   else:
-    first = ' '.join(text.split())[:300]
-    return CheckpointError(f'Saving checkpoint step {step} in {directory} failed ({type(e).__name__}: {first}); the '
-                           'steps saved before it are kept. Fix the cause and run the same command again.')
+    return None
   return OSError(number, os.strerror(number), directory)
 
 
@@ -259,8 +258,8 @@ class Checkpointer:
 
     `progress`, a JSON-able dict (the primary process's is written), goes into the same step as the state: one folder
     that orbax completes or discards as a whole, under one digest, so the two always belong together. A state with
-    NaN or inf raises CheckpointError and nothing is written; a failed write raises OSError (or CheckpointError)
-    and leaves the steps saved before it as they were.
+    NaN or inf raises CheckpointError and nothing is written; a write the operating system refused raises OSError,
+    and either leaves the steps saved before it as they were.
     """
     if self.read_only:
       raise CheckpointError(f'This Checkpointer of {self.directory} is read-only; open it without read_only to save.')
@@ -278,7 +277,10 @@ class Checkpointer:
         saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # orbax and tensorstore raise many types for a failed write.
       self._discard_unfinished(step)
-      raise _save_error(e, self.directory, step) from None
+      error = _save_error(e, self.directory)
+      if error is None:
+        raise
+      raise error from None
     if saved:
       self._pending[step] = True
     self._write_digests()

@@ -326,7 +326,7 @@ def _read_split_file(path: str, files: list[str]):
     split = (row['split'] or '').strip()
     if split.lower() not in FOLDER_SPLITS:
       raise DatasetError(f'{path}:{n}: split {split!r} for {name}; the split column takes '
-                         f'{" or ".join(FOLDER_SPLITS)} (lower case). Fix the line and run the same command again.')
+                         f'{" or ".join(FOLDER_SPLITS)} (in any case). Fix the line and run the same command again.')
     if split != split.lower():
       case_folded.append(f'{path}:{n}')
     split_of[name] = split.lower()

@@ -2,7 +2,7 @@ r"""Embeddings from a trained workdir: of feature-store clips, of audio files of
 
     from dem_jax.embed import Embedder
     embedder = Embedder('/scratch/dcase_run')              # latest checkpoint; Embedder(w, step=N) for another
-    out = embedder.embed_file('kitchen.wav')              # {'embeddings': [n, E], 'timestamps': [n], 'clip_embedding': [E]}
+    out = embedder.embed_file('kitchen.wav')   # {'embeddings': [n, E], 'timestamps': [n], 'clip_embedding': [E]}
     out = embedder.embed_audio(samples, 44100)            # in-memory audio: any rate, [samples] or [samples, channels]
     out = embedder.embed_file('kitchen.wav', trunk=True)  # also 'trunk': [n, C] (the head's input), 'clip_trunk'
     table = embedder.embed_features(open_features('/data/features/dcase_dev'))

@@ -1,15 +1,15 @@
 r"""The HEAR 2021 API (Holistic Evaluation of Audio Representations) for a trained dem_jax model.
 
     import dem_jax.hear as hear
-    model = hear.load_model('/scratch/dcase_run')          # a training workdir (latest checkpoint), or .../checkpoints/N
+    model = hear.load_model('/scratch/dcase_run')          # a workdir (latest checkpoint), or .../checkpoints/N
     scene = hear.get_scene_embeddings(audio, model)        # audio: torch [n, samples] at 16 kHz -> [n, E]
     emb, ms = hear.get_timestamp_embeddings(audio, model)  # [n, T, E] and [n, T] timestamps in milliseconds
 
 `load_model` returns a torch module (the HEAR kit takes torch or TensorFlow models; torch comes with
 `pip install dem_jax[hear]`) that holds the JAX model; the computation stays in JAX. The functions take numpy arrays
 too and then return numpy, without torch. `hear-validator dem_jax.hear -m WORKDIR` checks the API; the README's
-"HEAR" section says how the kit's runners (which pin old numpy) are set up beside dem_jax. Audio is float (full scale 1.0) or integer PCM, scaled as soundfile scales
-it (int16 / 2**15, ...; see `dem_jax.embed.as_float_samples`).
+"HEAR" section says how the kit's runners (which pin old numpy) are set up beside dem_jax. Audio is float (full
+scale 1.0) or integer PCM, scaled as soundfile scales it (int16 / 2**15, ...; see `dem_jax.embed.as_float_samples`).
 
 Which representation: the model's output, 'embedding' (the default), or 'trunk', the pooled features of the trunk's
 last block that the head takes as input (`dem-jax embed --trunk` writes the same per tile). Choose it with

@@ -26,8 +26,8 @@ def retain_freed_memory() -> bool:
   glibc fixes its arena limit when a second thread first allocates, so the arena setting made here reaches only
   threads created after it, if any thread allocated before; and mallopt takes the trim threshold as an int (2 GiB
   at most). The dispatcher therefore sets `CPU_MALLOC_ENVIRONMENT` before the process starts. Call this first in a
-  main anyway (`retain_freed_memory_on_cpu` checks the backend), for processes started otherwise (a notebook, tests). Process-wide; the process keeps its peak host memory. A no-op
-  where glibc is absent.
+  main anyway (`retain_freed_memory_on_cpu` checks the backend), for processes started otherwise (a notebook,
+  tests). Process-wide; the process keeps its peak host memory. A no-op where glibc is absent.
   """
   try:
     mallopt = ctypes.CDLL('libc.so.6').mallopt

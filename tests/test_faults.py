@@ -609,3 +609,20 @@ def test_training_refuses_a_store_whose_split_words_no_reader_writes():
   assert features_lib.training_splits(['fold1', 'fold2', 'none'], fold=1) == ['fold2', 'none']
   with pytest.raises(features_lib.FeaturesError, match=r"split\(s\) \['Test', 'Train'\], which no reader writes"):
     features_lib.training_splits(['Train', 'Test'])
+
+
+def test_a_failed_save_is_an_os_error_only_when_the_system_refused_the_write(tmp_path, monkeypatch):
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1)
+
+  def refuse(*args, **kwargs):
+    raise ValueError('UNKNOWN: Error writing local file "x": [os_error_code=\'28\'] No space left on device')
+  monkeypatch.setattr(checkpointer.manager, 'save', refuse)
+  with pytest.raises(OSError) as raised:
+    checkpointer.save(1, _state(1))
+  assert raised.value.errno == 28 and raised.value.filename == checkpointer.directory
+
+  def bug(*args, **kwargs):
+    raise TypeError('a bug in the caller')
+  monkeypatch.setattr(checkpointer.manager, 'save', bug)
+  with pytest.raises(TypeError, match='a bug in the caller'):  # not turned into a one-line "run again"
+    checkpointer.save(2, _state(2))

@@ -40,7 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _DATASET = flags.DEFINE_enum('dataset', None, list(datasets.DATASETS), 'Layout of --data_dir.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Root folder of the dataset.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where the features, manifest and summary go.', required=True)
-_SPLIT_FILE = flags.DEFINE_string('split_file', None, 'Folder data: CSV with columns file,split[,extra] to use as given.')
+_SPLIT_FILE = flags.DEFINE_string('split_file', None, 'Folder data: CSV with columns file,split[,extra] to use as '
+                                  'given.')
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Processes that do blocks on this machine, this one '
                                     'included (default: the usable cores, from the affinity mask; their BLAS threads '
                                     'share the cores out).')
@@ -63,10 +64,6 @@ def main(argv):
   num_workers = job.usable_cores() if _NUM_WORKERS.value is None else _NUM_WORKERS.value
   if num_workers < 1:
     fail(f'--num_workers={num_workers}; give 1 or more.')
-  try:
-    _CONFIG.value.storage  # A config file that failed to load raises on first use.
-  except OSError as e:
-    fail(f'--config could not be loaded ({str(e).strip().splitlines()[-1].strip()}); check its path.')
   try:
     summary = job.run(_CONFIG.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
                       output_dir=_OUTPUT_DIR.value, split_file=_SPLIT_FILE.value, num_workers=num_workers,

@@ -11,8 +11,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config: a Python file with get_config (configs/dcase.py:tiny) or a '
-                                          'short name (dcase, dcase:tiny, music:cpu).',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config: a Python file with get_config '
+                                          '(configs/dcase.py:tiny) or a short name (dcase, dcase:tiny, music:cpu).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the config go here; a run resumes from it.',
                                required=True)
