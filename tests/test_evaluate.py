@@ -47,7 +47,7 @@ def test_embedder_on_features_and_on_the_same_audio_file(tiny_workdir, dcase_fea
   assert np.all(cosine > 0.999)
 
 
-def test_trunk_features_are_the_head_input_of_the_same_pass(tiny_workdir, dcase_features):
+def test_the_trunk_is_the_head_input_of_the_same_pass(tiny_workdir, dcase_features):
   embedder = Embedder(tiny_workdir)
   table = embedder.embed_features(open_features(dcase_features), open_features(dcase_features).clips[:2],
                                   trunk=True)
