@@ -626,3 +626,14 @@ def test_a_failed_save_is_an_os_error_only_when_the_system_refused_the_write(tmp
   monkeypatch.setattr(checkpointer.manager, 'save', bug)
   with pytest.raises(TypeError, match='a bug in the caller'):  # not turned into a one-line "run again"
     checkpointer.save(2, _state(2))
+
+
+@pytest.mark.parametrize('small_disk', ['16k'], indirect=True)
+def test_a_full_disk_ends_embed_in_one_line_and_leaves_no_partial_file(tiny_workdir, tiny_dcase, small_disk):
+  result = dem_jax_command('embed', f'--workdir={tiny_workdir}', f'--input={tiny_dcase / "audio"}',
+                           f'--output_dir={small_disk / "embeddings"}', '--trunk')
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert lines[-1].startswith('embed: No space left on device (') and '.npz)' in lines[-1], lines[-1]
+  left = [n for _, _, names in os.walk(small_disk) for n in names]
+  assert all(n.endswith('.npz') for n in left), left  # whole outputs only, no partial file
