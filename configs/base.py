@@ -26,10 +26,14 @@ def get_config(arg=None):
   config.data.augment = ml_collections.ConfigDict({'freq_shift': 0, 'mixup': 0.0, 'eq_db': 0.0,
                                                    'time_stretch': 0.0, 'freq_mask': 0, 'time_mask': 0.0})
   # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
-  # tiles), 'host' (host memory, streamed two calls ahead), or 'auto' (device when it fits in
-  # device_memory_fraction of one device's memory).
+  # tiles), 'host' (host memory, streamed two calls ahead), 'stream' (nothing packed: each process keeps a window
+  # of at most resident_gb of its share of the recordings, turned over as it trains; distant tiles come from the
+  # window), or 'auto' (stream when the packed split exceeds host_memory_fraction of the host's memory, else
+  # device when it fits in device_memory_fraction of one device's memory, else host).
   config.data.store = 'auto'
   config.data.device_memory_fraction = 0.5
+  config.data.host_memory_fraction = 0.5  # 'auto' streams above this share of the host's memory.
+  config.data.resident_gb = 4.0  # 'stream': GiB of recordings each process holds (window and next segment).
   config.data.eval_batches = 4  # Held-out triplet batches per evaluation.
   config.data.eval_max_clips = 400  # Labelled held-out clips embedded for the silhouette score.
 

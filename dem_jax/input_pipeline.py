@@ -12,6 +12,9 @@ At start the clips of a split are read once from the feature store into one pack
 'auto' takes the device store when the packed split fits in `device_memory_fraction` of a device's memory.
 
 Both stores give a step the same tiles for the same (seed, step): the choice changes speed and memory, never data.
+A split too large for the host (more than `host_memory_fraction` of its memory, under 'auto') is not packed at all:
+the streamed store (`streaming`) keeps a window of it per process, which changes what is drawn (distant tiles come
+from the window).
 Hand-written rather than grain: a batch is a pure function of (seed, step) computed by the sampler, and on the
 device path there is no host pipeline at all.
 """
@@ -29,7 +32,7 @@ import numpy as np
 from dem_jax.features import Features
 from dem_jax.sampler import ROLES, TripletSampler, triplet_rows
 
-STORES = ('auto', 'device', 'host')
+STORES = ('auto', 'device', 'host', 'stream')
 _PACK_READ_BYTES = 64 << 20  # Reads in flight while packing.
 
 
@@ -88,18 +91,31 @@ def device_memory_bytes(device) -> int:
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and stats.get('bytes_limit'):
     return int(stats['bytes_limit'])
+  return host_memory_bytes()
+
+
+def host_memory_bytes() -> int:
+  """The host's physical memory."""
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def choose_store(store: str, nbytes: int, devices: list, fraction: float) -> tuple[str, str]:
-  """('device' | 'host', why) for packed features of `nbytes` and these local devices.
+def choose_store(store: str, nbytes: int, devices: list, fraction: float, host_fraction: float = 1.0
+                 ) -> tuple[str, str]:
+  """('device' | 'host' | 'stream', why) for packed features of `nbytes` and these local devices.
 
-  CPU devices share the host's memory, so there every local device's copy counts against it.
+  CPU devices share the host's memory, so there every local device's copy counts against it. 'auto' streams when
+  the packed split exceeds `host_fraction` of the host's memory, where every process of a host would pack it whole.
   """
   if store not in STORES:
     raise StoreError(f"config.data.store={store!r}; choose one of {STORES}.")
   if not 0 < fraction <= 1:
     raise StoreError(f'config.data.device_memory_fraction={fraction} must lie in (0, 1].')
+  if not 0 < host_fraction <= 1:
+    raise StoreError(f'config.data.host_memory_fraction={host_fraction} must lie in (0, 1].')
+  host = host_memory_bytes()
+  if store == 'stream' or (store == 'auto' and nbytes > host_fraction * host):
+    return 'stream', (f'{nbytes / 2**30:.2f} GiB of packed float16 features, {host_fraction * host / 2**30:.2f} GiB '
+                      f'allowed in host memory ({host_fraction:g} of {host / 2**30:.1f} GiB)')
   per_device = device_memory_bytes(devices[0])
   copies = len(devices) if devices[0].platform == 'cpu' else 1
   budget = fraction * per_device
@@ -117,6 +133,29 @@ def choose_store(store: str, nbytes: int, devices: list, fraction: float) -> tup
 def gather_tiles(frames: jax.Array, rows: jax.Array, tile_frames: int) -> jax.Array:
   """[len(rows), tile_frames, M]: the tiles starting at `rows` of the packed features (inside a compiled step)."""
   return jax.vmap(lambda r: lax.dynamic_slice_in_dim(frames, r, tile_frames, axis=0))(rows)
+
+
+def read_batch(features: Features, sampler: TripletSampler, step: int, global_batch: int, share: Share | None = None
+               ) -> dict[str, np.ndarray]:
+  """{role: float16 [local batch, T, M]}: this process's rows of step `step`'s batch read tile by tile from the store,
+  the tiles `HostTileLoader.cut` takes from the packed split. For the few held-out batches, which need no packing."""
+  share = share or Share()
+  local = global_batch // share.count
+  rows = slice(share.index * local, (share.index + 1) * local)
+  triplets = sampler.sample(step, global_batch)
+  futures = {role: [[(clip_id, features.read_stored(features.clip(clip_id).frame_offset + start, stop - start))
+                     for clip_id, start, stop in sampler.pieces(int(t), int(p))]
+                    for t, p in zip(triplets[role][0][rows], triplets[role][1][rows])] for role in ROLES}
+  out = {}
+  for role, tiles in futures.items():
+    out[role] = np.stack([np.concatenate([np.asarray(f.result()) for _, f in tile]) for tile in tiles])
+    bad = ~np.isfinite(out[role]).all(axis=(1, 2))
+    if bad.any():
+      tile = tiles[int(np.argmax(bad))]
+      clip = features.clip(tile[0][0])
+      raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or '
+                       'NaN); preprocess the data again with a current dem_jax, which refuses non-finite frames.')
+  return out
 
 
 def device_batch_fn(parallel, *, batch_size: int, tile_frames: int, neighbour_frames: int):

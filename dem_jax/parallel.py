@@ -84,17 +84,19 @@ class DataParallel:
       return self._pmap(step_fn)
     return jax.jit(step_fn, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated)
 
-  def compile_train_loop(self, loop_fn, *, data_sharded: bool):
+  def compile_train_loop(self, loop_fn, *, data_sharded: bool = False, data_per_device: bool = False):
     """`loop(state, acc, data, lrs, rng, num_steps) -> (state, acc)` (train_step.make_train_loop), state and acc
     donated.
 
-    Everything comes placed: data by `put_replicated` (device-resident features: data_sharded=False) or
-    `put_host_batches` (data_sharded=True), the rest by `put_replicated`.
+    Everything comes placed: data by `put_replicated` (device-resident features), `put_host_batches`
+    (data_sharded=True) or `put_per_device`/`put_per_process` (data_per_device=True: a streamed window, each
+    process's own), the rest by `put_replicated`.
     """
     self._check_axis_name(loop_fn)
     if self.mode == 'pmap':
       return self._pmap(loop_fn, donate_argnums=(0, 1))
     data = NamedSharding(self.mesh, P(None, MESH_AXIS)) if data_sharded else self.replicated
+    data = self.per_device_sharding if data_per_device else data
     r = self.replicated
     return jax.jit(loop_fn, in_shardings=(r, r, data, r, r, r), out_shardings=(r, r), donate_argnums=(0, 1))
 
@@ -127,6 +129,38 @@ class DataParallel:
         return jax.make_array_from_single_device_arrays((len(shards),) + x.shape, self.stacked, shards)
       return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
     return jax.tree.map(put, tree)
+
+  # Per-process values: a streamed store's window differs between processes, so it cannot be replicated.
+
+  @property
+  def per_device_sharding(self) -> NamedSharding:
+    """Of arrays with a leading device axis (`per_device_count` long), each device holding its own entry."""
+    return self.stacked if self.mode == 'pmap' else self.sharded
+
+  @property
+  def per_device_count(self) -> int:
+    """The leading axis of per-device arrays: the local devices (pmap) or every device of the mesh (jit)."""
+    return len(self.local_devices) if self.mode == 'pmap' else self.num_devices
+
+  def put_per_device(self, values: list):
+    """values[j] (numpy trees of one structure) on this process's j-th device, in the order in which its rows of
+    a batch are split across them (`put_host_batches`), as arrays [per_device_count, ...]."""
+    sharding = self.per_device_sharding
+    if self.mode == 'pmap':
+      position = {i: i for i in range(len(self.local_devices))}
+    else:  # Mesh position -> rank among this process's devices.
+      mine = [i for i, d in enumerate(self.mesh.devices.flat) if d.process_index == jax.process_index()]
+      position = {i: j for j, i in enumerate(mine)}
+
+    def put(*leaves):
+      leaves = [np.asarray(x) for x in leaves]
+      shape = (self.per_device_count,) + leaves[0].shape
+      return jax.make_array_from_callback(shape, sharding, lambda index: leaves[position[index[0].start or 0]][None])
+    return jax.tree.map(put, *values)
+
+  def put_per_process(self, tree):
+    """This process's values, one copy on each of its devices (see `put_per_device`)."""
+    return self.put_per_device([tree] * len(self.local_devices))
 
   def put_state(self, state):
     """The state placed for the step: one copy per local device (pmap) or replicated over the mesh (jit)."""

@@ -74,6 +74,32 @@ def build_timelines(clips: list[Clip], cross_clip: bool) -> list[Timeline]:
   return timelines
 
 
+def window_tables(valid: np.ndarray, owner_ids: np.ndarray, row_offset: np.ndarray, *, size: int | None = None,
+                  what: str = 'the window', fix: str = 'lower config.data.resident_gb') -> SamplerTables:
+  """`SamplerTables` (int32) over timelines whose owners `owner_ids` are non-decreasing, padded to `size` entries.
+
+  Padding entries own no position (valid 0), so no draw lands on them: one compiled draw serves every window of a
+  streamed store, whatever its count of timelines.
+  """
+  valid = np.asarray(valid, np.int64)
+  cumulative = np.cumsum(valid)
+  total = int(cumulative[-1]) if len(cumulative) else 0
+  ends = int(np.max(np.asarray(row_offset) + valid)) if len(valid) else 0
+  if max(total, ends) > _INT32_MAX:
+    raise SamplerError(f'{what} are more than the sampler indexes (2**31 - 1 frames); {fix}.')
+  first = cumulative - valid
+  owner_lo, owner_hi = np.empty_like(valid), np.empty_like(valid)
+  for _, members in itertools.groupby(range(len(valid)), key=lambda i: owner_ids[i]):
+    members = list(members)
+    owner_lo[members], owner_hi[members] = first[members[0]], cumulative[members[-1]]
+  columns = [np.asarray(row_offset, np.int64), valid, cumulative, owner_lo, owner_hi]
+  if size is not None:
+    pad = size - len(valid)
+    columns = [np.concatenate([c, np.full(pad, total if name == 'cumulative' else 0, np.int64)])
+               for name, c in zip(SamplerTables._fields, columns)]
+  return SamplerTables(*(np.asarray(c, np.int32) for c in columns))
+
+
 def sample_triplets(tables: SamplerTables, key: jax.Array, batch_size: int, neighbour_frames: int
                     ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """{role: ([B] timeline, [B] start position)} for one batch; jax ops only, so it runs on any device and jits.
@@ -146,25 +172,26 @@ class TripletSampler:
       what = 'group (session)' if distant_other_group else 'recording'
       raise SamplerError(f'Distant tiles need a second {what}, but all {len(clips)} clips share one. Add recordings'
                          + (', or set config.data.distant_other_group=False.' if distant_other_group else '.'))
-    lengths = np.array([t.length for t in usable], dtype=np.int64)
-    valid = lengths - tile_frames + 1
-    cumulative = np.cumsum(valid)
-    self.total_frames = int(lengths.sum())
-    if max(self.total_frames, int(cumulative[-1])) > _INT32_MAX:
-      raise SamplerError(f'{self.total_frames} frames are more than the sampler indexes (2**31 - 1); train on a '
-                         'subset (config.data.fold) or shard the data set.')
-    first = np.concatenate([[0], cumulative[:-1]])
-    owner_lo, owner_hi = np.empty_like(valid), np.empty_like(valid)
-    for _, members in itertools.groupby(range(len(usable)), key=lambda i: owners[i]):
-      members = list(members)
-      owner_lo[members], owner_hi[members] = first[members[0]], cumulative[members[-1]]
-    row_offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    self.tables = SamplerTables(*(np.asarray(a, np.int32) for a in (row_offset, valid, cumulative, owner_lo,
-                                                                    owner_hi)))
-    self.valid = valid
+    # Each timeline's owner as an integer, in timeline order (non-decreasing): the streamed store's tables use it.
+    self.owner_ids = np.cumsum([0] + [a != b for a, b in zip(owners, owners[1:])]).astype(np.int64)
+    self.lengths = np.array([t.length for t in usable], dtype=np.int64)
+    self.valid = self.lengths - tile_frames + 1
+    self.total_frames = int(self.lengths.sum())
     # The key whose fold_in with the step draws that step's batch, on any device (in the step, or `rows`).
     self.data_key = jax.random.fold_in(jax.random.key(seed), 0x7E1E)
+    self._tables = None
     self._host = None
+
+  @property
+  def tables(self) -> SamplerTables:
+    """The tables over the whole packed split, built on first use: only the packed stores index the whole split
+    (in int32), so only they refuse one of more than 2**31 - 1 frames; the streamed store indexes a window."""
+    if self._tables is None:
+      self._tables = window_tables(self.valid, self.owner_ids, np.concatenate([[0], np.cumsum(self.lengths)[:-1]]),
+                                   what=f'{self.total_frames} frames of the packed split', fix=(
+                                       "use config.data.store='stream' (or 'auto'), which indexes a window of the "
+                                       'split, or train on a subset (config.data.fold)'))
+    return self._tables
 
   def sample(self, step: int, batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The batch of `step` as numpy {role: ([B] timeline, [B] position)}, computed on the host's CPU."""

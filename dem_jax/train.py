@@ -31,6 +31,7 @@ from dem_jax import input_pipeline
 from dem_jax import losses
 from dem_jax import models
 from dem_jax import probes
+from dem_jax import streaming
 from dem_jax import train_step as step_lib
 from dem_jax.embed import embed_clips, TileEmbedder
 from dem_jax.features import FeaturesError, open_features
@@ -63,8 +64,7 @@ def _select(features, config):
 
 def _features_digest(features) -> str:
   """What identifies the data a run trains on: its features.json (settings, clips' statistics)."""
-  with open(os.path.join(features.root, 'features.json'), 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()[:16]
+  return hashlib.sha256(features.info_bytes).hexdigest()[:16]
 
 
 def _fingerprint(config, features) -> dict:
@@ -323,11 +323,12 @@ def _train(config, workdir: str, features) -> dict:
   steps_per_call = _steps_per_dispatch(config)
 
   t0 = time.time()
-  packed = input_pipeline.pack_timelines(features, sampler)
-  store, sizes = input_pipeline.choose_store(config.data.store, packed.nbytes, parallel.local_devices,
-                                             config.data.device_memory_fraction)
-  logging.info('Packed the training split in %.1f s: %s store (config.data.store=%r): %s.', time.time() - t0,
-               store, config.data.store, sizes)
+  store, sizes = input_pipeline.choose_store(config.data.store, sampler.total_frames * features.n_mels * 2,
+                                             parallel.local_devices, config.data.device_memory_fraction,
+                                             config.data.get('host_memory_fraction', 1.0))
+  packed = None if store == 'stream' else input_pipeline.pack_timelines(features, sampler)
+  logging.info('%s the training split in %.1f s: %s store (config.data.store=%r): %s.',
+               'Indexed' if packed is None else 'Packed', time.time() - t0, store, config.data.store, sizes)
 
   # ---- Model ------------------------------------------------------------------------------------------------
   band_mean, band_std = features.norm_stats(features.train_splits(config.data.fold or None))
@@ -390,13 +391,22 @@ def _train(config, workdir: str, features) -> dict:
     data = parallel.put_replicated((packed, sampler.tables, sampler.data_key))
     loader = None
     del packed  # The devices hold it now (CPU devices share this memory with the host and keep it).
+  elif store == 'stream':  # Reads the window of start_step only, so a resumed run re-reads nothing before it.
+    loader = streaming.StreamStore(features, sampler, parallel, global_batch=config.batch_size,
+                                   steps_per_call=steps_per_call, steps_per_epoch=steps_per_epoch,
+                                   resident_gb=config.data.resident_gb, start_step=start_step, seed=config.seed,
+                                   device_fraction=config.data.device_memory_fraction)
+    batch_fn, data = loader.batch_fn, loader.data
+    logging.info('Streaming the training split: %s; the first window read in %.1f s.', loader.describe(),
+                 loader.first_window_seconds)
   else:
     batch_fn = input_pipeline.host_batch_fn
     loader = input_pipeline.HostTileLoader(packed, sampler, config.batch_size, steps_per_call,
                                            put=parallel.put_host_batches,
                                            share=input_pipeline.Share(jax.process_index(), jax.process_count()))
     data = None
-  loop = parallel.compile_train_loop(step_lib.make_train_loop(train_step, batch_fn), data_sharded=store == 'host')
+  data_layout = loader.data_layout if store == 'stream' else {'data_sharded': store == 'host'}
+  loop = parallel.compile_train_loop(step_lib.make_train_loop(train_step, batch_fn), **data_layout)
   eval_step = parallel.compile_eval_step(step_lib.make_eval_step(model, loss_fn, axis_name=parallel.axis_name))
   device_state = parallel.put_state(state)
   rng = parallel.put_replicated(dropout_rng)
@@ -410,14 +420,10 @@ def _train(config, workdir: str, features) -> dict:
     return num_placed[n]
 
   eval_batches = []
-  if eval_sampler is not None:
-    eval_packed = input_pipeline.pack_timelines(features, eval_sampler)
-    cutter = input_pipeline.HostTileLoader(eval_packed, eval_sampler, config.batch_size, 1,
-                                           share=input_pipeline.Share(jax.process_index(), jax.process_count()))
-    eval_batches = [parallel.put_batch({r: v[0] for r, v in cutter.cut(i, 1).items()})
+  if eval_sampler is not None:  # Read tile by tile: the held-out split is never packed.
+    share = input_pipeline.Share(jax.process_index(), jax.process_count())
+    eval_batches = [parallel.put_batch(input_pipeline.read_batch(features, eval_sampler, i, config.batch_size, share))
                     for i in range(config.data.eval_batches)]
-    cutter.close()
-    del eval_packed, cutter
   silhouette_clips = [c for c in held_out_clips if c.label and c.num_frames >= tile_frames]
   silhouette_clips = silhouette_clips[:config.data.eval_max_clips]
 
@@ -426,7 +432,7 @@ def _train(config, workdir: str, features) -> dict:
   precompiled = parallel.mode == 'jit' or jax.process_count() == 1
   if precompiled:
     t0 = time.time()
-    example_data = data if loader is None else parallel.put_host_batches(
+    example_data = data if data is not None else parallel.put_host_batches(
         {r: np.zeros((steps_per_call, config.batch_size // jax.process_count(), tile_frames, features.n_mels),
                      np.float16) for r in step_lib.ROLES})
     lrs = parallel.put_replicated(np.zeros(steps_per_call, np.float32))
@@ -482,7 +488,8 @@ def _train(config, workdir: str, features) -> dict:
                'device(s) with %s.', config.model.name, len(train_clips), len(held_out_clips), features.root,
                num_steps, steps_per_epoch, f' or {config.train_minutes:g} min' if budget_s else '',
                config.batch_size, devices, config.parallel)
-  boundaries = [config.log_every, eval_every, config.checkpoint_every]
+  # A streamed window changes every phase_steps steps: no compiled call spans two.
+  boundaries = [config.log_every, eval_every, config.checkpoint_every, getattr(loader, 'phase_steps', 0)]
   plan = _Lookahead(_dispatches(start_step, num_steps, steps_per_call, boundaries), ahead=2)
   last_metrics, files_written = {}, False
   # Signs that training stopped learning, warned of once.
@@ -531,6 +538,8 @@ def _train(config, workdir: str, features) -> dict:
         lr = float(step_lib.learning_rate_at(config.optimizer, done - 1, total_steps))
         last_metrics |= {'learning_rate': lr, 'steps_per_s': rate, 'train_seconds': elapsed_s,
                          'schedule_steps': total_steps}
+        if store == 'stream':  # This process's reads so far (each process reads its own share).
+          last_metrics['read_gb'] = loader.reader.bytes_read / 2**30
         writer.write(done, last_metrics, prefix='train/')
         peak_grad_norm = max(peak_grad_norm, last_metrics['grad_norm'])
         stall = stall or _stall_reason(last_metrics, previous_log, peak_grad_norm)

@@ -188,7 +188,12 @@ def test_store_choice_follows_the_memory_and_names_the_fix():
   cpu = jax.devices()[:2]
   store, sizes = input_pipeline.choose_store('auto', 1 << 20, cpu, 0.5)
   assert store == 'device' and 'GiB' in sizes
-  assert input_pipeline.choose_store('auto', 1 << 50, cpu, 0.5)[0] == 'host'
+  host = input_pipeline.host_memory_bytes()
+  # Two CPU devices hold two copies: more than half the memory, so host memory, unless that too is exceeded.
+  assert input_pipeline.choose_store('auto', int(0.3 * host), cpu, 0.5, 0.5)[0] == 'host'
+  assert input_pipeline.choose_store('auto', int(0.6 * host), cpu, 0.5, 0.5)[0] == 'stream'
+  assert input_pipeline.choose_store('auto', 1 << 50, cpu, 0.5)[0] == 'stream'
+  assert input_pipeline.choose_store('stream', 1 << 20, cpu, 0.5)[0] == 'stream'
   assert input_pipeline.choose_store('host', 1 << 20, cpu, 0.5)[0] == 'host'
   with pytest.raises(input_pipeline.StoreError, match=r"store='host'.*device_memory_fraction"):
     input_pipeline.choose_store('device', 1 << 50, cpu, 0.5)
