@@ -144,7 +144,8 @@ class DataParallel:
 
   def put_per_device(self, values: list):
     """values[j] (numpy trees of one structure) on this process's j-th device, in the order in which its rows of
-    a batch are split across them (`put_host_batches`), as arrays [per_device_count, ...]."""
+    a batch are split across them (`put_host_batches`), as arrays [per_device_count, ...]. CPU devices may use the
+    host memory itself (no copy), so a value must not change while its array is in use."""
     sharding = self.per_device_sharding
     if self.mode == 'pmap':
       position = {i: i for i in range(len(self.local_devices))}
@@ -155,7 +156,9 @@ class DataParallel:
     def put(*leaves):
       leaves = [np.asarray(x) for x in leaves]
       shape = (self.per_device_count,) + leaves[0].shape
-      return jax.make_array_from_callback(shape, sharding, lambda index: leaves[position[index[0].start or 0]][None])
+      shards = [jax.device_put(leaves[position[index[0].start or 0]][None], device, may_alias=True)
+                for device, index in sharding.addressable_devices_indices_map(shape).items()]
+      return jax.make_array_from_single_device_arrays(shape, sharding, shards)
     return jax.tree.map(put, *values)
 
   def put_per_process(self, tree):

@@ -7,11 +7,12 @@ config.data.resident_gb of it, drawn from its own share of the recordings (timel
 - Shares: epoch e permutes the split's timelines with a seeded generator; process k of n takes every n-th one. The
   n processes together read the split once per epoch, each only its share.
 - Segments: each share, in that order, is cut into S parts of about equal frames (S the same for every process and
-  epoch), each small enough for one slot of resident_gb / (W + 1). The segments of all epochs form one sequence.
+  epoch), each small enough for one slot of resident_gb / (W + 2). The segments of all epochs form one sequence.
 - Phases: step s belongs to phase p = s // P, with P about an epoch's steps / S. The window of phase p is segments
   p .. p + W - 1 (W = `WINDOW_SEGMENTS`, fewer when a share holds fewer segments): one segment leaves and one enters
   at each phase boundary, and over an epoch every recording of the share enters the window. A background thread
-  reads segment p + W (large contiguous tensorstore reads, whole timelines) while the step trains on phase p.
+  reads the next segments, up to READ_AHEAD of them (large contiguous tensorstore reads of whole timelines, written
+  straight into host memory), while the step trains.
 - Draws: step s's triplets are `sample_triplets` over the window's tables, with the key folded with s and then with
   the process; each process draws its own rows of the global batch (global batch / n), and each of its devices
   cuts its slice of them. Anchor and neighbour come from one resident timeline, the distant tile from a resident
@@ -25,7 +26,7 @@ Where the window lives: on the devices when its W slots fit config.data.device_m
 step draws and cuts its tiles, as the device store does; at a phase boundary one slot is overwritten in place), else
 in host memory (a thread cuts the tiles and sends them two calls ahead, as the host store does). Both give the same
 tiles for the same step. What a run learns differs from the packed stores: distant tiles come from the window, not
-the whole split (docs/benchmarks.md, "Streamed store").
+the whole split (docs/data.md).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from dem_jax.parallel import MESH_AXIS
 from dem_jax.sampler import ROLES, SamplerError, SamplerTables, TripletSampler, triplet_rows, window_tables
 
 WINDOW_SEGMENTS = 4  # Segments drawn from at once: one in W turns over per phase, so the window changes gradually.
+READ_AHEAD = 2  # Segments read beyond the window: slack for a read slower than a phase.
 _PIECE_BYTES = 8 << 20  # One tensorstore read, written straight into the ring; several in flight keep the cores busy.
 _PIECES_IN_FLIGHT = 8
 _STREAM_KEY = 0x57EA
@@ -60,7 +62,7 @@ class StreamSchedule:
 
   Args:
     sampler: the training split's timelines (its packed tables are never built).
-    resident_bytes: what the stream may hold: W window slots and the one being read.
+    resident_bytes: what the stream may hold: W window slots and READ_AHEAD read ahead.
     n_mels: bands per frame (float16 frames).
     steps_per_epoch: the run's steps per epoch (global batch).
   """
@@ -77,11 +79,12 @@ class StreamSchedule:
                        f'{num_processes} processes: a streamed window needs a distant {what}. Use '
                        "config.data.store='host' or fewer processes.")
     frame_bytes = 2 * n_mels
-    self.slot_frames = int(resident_bytes // (window_segments + 1) // frame_bytes)
+    slots = window_segments + READ_AHEAD
+    self.slot_frames = int(resident_bytes // slots // frame_bytes)
     longest = int(lengths.max())
     if self.slot_frames <= longest:
-      least = (window_segments + 1) * 2 * longest * frame_bytes / 2**30
-      raise StoreError(f'config.data.resident_gb={resident_bytes / 2**30:.4g} is too small: its {window_segments + 1} '
+      least = slots * 2 * longest * frame_bytes / 2**30
+      raise StoreError(f'config.data.resident_gb={resident_bytes / 2**30:.4g} is too small: its {slots} '
                        f'slots of {self.slot_frames} frames are shorter than the longest recording ({longest} frames). '
                        f'Raise config.data.resident_gb to at least {least:.3g}.')
     share = -(-count // num_processes)
@@ -148,12 +151,14 @@ class WindowReader:
   """Reads the schedule's segments, in order, into a ring of host slots on a background thread.
 
   Segment g goes to slot g % slots once the segment that held the slot has been released (`release_below`);
-  `wait(g)` blocks until segment g is in. Read errors (a lost shard, an unreachable store) and non-finite frames
-  are raised by `wait` as StoreError.
+  `wait(g)` blocks until segment g is in. Read errors (a lost shard, an unreachable store) and, with
+  `check_finite`, non-finite frames are raised by `wait` as StoreError.
   """
 
-  def __init__(self, features: Features, schedule: StreamSchedule, *, slots: int, first: int):
+  def __init__(self, features: Features, schedule: StreamSchedule, *, slots: int, first: int,
+               check_finite: bool = True):
     self.features, self.schedule, self.slots = features, schedule, slots
+    self.check_finite = check_finite
     self.slot_frames = schedule.slot_frames
     # np.empty touches no page: memory is taken as segments arrive.
     self.ring = np.empty((slots * self.slot_frames, features.n_mels), np.float16)
@@ -236,12 +241,15 @@ class WindowReader:
     frames = self.ring[first:first + count]
     if isinstance(result, np.ndarray):
       frames[...] = result
-    if ((frames.view(np.uint16) & 0x7C00) == 0x7C00).any():  # float16 inf or NaN: all exponent bits set.
-      self._non_finite(offset, frames)
+    if self.check_finite:
+      self.refuse_non_finite(offset, frames)
     with self._cond:
       self.bytes_read += frames.nbytes
 
-  def _non_finite(self, offset: int, frames: np.ndarray) -> None:
+  def refuse_non_finite(self, offset: int, frames: np.ndarray) -> None:
+    """StoreError naming the clip when `frames` (the store's rows from `offset` on) hold inf or NaN."""
+    if not ((frames.view(np.uint16) & 0x7C00) == 0x7C00).any():  # float16 inf and NaN: all exponent bits set.
+      return
     bad = offset + int(np.argmax(~np.isfinite(frames).all(axis=1)))
     clip = next(c for c in self.features.clips if c.frame_offset <= bad < c.frame_offset + c.num_frames)
     raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or NaN; '
@@ -281,9 +289,13 @@ _window_rows_on_host = jax.jit(window_rows, static_argnums=(4, 5))
 
 
 @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
-def _write_slot(window: jax.Array, segment: jax.Array, first_row: int) -> jax.Array:
-  """The window [D, W * slot, M] with one slot's rows replaced by `segment` [D, slot, M], in place."""
-  return lax.dynamic_update_slice_in_dim(window, segment, first_row, axis=1)
+def _write_slot(window: jax.Array, segment: jax.Array, first_row: int, frames) -> tuple[jax.Array, jax.Array]:
+  """The window [D, W * slot, M] with one slot's rows replaced by `segment` [D, slot, M], in place, and [D] whether
+  the segment's first `frames` [D] rows (the rest of a slot is unused) are finite on each device: checked here, in
+  the copy's pass, rather than by the reader thread."""
+  used = jax.numpy.arange(segment.shape[1])[None, :, None] < frames[:, None, None]
+  return (lax.dynamic_update_slice_in_dim(window, segment, first_row, axis=1),
+          (jax.numpy.isfinite(segment) | ~used).all(axis=(1, 2)))
 
 
 class StreamStore:
@@ -332,7 +344,11 @@ class StreamStore:
       self._loader = _DeviceWindow(self, first)
     else:
       self._loader = _HostWindow(self, first, global_batch, steps_per_call, share=share)
-    self.data = self._loader.first(start_step)
+    try:
+      self.data = self._loader.first(start_step)
+    except BaseException:  # The reader thread stops with the store that could not start.
+      self._loader.close()
+      raise
     self.first_window_seconds = time.perf_counter() - t0
     self.batch_fn = self._loader.batch_fn
     self.data_layout = self._loader.data_layout
@@ -364,14 +380,15 @@ class StreamStore:
 
 
 class _HostWindow(HostTileLoader):
-  """The window in host memory: W + 1 slots (the window and the segment being read); a thread draws each step's
-  rows and copies the tiles, as `HostTileLoader` does for the packed split."""
+  """The window in host memory: W + READ_AHEAD slots; a thread draws each step's rows and copies the tiles, as
+  `HostTileLoader` does for the packed split."""
 
   data_layout = {'data_sharded': True}
 
   def __init__(self, store: StreamStore, first: int, global_batch: int, steps_per_call: int, share: Share):
     self.store, self.schedule = store, store.schedule
-    self.reader = WindowReader(store.features, self.schedule, slots=self.schedule.window_segments + 1, first=first)
+    self.reader = WindowReader(store.features, self.schedule, slots=self.schedule.window_segments + READ_AHEAD,
+                               first=first)
     super().__init__(self.reader.ring, store.sampler, global_batch, steps_per_call,
                      put=store.parallel.put_host_batches, share=share)
     self._phase, self._tables = None, None
@@ -418,16 +435,18 @@ class _HostWindow(HostTileLoader):
 
 class _DeviceWindow:
   """The window on the devices: W slots per device, each holding one segment; at a phase boundary the slot of the
-  segment that leaves is overwritten in place with the one that enters (read meanwhile into one host slot)."""
+  segment that leaves is overwritten in place with the one that enters (read meanwhile into READ_AHEAD host
+  slots, each released once its copy into the window has run)."""
 
   data_layout = {'data_per_device': True}
 
   def __init__(self, store: StreamStore, first: int):
     self.store, self.schedule, self.parallel = store, store.schedule, store.parallel
-    self.reader = WindowReader(store.features, self.schedule, slots=1, first=first)
+    # Frames are checked finite on the devices, as they are copied into the window (`_write_slot`).
+    self.reader = WindowReader(store.features, self.schedule, slots=READ_AHEAD, first=first, check_finite=False)
     s = self.schedule
     self.slots = [None] * s.window_segments  # The segment each device slot holds.
-    self._pending = None  # (segment, window array) of the last slot written, until its copy has run.
+    self._pending = collections.deque()  # (segment, finite) of the slots written, until their copies have run.
     shape = (s.window_frames, store.features.n_mels)
     sharding = self.parallel.per_device_sharding
     self.window = jax.jit(lambda: jax.numpy.zeros((self.parallel.per_device_count,) + shape, np.float16),
@@ -443,16 +462,28 @@ class _DeviceWindow:
   def first(self, step: int):
     return self.get(step, 1, ())
 
-  def _settle(self, block: bool) -> None:
-    """Releases the host slot of the last segment sent, once its copy into the window has run."""
-    if self._pending is not None and (block or self._pending[1].is_ready()):
-      jax.block_until_ready(self._pending[1])
-      self.reader.release_below(self._pending[0] + 1)
-      self._pending = None
+  def _settle(self, below: int = -1) -> None:
+    """Releases the host slots of the segments whose copies into the window have run, waiting for those of the
+    segments before `below`; a segment that is not finite is refused here."""
+    while self._pending and (self._pending[0][0] < below or self._pending[0][1].is_ready()):
+      index, finite = self._pending.popleft()
+      if not all(np.asarray(shard.data).all() for shard in finite.addressable_shards):
+        self._refuse_non_finite(index)  # The host slot still holds the segment: find the clip there.
+      self.reader.release_below(index + 1)
+
+  def _refuse_non_finite(self, index: int) -> None:
+    ring = self.reader.ring[self.reader.rows(index)]
+    row = 0
+    for t in self.schedule.segment(index):
+      for clip in self.schedule.sampler.timelines[t].clips:
+        self.reader.refuse_non_finite(clip.frame_offset, ring[row:row + clip.num_frames])
+        row += clip.num_frames
+    raise StoreError(f'Segment {index} of the streamed window holds non-finite values; preprocess the data again '
+                     'with a current dem_jax, which refuses non-finite frames.')
 
   def get(self, step: int, n: int, ahead=()):
     del n, ahead
-    self._settle(block=False)
+    self._settle()
     phase = self.schedule.phase(step)
     if phase != self._phase:
       tables = self.schedule.tables(phase, slot_of=lambda index: index % len(self.slots))
@@ -460,12 +491,14 @@ class _DeviceWindow:
         slot = index % len(self.slots)
         if self.slots[slot] == index:
           continue
-        self._settle(block=True)  # The reader's one host slot must be free before it can read this segment.
+        self._settle(below=index - self.reader.slots + 1)  # The reader needs that host slot back for this segment.
         self.reader.wait(index)
         segment = self.parallel.put_per_process(self.reader.ring[self.reader.rows(index)])
-        self.window = _write_slot(self.window, segment, slot * self.schedule.slot_frames)
+        used = self.schedule.sampler.lengths[self.schedule.segment(index)].sum()
+        frames = self.parallel.put_per_process(np.int32(used))
+        self.window, finite = _write_slot(self.window, segment, slot * self.schedule.slot_frames, frames)
         self.slots[slot] = index
-        self._pending = (index, self.window)
+        self._pending.append((index, finite))
       self._data = (self.window, self.parallel.put_per_process(tables), self.lanes, self.key_data)
       self._phase = phase
     return self._data
@@ -481,8 +514,10 @@ def _device_window_batch_fn(parallel, *, local_batch: int, tile_frames: int, nei
 
   def cut(window, tables, lane, key_data, step):
     rows = window_rows(tables, jax.random.wrap_key_data(key_data), step, lane[0], local_batch, neighbour_frames)
-    return {role: gather_tiles(window, lax.dynamic_slice_in_dim(rows[role], lane[1] * per_device, per_device),
-                               tile_frames) for role in ROLES}
+    mine = {role: lax.dynamic_slice_in_dim(rows[role], lane[1] * per_device, per_device) for role in ROLES}
+    # The rows computed once: fused into the gather, their arithmetic would run for every element of every tile.
+    mine = lax.optimization_barrier(mine)
+    return {role: gather_tiles(window, mine[role], tile_frames) for role in ROLES}
 
   def batch_fn(data, step, k):
     del k

@@ -11,8 +11,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from dem_jax import checkpoint as checkpoint_lib
+from dem_jax import features as features_lib
 from dem_jax import streaming
 from dem_jax import train as train_lib
 from dem_jax.features import Clip, open_features
@@ -21,7 +23,7 @@ from dem_jax.parallel import DataParallel
 from dem_jax.sampler import ROLES, SamplerError, TripletSampler
 from test_train import ROOT, free_port, tiny_config
 
-RESIDENT_GB = 0.005  # Slots of about two of the test set's 20-s recordings: many segments per epoch.
+RESIDENT_GB = 0.006  # Slots of about two of the test set's 20-s recordings: many segments per epoch.
 
 
 @pytest.fixture(scope='module')
@@ -166,6 +168,26 @@ def test_a_shard_lost_mid_run_is_an_error_naming_the_store_and_the_fix(feats, sa
       for step in range(40):
         streamed._loader.cut(step, 1)
   assert first['anchor'].any()
+
+
+@pytest.mark.parametrize('place', ['device', 'host'])
+def test_non_finite_frames_are_refused_naming_their_clip(feats, sampler, tmp_path, place):
+  root = str(tmp_path / 'store')
+  shutil.copytree(feats.root, root)
+  victim = sampler.timelines[5].clips[1]
+  array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(root, 'features.zarr')}},
+                  read=True, write=True).result()
+  array[victim.frame_offset + 7, 3].write(np.float16(np.inf)).result()
+  info_path = os.path.join(root, 'features.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  info['store_files'] = features_lib.store_files(root)  # As if written so (an older preprocessing job).
+  with open(info_path, 'w') as f:
+    json.dump(info, f)
+  with pytest.raises(StoreError, match=f'clip {victim.clip_id} .*non-finite'):
+    with store(open_features(root), sampler, place, parallel=DataParallel('jit', devices=jax.devices()[:1])) as s:
+      for step in range(2 * s.schedule.segments_per_epoch * s.phase_steps):
+        s.get(step, 1)
 
 
 def stream_config(features_dir, **overrides):
