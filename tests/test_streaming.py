@@ -300,3 +300,15 @@ def test_a_split_beyond_int32_frames_streams_where_packing_refuses():
                                steps_per_epoch=sampler.steps_per_epoch(64))
   tables = s.tables(s.segments_per_epoch + 3, slot_of=lambda index: index % s.window_segments)
   assert tables.row_offset.dtype == np.int32 and 0 < int(tables.cumulative[-1]) < s.window_frames
+
+
+def test_the_benchmarks_synthetic_store_opens_as_a_preprocessed_one(tmp_path):
+  from dem_jax.benchmarks.synthetic_store import write_synthetic_store
+  features = open_features(write_synthetic_store(str(tmp_path / 'store'), 0.1, recording_minutes=1))
+  assert len(features.clips) == 36 and sum(c.duration for c in features.clips) == pytest.approx(360)
+  frames = features.read(features.clips[7].clip_id)
+  assert frames.shape == (1000, 128) and np.isfinite(frames).all() and frames.std() > 0.5
+  # Each recording's consecutive clips form one timeline, two recordings per session.
+  sampler = TripletSampler(features.clips, tile_frames=498, neighbour_frames=500)
+  assert [t.length for t in sampler.timelines] == [6000] * 6
+  assert len({t.group for t in sampler.timelines}) == 3
