@@ -611,6 +611,10 @@ def run(config, *, dataset: str, data_dir: str, output_dir: str, split_file: str
   if not finalize_only and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
     raise PreprocessError(f'--task_index={task_index} must lie in [0, --num_tasks={num_tasks}) and --num_tasks be 1 '
                           'or more; nothing was written.')
+  if '://' in output_dir:  # Its locks, markers and renames need a local file system; training reads URLs.
+    raise PreprocessError(f'--output_dir={output_dir}: preprocessing writes to a local folder only. Write there, then '
+                          'copy the finished folder (all of it) to where training reads it (gs://, s3://, '
+                          'http(s)://); nothing was written.')
   created = not os.path.lexists(output_dir)
   try:
     try:

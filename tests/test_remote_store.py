@@ -91,3 +91,29 @@ def test_served_folder_without_a_store_says_what_is_missing(served):
   url, _ = served
   with pytest.raises(FeaturesError, match='features.json is missing'):
     open_features(url + '/features.zarr')
+
+
+def test_preprocessing_refuses_a_url_and_writes_nothing(dcase_dir, tmp_path, monkeypatch):
+  from dem_jax.configs import features as features_config
+  from dem_jax.preprocess import job
+  monkeypatch.chdir(tmp_path)  # A relative 'gs:' folder would land here.
+  with pytest.raises(job.PreprocessError, match=r'gs://bucket/f: preprocessing writes to a local folder only'):
+    job.run(features_config.get_config(), dataset='dcase2018_task5', data_dir=dcase_dir, output_dir='gs://bucket/f')
+  assert os.listdir(tmp_path) == []
+
+
+def test_streamed_window_read_over_http_equals_the_local_one(served):
+  from dem_jax import streaming
+  from dem_jax.parallel import DataParallel
+  from dem_jax.sampler import TripletSampler
+  url, root = served
+  tiles = []
+  for features in (open_features(url), open_features(root)):
+    sampler = TripletSampler(features.clips, tile_frames=48, neighbour_frames=50)
+    with streaming.StreamStore(features, sampler, DataParallel('jit'), global_batch=16, steps_per_call=1,
+                               steps_per_epoch=40, resident_gb=0.006, device_fraction=0.5, place='host') as store:
+      tiles.append([store._loader.cut(step, 1)['distant'] for step in (0, 9)])
+      read = store.reader.bytes_read
+  for a, b in zip(*tiles):
+    np.testing.assert_array_equal(a, b)
+  assert read > 0
