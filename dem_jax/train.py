@@ -194,6 +194,9 @@ def _check_numbers(config) -> None:
       ('data.eval_max_clips', d.eval_max_clips, non_negative, '>= 0', '400'),
       ('data.device_memory_fraction', d.get('device_memory_fraction', 0.5), within(0, 1, low_open=True),
        'in (0, 1]', '0.5'),
+      ('data.host_memory_fraction', d.get('host_memory_fraction', 0.5), within(0, 1, low_open=True), 'in (0, 1]',
+       '0.5'),
+      ('data.resident_gb', d.get('resident_gb', 4.0), positive, 'a finite number of GB > 0', '4.0'),
   ]
   for name, value, ok, must, example in rules:
     if not ok(value):

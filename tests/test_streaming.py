@@ -197,6 +197,15 @@ def stream_config(features_dir, **overrides):
                                       'data.eval_max_clips': 0} | overrides)
 
 
+@pytest.mark.parametrize('setting, value', [('data.resident_gb', float('nan')), ('data.resident_gb', -1.0),
+                                            ('data.host_memory_fraction', 0.0)])
+def test_stream_settings_out_of_range_are_refused_before_anything_is_written(dcase_features, tmp_path, setting,
+                                                                            value):
+  with pytest.raises(train_lib.TrainingError, match=rf'config\.{re.escape(setting)}=\S+ must be'):
+    train_lib.train_and_evaluate(stream_config(dcase_features, **{setting: value}), str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'model.json')
+
+
 def test_a_shard_lost_mid_run_stops_training_and_keeps_the_last_checkpoint(dcase_features, tmp_path, monkeypatch):
   root = str(tmp_path / 'store')
   shutil.copytree(dcase_features, root)
