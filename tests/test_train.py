@@ -203,7 +203,8 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+# pmap here; jit across two processes is trained by tests/test_streaming.py's two-host test (a minute each).
+@pytest.mark.parametrize('parallel', ['pmap'])
 def test_two_hosts_train_like_one(dcase_features, tmp_path, parallel):
   """Two processes of 2 devices each (jax.distributed on localhost) reproduce one process of 4 devices."""
   flags = ['--config.num_steps=3', '--config.log_every=1', f'--config.parallel={parallel}',
