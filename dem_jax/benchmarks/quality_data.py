@@ -236,6 +236,27 @@ def settings() -> dict:
 Renderer = Callable[[Sequence[Event], int, float, float], np.ndarray]
 
 
+def cached_build(root: str, config: dict, log: Callable[[str], None]) -> dict | None:
+  """root/build.json's contents when the set under `root` was built with `config`; else None, with what an earlier
+  build (of other settings, or interrupted) left cleared away. Shared by every set's `build`."""
+  done = os.path.join(root, 'build.json')
+  if os.path.exists(done):
+    with open(done, encoding='utf-8') as f:
+      built = json.load(f)
+    if built.get('settings') == config:
+      return built
+    log(f'{root} holds a set built with other settings; rebuilding it.')
+    os.remove(done)
+  shutil.rmtree(os.path.join(root, 'audio'), ignore_errors=True)
+  return None
+
+
+def write_build(root: str, built: dict) -> None:
+  """Writes root/build.json, last of a build: a set without it is built again."""
+  with open(os.path.join(root, 'build.json'), 'w', encoding='utf-8') as f:
+    json.dump(built, f, indent=1)
+
+
 def build(root: str, *, tunes: dict[str, str] | None = None, read_events: Callable[[str], list[Event]] = midi_events,
           render: Renderer | None = None, config: dict | None = None, install: bool = True,
           log: Callable[[str], None] = print) -> dict:
@@ -246,15 +267,9 @@ def build(root: str, *, tunes: dict[str, str] | None = None, read_events: Callab
   `install`: install missing packages (apt-get as root, pip) rather than fail with the command to run.
   """
   config = config or settings()
-  done = os.path.join(root, 'build.json')
-  if os.path.exists(done):
-    with open(done, encoding='utf-8') as f:
-      built = json.load(f)
-    if built.get('settings') == config:
-      return built
-    log(f'{root} holds a set built with other settings; rebuilding it.')
-    os.remove(done)
-  shutil.rmtree(os.path.join(root, 'audio'), ignore_errors=True)  # What an earlier or interrupted build left.
+  cached = cached_build(root, config, log)
+  if cached is not None:
+    return cached
   if tunes is None:
     ensure_material(install)
     tunes = tune_paths()
@@ -285,6 +300,5 @@ def build(root: str, *, tunes: dict[str, str] | None = None, read_events: Callab
   built = {'settings': config, 'files': len(rows), 'tunes': len(tunes) - len(skipped), 'skipped_tunes': skipped,
            'test_tunes': sorted(test - set(skipped)), 'audio_seconds': len(rows) * config['item_seconds'],
            'labels': list(FAMILIES)}
-  with open(done, 'w', encoding='utf-8') as f:
-    json.dump(built, f, indent=1)
+  write_build(root, built)
   return built

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import shutil
 import zipfile
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import soundfile
@@ -131,15 +129,9 @@ def build(root: str, *, minutes: float = DEFAULT_MINUTES, sources: dict[str, str
   naming the package when it is missing.
   """
   config = config or settings(minutes)
-  done = os.path.join(root, 'build.json')
-  if os.path.exists(done):
-    with open(done, encoding='utf-8') as f:
-      built = json.load(f)
-    if built.get('settings') == config:
-      return built
-    log(f'{root} holds a set built with other settings; rebuilding it.')
-    os.remove(done)
-  shutil.rmtree(os.path.join(root, 'audio'), ignore_errors=True)
+  cached = quality_data.cached_build(root, config, log)
+  if cached is not None:
+    return cached
   if sources is None:
     quality_data.ensure_material(install, [ARCHIVE], python_requirements={}, name='everyday-sounds set')
     sources = archive_sources(ARCHIVE.pattern)
@@ -177,6 +169,5 @@ def build(root: str, *, minutes: float = DEFAULT_MINUTES, sources: dict[str, str
   built = {'settings': config, 'files': len(rows), 'sources': len(sources), 'silent_excerpts': silent,
            'test_sources': sorted(test), 'audio_seconds': round(seconds, 1),
            'labels': sorted({r['file'].split('/', 1)[0] for r in rows})}
-  with open(done, 'w', encoding='utf-8') as f:
-    json.dump(built, f, indent=1)
+  quality_data.write_build(root, built)
   return built

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import zlib
@@ -189,15 +188,9 @@ def build(root: str, *, minutes: float = DEFAULT_MINUTES, texts: dict[str, list[
   packages that are missing.
   """
   config = config or settings(minutes)
-  done = os.path.join(root, 'build.json')
-  if os.path.exists(done):
-    with open(done, encoding='utf-8') as f:
-      built = json.load(f)
-    if built.get('settings') == config:
-      return built
-    log(f'{root} holds a set built with other settings; rebuilding it.')
-    os.remove(done)
-  shutil.rmtree(os.path.join(root, 'audio'), ignore_errors=True)
+  cached = quality_data.cached_build(root, config, log)
+  if cached is not None:
+    return cached
   if texts is None:
     quality_data.ensure_material(install, packages(), python_requirements={}, name='speech set')
     texts = {lang: read_fortunes([os.path.join(FORTUNES, f) for f in files]) for lang, (_, files) in TEXTS.items()}
@@ -231,6 +224,5 @@ def build(root: str, *, minutes: float = DEFAULT_MINUTES, texts: dict[str, list[
   built = {'settings': config, 'files': len(rows), 'passages': len({r['group'] for r in rows}),
            'test_passages': test_passages, 'audio_seconds': round(seconds, 1),
            'labels': sorted(v.label for v in voices)}
-  with open(done, 'w', encoding='utf-8') as f:
-    json.dump(built, f, indent=1)
+  quality_data.write_build(root, built)
   return built
