@@ -227,13 +227,18 @@ def _quiet_checkpoint_reading():
     absl_logger.removeFilter(drop)
 
 
+def check_hop_seconds(hop_seconds: float | None, name: str, unset: str) -> None:
+  """EmbedError naming `name` unless the hop is None (`unset`: the tile length) or a positive finite number."""
+  if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
+    raise EmbedError(f'{name}={hop_seconds}; give a positive number of seconds between tile starts ({unset}: the '
+                     'tile length).')
+
+
 class Embedder:
   """A trained model loaded once from a workdir; embeds feature-store clips, audio files and tiles."""
 
   def __init__(self, workdir: str, *, step: int | None = None, batch_size: int = 64, hop_seconds: float | None = None):
-    if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
-      raise EmbedError(f'hop_seconds={hop_seconds}; give a positive number of seconds between tile starts (None: '
-                       'the tile length).')
+    check_hop_seconds(hop_seconds, 'hop_seconds', 'None')
     self.workdir = os.path.abspath(workdir)
     self.info = checkpoint_lib.read_model_info(self.workdir)
     # Read-only: a reader must never clean up the folder a running training is saving into.
@@ -727,9 +732,7 @@ def run(workdir: str, input_path: str, output_dir: str, *, step: int | None = No
     raise EmbedError(f'--input={input_path} does not exist; name an audio file or a folder of them.')
   if batch_size < 1:
     raise EmbedError(f'--batch_size={batch_size}; give 1 or more tiles per batch.')
-  if hop_seconds is not None and not (math.isfinite(hop_seconds) and hop_seconds > 0):
-    raise EmbedError(f'--hop_seconds={hop_seconds}; give a positive number of seconds between tile starts '
-                     '(default: the tile length).')
+  check_hop_seconds(hop_seconds, '--hop_seconds', 'default')  # before the output folder is made
   if num_workers is not None and num_workers < 1:
     raise EmbedError(f'--num_workers={num_workers}; give 1 or more decoding threads.')
   prepare_output_dir(output_dir)
