@@ -147,14 +147,20 @@ def last_block_name(model) -> str:
   return f'stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}'
 
 
+def apply_with_trunk(model, variables: dict, tiles):
+  """(the model's output, its trunk's last block [N, T', M', C]) of one forward pass outside training."""
+  last_block = last_block_name(model)
+  output, state = model.apply(variables, tiles, train=False, mutable=['intermediates'],
+                              capture_intermediates=lambda module, _: module.name == last_block)
+  (trunk,) = state['intermediates'][last_block]['__call__']
+  return output, trunk
+
+
 def forward_with_trunk(model, variables: dict, tiles) -> dict:
   """{'embedding': [N, E], 'trunk': [N, C]} of one forward pass: the model's output, and its trunk's last block
   pooled as the model pools it before the head (a float32 mean over time and bands; dropout is off outside
   training, so this is exactly the head's input)."""
-  last_block = last_block_name(model)
-  embedding, state = model.apply(variables, tiles, train=False, mutable=['intermediates'],
-                                 capture_intermediates=lambda module, _: module.name == last_block)
-  (trunk,) = state['intermediates'][last_block]['__call__']
+  embedding, trunk = apply_with_trunk(model, variables, tiles)
   return {'embedding': embedding, 'trunk': jnp.mean(trunk.astype(jnp.float32), axis=(1, 2))}
 
 

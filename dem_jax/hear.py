@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dem_jax import models
-from dem_jax.embed import EmbedError, Embedder, as_float_samples, mean_per_clip, pool_per_clip
+from dem_jax.embed import EmbedError, Embedder, apply_with_trunk, as_float_samples, mean_per_clip, pool_per_clip
 
 TIMESTAMP_HOP_FRAMES = 4  # 40 ms at the default 10-ms frame hop; HEAR asks for a hop of at most 50 ms.
 TIMESTAMP_WINDOW_SECONDS = 1.0
@@ -85,16 +85,13 @@ class HearModel:
     self.half_window = max(0, int(round(window_frames / TIMESTAMP_HOP_FRAMES / 2)))
     self.timestamp_window_seconds = (2 * self.half_window + 1) * TIMESTAMP_HOP_FRAMES / self.frontend.frame_rate
     self.fill = float(np.log(self.frontend.log_offset))  # log-Mel of silence
-    last_block = f'stage{len(model.stage_sizes)}_block{model.stage_sizes[-1]}'
     self._variables = jax.device_put(embedder.embed_tiles.variables, jax.local_devices()[0])
     self._head_params = models.head_params(self._variables['params'])
     head = models.Head(model.embedding_dim, model.head_hidden, model.dtype)
 
     def position_features(variables, frames):
       """[shifts, L, M] log-Mel -> [shifts, L / stride, C]: the trunk's features per time position, mel-averaged."""
-      _, state = model.apply(variables, frames, train=False, mutable=['intermediates'],
-                             capture_intermediates=lambda module, _: module.name == last_block)
-      (trunk,) = state['intermediates'][last_block]['__call__']
+      _, trunk = apply_with_trunk(model, variables, frames)
       return jnp.mean(trunk.astype(jnp.float32), axis=2)  # mean over the mel axis: [shifts, positions, C]
 
     def window_embeddings(head_params, positions, num_timestamps):
