@@ -248,7 +248,9 @@ class WindowReader:
 
   def refuse_non_finite(self, offset: int, frames: np.ndarray) -> None:
     """StoreError naming the clip when `frames` (the store's rows from `offset` on) hold inf or NaN."""
-    if not ((frames.view(np.uint16) & 0x7C00) == 0x7C00).any():  # float16 inf and NaN: all exponent bits set.
+    # float16 inf and NaN have all exponent bits set: as int16 the positive ones are >= 0x7C00, as uint16 the
+    # negative ones >= 0xFC00. Two reductions, no temporary.
+    if frames.view(np.int16).max(initial=0) < 0x7C00 and frames.view(np.uint16).max(initial=0) < 0xFC00:
       return
     bad = offset + int(np.argmax(~np.isfinite(frames).all(axis=1)))
     clip = next(c for c in self.features.clips if c.frame_offset <= bad < c.frame_offset + c.num_frames)
