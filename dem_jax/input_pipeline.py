@@ -21,19 +21,23 @@ device path there is no host pipeline at all.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import os
+from typing import Callable, Iterable
 
 import jax
 from jax import lax
 import numpy as np
+import tensorstore as ts
 
-from dem_jax.features import Features
+from dem_jax.features import Clip, Features, store_context
 from dem_jax.sampler import ROLES, TripletSampler, triplet_rows
 
 STORES = ('auto', 'device', 'host', 'stream')
-_PACK_READ_BYTES = 64 << 20  # Reads in flight while packing.
+READ_PIECE_BYTES = 8 << 20  # One tensorstore read into host memory (packing, the streamed window).
+READS_IN_FLIGHT = 8  # Reads pending at once: enough to keep every core decoding.
 
 
 class StoreError(ValueError):
@@ -43,47 +47,87 @@ class StoreError(ValueError):
 def pack_timelines(features: Features, sampler: TripletSampler) -> np.ndarray:
   """float16 [sampler.total_frames, n_mels]: the sampler's timelines end to end, in its order.
 
-  Reads go through tensorstore, a timeline's clips in one read when they lie next to each other in the store.
-  Non-finite values are refused (a store written by an older preprocessing job could hold them).
+  Read through tensorstore straight into the packed array (`read_rows`), so that packing holds the array and a few
+  pieces in flight, never a second copy of the split. Non-finite values are refused (a store written by an older
+  preprocessing job could hold them).
   """
   out = np.empty((sampler.total_frames, features.n_mels), np.float16)
-  requests = []  # (first frame in the store, frames, first row in `out`)
-  row = 0
-  for timeline in sampler.timelines:
-    for clip in timeline.clips:
-      prev = requests[-1] if requests else None
-      if prev and prev[0] + prev[1] == clip.frame_offset and prev[2] + prev[1] == row:
-        requests[-1] = (prev[0], prev[1] + clip.num_frames, prev[2])
-      else:
-        requests.append((clip.frame_offset, clip.num_frames, row))
-      row += clip.num_frames
-  batch_frames = max(1, _PACK_READ_BYTES // (features.n_mels * 2))
-  start = 0
-  while start < len(requests):
-    chunk, frames = [], 0
-    while start < len(requests) and (not chunk or frames + requests[start][1] <= batch_frames):
-      chunk.append(requests[start])
-      frames += requests[start][1]
-      start += 1
-    futures = [features.read_stored(offset, count) for offset, count, _ in chunk]
-    for (offset, count, first), future in zip(chunk, futures):
-      out[first:first + count] = future.result()
-  _check_finite(out, sampler)
+  reads = contiguous_reads((clip for timeline in sampler.timelines for clip in timeline.clips), 0,
+                           piece_frames=max(1, READ_PIECE_BYTES // (2 * features.n_mels)))
+  # No chunk cache (every frame is read once), and a lost shard is an error, not zeros.
+  array = features.open_array(context=store_context(0), fill_missing=False)
+  read_rows(array, reads, out, store=features.root,
+            landed=lambda offset, frames: refuse_non_finite(features, offset, frames))
   return out
 
 
-def _check_finite(packed: np.ndarray, sampler: TripletSampler, block: int = 1 << 20) -> None:
-  for start in range(0, packed.shape[0], block):
-    bad = ~np.isfinite(packed[start:start + block]).all(axis=1)
-    if bad.any():
-      row = start + int(np.argmax(bad))
-      timeline = int(np.searchsorted(sampler.tables.row_offset, row, side='right')) - 1
-      t = sampler.timelines[timeline]
-      within = row - int(sampler.tables.row_offset[timeline])
-      clip = t.clips[int(np.searchsorted(t.starts, within, side='right')) - 1]
-      raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or NaN; '
-                       'float32 features beyond the float16 range also become inf). Preprocess the data again '
-                       'with a current dem_jax, which refuses non-finite frames.')
+def contiguous_reads(clips: Iterable[Clip], first_row: int, piece_frames: int) -> list[tuple[int, int, int]]:
+  """(store frame, frames, row) reads that lay `clips` end to end from row `first_row`: clips that lie next to each
+  other in the store in one read, cut into pieces of at most `piece_frames` rows."""
+  runs, row = [], first_row
+  for clip in clips:
+    if runs and runs[-1][0] + runs[-1][1] == clip.frame_offset:
+      runs[-1][1] += clip.num_frames
+    else:
+      runs.append([clip.frame_offset, clip.num_frames, row])
+    row += clip.num_frames
+  return [(offset + s, min(piece_frames, count - s), first + s)
+          for offset, count, first in runs for s in range(0, count, piece_frames)]
+
+
+def read_rows(array: ts.TensorStore, reads: Iterable[tuple[int, int, int]], out: np.ndarray, *, store: str,
+              landed: Callable[[int, np.ndarray], None] | None = None) -> int:
+  """Reads each (store frame, frames, row) of `reads` into out[row:row + frames], READS_IN_FLIGHT at a time, and
+  returns the bytes read. A float16 store's frames are written by tensorstore straight into `out` (no temporary); a
+  float32 one's are read, then cast. `landed(store frame, rows of out)` runs on each read as it finishes. A failed
+  read (a lost shard, an unreachable address) is a StoreError naming `store` and the frames."""
+  pending, done = collections.deque(), 0
+
+  def land():
+    nonlocal done
+    (offset, count, row), future = pending.popleft()
+    try:
+      result = future.result()
+    except ValueError as e:
+      raise StoreError(f'Reading frames {offset}..{offset + count} of {store} failed ({" ".join(str(e).split())[:300]}'
+                       '): the store lost a file or became unreachable. Restore it (copy the whole store again) or '
+                       'fix the address, then run the same command: training resumes from the last checkpoint.'
+                       ) from None
+    frames = out[row:row + count]
+    if isinstance(result, np.ndarray):
+      frames[...] = result
+    if landed is not None:
+      landed(offset, frames)
+    done += frames.nbytes
+
+  for offset, count, row in reads:
+    source = array[offset:offset + count]
+    # ts.array views the numpy memory, so tensorstore decodes into it.
+    future = ts.array(out[row:row + count]).write(source) if array.dtype == ts.float16 else source.read()
+    pending.append(((offset, count, row), future))
+    if len(pending) >= READS_IN_FLIGHT:
+      land()
+  while pending:
+    land()
+  return done
+
+
+def all_finite(frames: np.ndarray) -> bool:
+  """Whether float16 `frames` hold no inf or NaN, at memory speed."""
+  # float16 inf and NaN have all exponent bits set: as int16 the positive ones are >= 0x7C00, as uint16 the negative
+  # ones >= 0xFC00. Two reductions, no temporary.
+  return frames.view(np.int16).max(initial=0) < 0x7C00 and frames.view(np.uint16).max(initial=0) < 0xFC00
+
+
+def refuse_non_finite(features: Features, offset: int, frames: np.ndarray) -> None:
+  """StoreError naming the clip when float16 `frames` (the store's rows from `offset` on) hold inf or NaN."""
+  if all_finite(frames):
+    return
+  bad = offset + int(np.argmax(~np.isfinite(frames).all(axis=1)))
+  clip = next(c for c in features.clips if c.frame_offset <= bad < c.frame_offset + c.num_frames)
+  raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or NaN; float32 '
+                   'features beyond the float16 range also become inf). Preprocess the data again with a current '
+                   'dem_jax, which refuses non-finite frames.')
 
 
 def device_memory_bytes(device) -> int:

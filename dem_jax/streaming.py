@@ -41,18 +41,16 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import tensorstore as ts
 
 from dem_jax.features import Features, FeaturesError, store_context
-from dem_jax.input_pipeline import (HostTileLoader, Share, StoreError, device_memory_bytes, gather_tiles,
-                                    host_batch_fn, host_memory_bytes)
+from dem_jax.input_pipeline import (READ_PIECE_BYTES, HostTileLoader, Share, StoreError, contiguous_reads,
+                                    device_memory_bytes, gather_tiles, host_batch_fn, host_memory_bytes, read_rows,
+                                    refuse_non_finite)
 from dem_jax.parallel import MESH_AXIS
 from dem_jax.sampler import ROLES, SamplerError, SamplerTables, TripletSampler, triplet_rows, window_tables
 
 WINDOW_SEGMENTS = 4  # Segments drawn from at once: one in W turns over per phase, so the window changes gradually.
 READ_AHEAD = 2  # Segments read beyond the window: slack for a read slower than a phase.
-_PIECE_BYTES = 8 << 20  # One tensorstore read, written straight into the ring; several in flight keep the cores busy.
-_PIECES_IN_FLIGHT = 8
 _STREAM_KEY = 0x57EA
 
 
@@ -196,67 +194,16 @@ class WindowReader:
       index += 1
 
   def _read(self, index: int) -> None:
-    """Segment `index` into its slot: each timeline's clips, merged where they lie next to each other in the store,
-    read in pieces of _PIECE_BYTES with a few in flight."""
+    """Segment `index` into its slot: its timelines' clips end to end, in large contiguous reads."""
     t0 = time.perf_counter()
-    base = self.rows(index).start
-    pieces, row = [], base  # (store frame, frames, ring row)
-    piece_frames = max(1, _PIECE_BYTES // (2 * self.features.n_mels))
-    for t in self.schedule.segment(index):
-      for clip in self.schedule.sampler.timelines[t].clips:
-        prev = pieces[-1] if pieces else None
-        if prev and prev[0] + prev[1] == clip.frame_offset and prev[2] + prev[1] == row and prev[1] < piece_frames:
-          pieces[-1] = (prev[0], prev[1] + clip.num_frames, prev[2])
-        else:
-          pieces.append((clip.frame_offset, clip.num_frames, row))
-        row += clip.num_frames
-    # Long runs split into pieces of at most piece_frames.
-    pieces = [(offset + s, min(piece_frames, count - s), first + s)
-              for offset, count, first in pieces for s in range(0, count, piece_frames)]
-    in_flight = collections.deque()
-    for offset, count, first in pieces:
-      source = self._array[offset:offset + count]
-      if self._array.dtype == ts.float16:
-        # Written by tensorstore straight into the ring (ts.array views its memory): no temporary, no second copy.
-        future = ts.array(self.ring[first:first + count]).write(source)
-      else:  # A float32 store: read, then cast into the ring.
-        future = source.read()
-      in_flight.append(((offset, count, first), future))
-      if len(in_flight) >= _PIECES_IN_FLIGHT:
-        self._land(*in_flight.popleft())
-    while in_flight:
-      self._land(*in_flight.popleft())
-    self.read_seconds += time.perf_counter() - t0
-
-  def _land(self, piece: tuple[int, int, int], future) -> None:
-    """A finished read copied into the ring, its frames checked."""
-    offset, count, first = piece
-    try:
-      result = future.result()
-    except ValueError as e:
-      raise StoreError(f'Reading frames {offset}..{offset + count} of {self.features.root} failed ('
-                       f'{" ".join(str(e).split())[:300]}): the store lost a file or became unreachable. Restore it '
-                       '(copy the whole store again) or fix the address, then run the same command: training '
-                       'resumes from the last checkpoint.') from None
-    frames = self.ring[first:first + count]
-    if isinstance(result, np.ndarray):
-      frames[...] = result
-    if self.check_finite:
-      self.refuse_non_finite(offset, frames)
+    clips = (clip for t in self.schedule.segment(index) for clip in self.schedule.sampler.timelines[t].clips)
+    reads = contiguous_reads(clips, self.rows(index).start,
+                             piece_frames=max(1, READ_PIECE_BYTES // (2 * self.features.n_mels)))
+    landed = (lambda offset, frames: refuse_non_finite(self.features, offset, frames)) if self.check_finite else None
+    done = read_rows(self._array, reads, self.ring, store=self.features.root, landed=landed)
     with self._cond:
-      self.bytes_read += frames.nbytes
-
-  def refuse_non_finite(self, offset: int, frames: np.ndarray) -> None:
-    """StoreError naming the clip when `frames` (the store's rows from `offset` on) hold inf or NaN."""
-    # float16 inf and NaN have all exponent bits set: as int16 the positive ones are >= 0x7C00, as uint16 the
-    # negative ones >= 0xFC00. Two reductions, no temporary.
-    if frames.view(np.int16).max(initial=0) < 0x7C00 and frames.view(np.uint16).max(initial=0) < 0xFC00:
-      return
-    bad = offset + int(np.argmax(~np.isfinite(frames).all(axis=1)))
-    clip = next(c for c in self.features.clips if c.frame_offset <= bad < c.frame_offset + c.num_frames)
-    raise StoreError(f'The features of clip {clip.clip_id} ({clip.path}) hold non-finite values (inf or NaN; '
-                     'float32 features beyond the float16 range also become inf). Preprocess the data again with a '
-                     'current dem_jax, which refuses non-finite frames.')
+      self.bytes_read += done
+    self.read_seconds += time.perf_counter() - t0
 
   def wait(self, index: int) -> None:
     with self._cond:
@@ -478,7 +425,7 @@ class _DeviceWindow:
     row = 0
     for t in self.schedule.segment(index):
       for clip in self.schedule.sampler.timelines[t].clips:
-        self.reader.refuse_non_finite(clip.frame_offset, ring[row:row + clip.num_frames])
+        refuse_non_finite(self.reader.features, clip.frame_offset, ring[row:row + clip.num_frames])
         row += clip.num_frames
     raise StoreError(f'Segment {index} of the streamed window holds non-finite values; preprocess the data again '
                      'with a current dem_jax, which refuses non-finite frames.')

@@ -1,6 +1,7 @@
 """Shared fixtures. Four fake CPU devices for every test, so multi-device code runs as on a 4-GPU node."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -68,3 +69,27 @@ def tiny_workdir(dcase_features, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('train') / 'tiny'
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
+
+
+@pytest.fixture
+def store_with_value(tmp_path):
+  """`copy(root, frame, band, value)`: a copy of the store at `root` with one stored value replaced, its file list
+  updated as an older preprocessing job (one that did not refuse non-finite frames) would have written it."""
+  import numpy as np
+  import tensorstore as ts
+  from dem_jax import features as features_lib
+
+  def copy(root, frame, band, value):
+    out = str(tmp_path / f'store_{frame}_{band}')
+    shutil.copytree(root, out)
+    array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(out, 'features.zarr')}},
+                    read=True, write=True).result()
+    array[frame, band].write(np.float16(value)).result()
+    info_path = os.path.join(out, 'features.json')
+    with open(info_path) as f:
+      info = json.load(f)
+    info['store_files'] = features_lib.store_files(out)
+    with open(info_path, 'w') as f:
+      json.dump(info, f)
+    return out
+  return copy

@@ -1,10 +1,15 @@
 import collections
 import dataclasses
+import json
+import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 
+from dem_jax import features as features_lib
 from dem_jax import input_pipeline
 from dem_jax.features import open_features
 from dem_jax.parallel import DataParallel
@@ -212,22 +217,55 @@ def test_one_session_only_fails_with_the_fix(feats):
     TripletSampler(clips, tile_frames=300, neighbour_frames=100)
 
 
-def test_packing_refuses_non_finite_frames_naming_the_clip(feats, monkeypatch):
+@pytest.mark.parametrize('value', [np.inf, -np.inf, np.nan])
+def test_packing_refuses_non_finite_frames_naming_the_clip(feats, store_with_value, value):
   s = make(feats)
   victim = s.timelines[3].clips[-1]
-  real = feats.read_stored
-
-  class Poisoned:
-    def __init__(self, future, offset, count):
-      self.future, self.offset, self.count = future, offset, count
-
-    def result(self):
-      frames = np.array(self.future.result())
-      row = victim.frame_offset + 7 - self.offset
-      if 0 <= row < self.count:
-        frames[row, 5] = np.inf
-      return frames
-
-  monkeypatch.setattr(feats, 'read_stored', lambda offset, count: Poisoned(real(offset, count), offset, count))
+  damaged = open_features(store_with_value(feats.root, victim.frame_offset + 7, 5, value))
   with pytest.raises(input_pipeline.StoreError, match=f'clip {victim.clip_id} .*non-finite'):
-    input_pipeline.pack_timelines(feats, s)
+    input_pipeline.pack_timelines(damaged, s)
+
+
+def test_packing_reads_straight_into_the_packed_array_in_pieces(feats, monkeypatch):
+  """Clips that lie next to each other in the store are read together, in pieces of at most READ_PIECE_BYTES, each
+  into its rows of the packed array itself: never the whole split into a temporary (which doubled packing's memory)."""
+  s = make(feats)
+  monkeypatch.setattr(input_pipeline, 'READ_PIECE_BYTES', 600 * 2 * feats.n_mels)
+  seen = {}
+  real = input_pipeline.read_rows
+
+  def recording(array, reads, out, **kw):
+    seen['reads'], seen['out'] = list(reads), out
+    return real(array, seen['reads'], out, **kw)
+
+  monkeypatch.setattr(input_pipeline, 'read_rows', recording)
+  packed = input_pipeline.pack_timelines(feats, s)
+  assert seen['out'] is packed
+  counts = [count for _, count, _ in seen['reads']]
+  assert max(counts) == 600 and sum(counts) == s.total_frames
+  ends = {c.frame_offset + c.num_frames for c in feats.clips}
+  # Some read runs past the end of the clip it starts in: neighbouring clips were merged before cutting.
+  assert any(any(offset < e < offset + count for e in ends) for offset, count, _ in seen['reads'])
+  for timeline, offset in zip(s.timelines[:4], s.tables.row_offset[:4]):
+    clip = timeline.clips[0]
+    np.testing.assert_array_equal(packed[int(offset):int(offset) + clip.num_frames],
+                                  np.asarray(feats.read_stored(clip.frame_offset, clip.num_frames).result()))
+
+
+def test_a_float32_store_packs_to_the_float16_of_its_values(feats, tmp_path):
+  root = str(tmp_path / 'float32')
+  shutil.copytree(feats.root, root, ignore=shutil.ignore_patterns('features.zarr'))
+  stored = np.asarray(feats.open_array().read().result())
+  spec = features_lib.array_spec(os.path.join(root, 'features.zarr'), num_frames=len(stored), n_mels=feats.n_mels,
+                                 dtype='float32', chunk_frames=256, shard_frames=4096, compression='zstd')
+  ts.open(spec, create=True).result().write(stored.astype(np.float32) + np.float32(1e-4)).result()
+  with open(os.path.join(root, 'features.json')) as f:
+    info = json.load(f)
+  info['store_files'] = features_lib.store_files(root)
+  with open(os.path.join(root, 'features.json'), 'w') as f:
+    json.dump(info, f)
+  s = make(feats)
+  packed = input_pipeline.pack_timelines(open_features(root), s)
+  expected = input_pipeline.pack_timelines(feats, s).astype(np.float32) + np.float32(1e-4)
+  assert packed.dtype == np.float16
+  np.testing.assert_array_equal(packed, expected.astype(np.float16))
