@@ -103,8 +103,9 @@ def all_finite(tree: Any) -> bool:
 def _failure_reports_held_back():
   """While orbax saves: its threads log a failed write with a traceback each, and its event loops' teardown prints
   one more ('Event loop is closed', raised in a late callback); `Checkpointer.save` reports a failure once itself,
-  so these are dropped when the save raises, and let through when it returns. The late callbacks can come after
-  the save raised, so after a failure the hook that drops them stays."""
+  so these are dropped when the save raises, and let through when it returns. Orbax's threads can still report the
+  failed write after the save raised (a late log record, an unraisable exception at exit), so after a failure the
+  filter and the hook that drop them stay."""
   held = []
 
   class Hold(logging.Filter):
@@ -115,20 +116,23 @@ def _failure_reports_held_back():
         return False
       return True
 
-  def drop_closed_loop(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value)):
+  def drop_reported(unraisable):
+    e = unraisable.exc_value
+    closed_loop = isinstance(e, RuntimeError) and 'Event loop is closed' in str(e)
+    failed_write = isinstance(e, ValueError) and _save_error(e, '') is not None
+    if not (closed_loop or failed_write):
       previous_hook(unraisable)
 
   logger, hold, previous_hook = logging.getLogger('absl'), Hold(), sys.unraisablehook  # orbax logs through absl.
   logger.addFilter(hold)
-  sys.unraisablehook = drop_closed_loop
+  sys.unraisablehook = drop_reported
   failed = True
   try:
     yield
     failed = False
   finally:
-    logger.removeFilter(hold)
     if not failed:
+      logger.removeFilter(hold)
       sys.unraisablehook = previous_hook
       for record in held:
         logger.handle(record)
