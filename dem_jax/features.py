@@ -102,6 +102,9 @@ def array_spec(path: str, *, num_frames: int, n_mels: int, dtype: str, chunk_fra
   return {
       'driver': 'zarr3',
       'kvstore': {'driver': 'file', 'path': path},
+      # Every chunk written, zeros too: a chunk missing from its shard is then damage, which the streamed reader
+      # refuses (it reads with fill_missing_data_reads=False).
+      'store_data_equal_to_fill_value': True,
       'metadata': {
           'shape': [num_frames, n_mels],
           'data_type': dtype,

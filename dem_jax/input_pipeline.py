@@ -54,8 +54,10 @@ def pack_timelines(features: Features, sampler: TripletSampler) -> np.ndarray:
   out = np.empty((sampler.total_frames, features.n_mels), np.float16)
   reads = contiguous_reads((clip for timeline in sampler.timelines for clip in timeline.clips), 0,
                            piece_frames=max(1, READ_PIECE_BYTES // (2 * features.n_mels)))
-  # No chunk cache (every frame is read once), and a lost shard is an error, not zeros.
-  array = features.open_array(context=store_context(0), fill_missing=False)
+  # No chunk cache: every frame is read once. Local stores had every shard file checked at open; within a shard,
+  # tensorstore leaves out chunks equal to the fill value (zeros), which must read as zeros. A remote store's lost
+  # shard is an error instead (never zeros).
+  array = features.open_array(context=store_context(0), fill_missing=not features.remote)
   read_rows(array, reads, out, store=features.root,
             landed=lambda offset, frames: refuse_non_finite(features, offset, frames))
   return out

@@ -269,3 +269,17 @@ def test_a_float32_store_packs_to_the_float16_of_its_values(feats, tmp_path):
   expected = input_pipeline.pack_timelines(feats, s).astype(np.float32) + np.float32(1e-4)
   assert packed.dtype == np.float16
   np.testing.assert_array_equal(packed, expected.astype(np.float16))
+
+
+def test_a_chunk_of_zeros_is_stored_so_strict_reads_find_it(tmp_path):
+  """Stores are read with fill_missing_data_reads=False (a missing chunk is damage); tensorstore would otherwise leave
+  out a chunk equal to the fill value, and a strict read of silence would fail."""
+  path = str(tmp_path / 'zarr')
+  spec = features_lib.array_spec(path, num_frames=2048, n_mels=4, dtype='float16', chunk_frames=512,
+                                 shard_frames=2048, compression='zstd')
+  frames = np.ones((2048, 4), np.float16)
+  frames[512:1024] = 0
+  ts.open(spec, create=True).result().write(frames).result()
+  strict = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': path}, 'fill_missing_data_reads': False},
+                   read=True).result()
+  np.testing.assert_array_equal(strict.read().result(), frames)
