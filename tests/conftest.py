@@ -81,7 +81,6 @@ def store_with_value(tmp_path):
   updated as an older preprocessing job (one that did not refuse non-finite frames) would have written it."""
   import numpy as np
   import tensorstore as ts
-  from dem_jax import features as features_lib
 
   def copy(root, frame, band, value):
     out = str(tmp_path / f'store_{frame}_{band}')
@@ -89,11 +88,17 @@ def store_with_value(tmp_path):
     array = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(out, 'features.zarr')}},
                     read=True, write=True).result()
     array[frame, band].write(np.float16(value)).result()
-    info_path = os.path.join(out, 'features.json')
-    with open(info_path) as f:
-      info = json.load(f)
-    info['store_files'] = features_lib.store_files(out)
-    with open(info_path, 'w') as f:
-      json.dump(info, f)
+    record_store_files(out)
     return out
   return copy
+
+
+def record_store_files(root):
+  """Rewrites the file list in root/features.json after a test changed the store's files, as if written so."""
+  from dem_jax import features as features_lib
+  info_path = os.path.join(root, 'features.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  info['store_files'] = features_lib.store_files(root)
+  with open(info_path, 'w') as f:
+    json.dump(info, f)

@@ -1,6 +1,5 @@
 import collections
 import dataclasses
-import json
 import os
 import shutil
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from conftest import record_store_files
 from dem_jax import features as features_lib
 from dem_jax import input_pipeline
 from dem_jax.features import open_features
@@ -259,11 +259,7 @@ def test_a_float32_store_packs_to_the_float16_of_its_values(feats, tmp_path):
   spec = features_lib.array_spec(os.path.join(root, 'features.zarr'), num_frames=len(stored), n_mels=feats.n_mels,
                                  dtype='float32', chunk_frames=256, shard_frames=4096, compression='zstd')
   ts.open(spec, create=True).result().write(stored.astype(np.float32) + np.float32(1e-4)).result()
-  with open(os.path.join(root, 'features.json')) as f:
-    info = json.load(f)
-  info['store_files'] = features_lib.store_files(root)
-  with open(os.path.join(root, 'features.json'), 'w') as f:
-    json.dump(info, f)
+  record_store_files(root)
   s = make(feats)
   packed = input_pipeline.pack_timelines(open_features(root), s)
   expected = input_pipeline.pack_timelines(feats, s).astype(np.float32) + np.float32(1e-4)
