@@ -92,6 +92,24 @@ def test_speech_build_splits_by_passage_and_no_test_sentence_is_heard_in_trainin
   assert np.sqrt(np.mean(audio ** 2)) == pytest.approx(qd.TARGET_RMS, rel=1e-3)
 
 
+def test_every_speech_file_is_heard_through_a_recording_chain_of_its_own():
+  t = np.arange(2 * RATE) / RATE
+  voice = (0.1 * np.sin(2 * np.pi * 150 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+  first = qp.recorded(voice, 'en_kal/en-000.wav')
+  assert first.dtype == np.float32 and first.shape == voice.shape and np.isfinite(first).all()
+  np.testing.assert_array_equal(first, qp.recorded(voice, 'en_kal/en-000.wav'))  # the file's name draws its chain
+  other = qp.recorded(voice, 'en_kal/en-001.wav')
+
+  def band_db(x):  # level in 16 bands of 500 Hz, relative to the file's total
+    power = np.abs(np.fft.rfft(x)) ** 2
+    bands = np.array([b.sum() for b in np.array_split(power[:-1], 16)])
+    return 10 * np.log10(bands / bands.sum() + 1e-12)
+
+  # Another file of the same voice sounds through another microphone, room and noise.
+  assert np.abs(band_db(first) - band_db(other)).max() > 6
+  assert 0.3 < np.corrcoef(first, voice)[0, 1] < 0.99
+
+
 def test_speech_passages_scale_with_the_minutes_asked_for():
   assert qp.passages_per_language(60) * len(qp.VOICES) * qp.ITEM_SECONDS == pytest.approx(3600, rel=0.05)
   assert qp.passages_per_language(10) < qp.passages_per_language(60)
@@ -248,7 +266,8 @@ def fake_suite(monkeypatch, tmp_path, missing: dict[str, list[str]]):
   monkeypatch.setattr(quality, 'train', fake_train)
   monkeypatch.setattr(quality, '_run', evaluate)
   monkeypatch.setattr(suite, 'nmi_over_kmeans_seeds', lambda workdir, features_dir: {
-      rep: 0.3 + 0.1 * order.index(os.path.basename(workdir)) for rep in suite.REPRESENTATIONS})
+      rep: 0.3 + 0.1 * order.index(os.path.basename(workdir)) + (0.1 if 'seed_1' in workdir else 0.0)
+      for rep in suite.REPRESENTATIONS})
 
 
 def test_suite_prints_every_task_and_the_average_as_json(tmp_path, monkeypatch, capsys):
@@ -288,8 +307,31 @@ def test_a_task_without_its_packages_is_skipped_in_one_line_and_left_out_of_the_
   assert 'Average over instruments, sounds:' in lines
 
 
+def test_the_suite_over_training_seeds_gives_each_figure_mean_and_spread(tmp_path, monkeypatch, capsys):
+  fake_suite(monkeypatch, tmp_path, missing={})
+  trained = []
+  fake_train = quality.train
+  monkeypatch.setattr(quality, 'train', lambda flags, overrides, features_dir, workdir: (
+      trained.append((overrides[-1], os.path.relpath(workdir, tmp_path / 'runs'))),
+      fake_train(flags, overrides, features_dir, workdir))[1])
+  argv = ['--suite', '--seeds=0,1', f'--data_dir={tmp_path}', f'--workdir={tmp_path / "runs"}']
+  quality.main(argv)
+  # Seed by seed, every task in each.
+  assert trained == [(f'--config.seed={seed}', f'seed_{seed}/{task}') for seed in (0, 1) for task in suite.TASKS]
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out['seeds'] == [0, 1] and list(out['runs']['sounds']) == ['0', '1']
+  # NMI is 0.3 + 0.1 * task (+0.1 for seed 1): per task the mean and sd over the seeds, and the average's sd is
+  # that of each seed's average.
+  assert out['tasks']['instruments']['model']['nmi'] == pytest.approx(0.35)
+  assert out['spread']['instruments']['model']['nmi'] == pytest.approx(0.1 / np.sqrt(2))
+  assert out['tasks']['instruments']['model']['tile_f1'] == pytest.approx(0.5)
+  assert out['spread']['instruments']['model']['tile_f1'] == pytest.approx(0.0)
+  assert out['average']['model']['nmi'] == pytest.approx(0.45)
+  assert out['spread']['average']['model']['nmi'] == pytest.approx(0.1 / np.sqrt(2))
+
+
 @pytest.mark.parametrize('argv', [['--tasks=speakers'], ['--export_hear=/tmp/x'], ['--suite_minutes=5'],
-                                  ['--suite', '--seeds=0,1'], ['--suite', '--suite_minutes=0']])
+                                  ['--suite', '--seeds=0'], ['--suite', '--suite_minutes=0']])
 def test_suite_flags_are_refused_where_they_mean_nothing(argv):
   with pytest.raises(SystemExit):
     quality.parse_flags(argv)
@@ -316,3 +358,23 @@ def test_a_smaller_instrument_set_is_built_from_a_share_of_the_tunes_in_a_cache_
   assert suite.task_dirs('D', 'instruments', 60.0) == (os.path.join('D', 'data'), os.path.join('D', 'features'))
   assert suite.task_dirs('D', 'instruments', 20.0)[0] == os.path.join('D', 'suite', 'instruments-20min', 'data')
   assert suite.task_dirs('D', 'sounds', 60.0)[1] == os.path.join('D', 'suite', 'sounds', 'features')
+
+
+def test_features_are_made_again_when_the_set_under_them_was_built_again(tmp_path, monkeypatch):
+  data_root, features_dir = tmp_path / 'data', tmp_path / 'features'
+  data_root.mkdir()
+  runs = []
+
+  def fake_preprocess(cmd, what):
+    runs.append(cmd)
+    features_dir.mkdir()
+    (features_dir / 'features.json').write_text(str(len(runs)))
+
+  monkeypatch.setattr(quality, '_run', fake_preprocess)
+  (data_root / 'build.json').write_text('{"settings": {"version": 2}}')
+  quality.preprocess(str(data_root), str(features_dir))
+  quality.preprocess(str(data_root), str(features_dir))
+  assert len(runs) == 1  # the same build: the features are kept
+  (data_root / 'build.json').write_text('{"settings": {"version": 3}}')
+  quality.preprocess(str(data_root), str(features_dir))
+  assert len(runs) == 2 and (features_dir / 'features.json').read_text() == '2'

@@ -29,6 +29,7 @@ budget, it runs for the first seed only, and the other seeds train for the same 
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -92,8 +93,6 @@ def parse_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.error('--seeds and --config.seed both set the training seed; give one of them')
   if not flags.suite and (flags.tasks or flags.suite_minutes is not None or flags.export_hear):
     p.error('--tasks, --suite_minutes and --export_hear belong to the suite; add --suite')
-  if flags.suite and flags.seeds:
-    p.error('--suite runs one training seed per task; drop --seeds (or use --config.seed=N)')
   if flags.suite_minutes is not None and flags.suite_minutes <= 0:
     p.error(f'--suite_minutes={flags.suite_minutes} must be positive')
   return flags, rest
@@ -115,12 +114,24 @@ def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tup
   return built, features_dir
 
 
+SET_STAMP = 'set.sha256'  # In a features dir: the sha256 of the build.json of the set it was made from.
+
+
 def preprocess(data_root: str, features_dir: str, *, num_workers: int = 1) -> None:
-  """The features of a built set (DATA_ROOT/audio, DATA_ROOT/split.csv) in features_dir, unless already there."""
-  if not os.path.exists(os.path.join(features_dir, 'features.json')):
-    _run([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
-          f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
-          f'--num_workers={num_workers}', '--strict'], 'preprocessing')
+  """The features of a built set (DATA_ROOT/audio, DATA_ROOT/split.csv) in features_dir, unless made from this very
+  build already; features of an earlier build of the set (other settings, another version) are made again."""
+  with open(os.path.join(data_root, 'build.json'), 'rb') as f:
+    stamp = hashlib.sha256(f.read()).hexdigest()
+  stamp_path = os.path.join(features_dir, SET_STAMP)
+  if os.path.exists(os.path.join(features_dir, 'features.json')):
+    if os.path.exists(stamp_path) and pathlib.Path(stamp_path).read_text().strip() == stamp:
+      return
+    print(f'{features_dir} holds the features of another build of {data_root}; preprocessing again', flush=True)
+  shutil.rmtree(features_dir, ignore_errors=True)
+  _run([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
+        f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
+        f'--num_workers={num_workers}', '--strict'], 'preprocessing')
+  pathlib.Path(stamp_path).write_text(stamp + '\n')
 
 
 def config_has_train_minutes(config_arg: str) -> bool:

@@ -11,7 +11,9 @@ A passage is one fortune of PASSAGE_CHARS characters, chosen in a fixed order (b
 sentence is in two passages; every voice of the passage's language speaks it (cut to ITEM_SECONDS, at a fixed
 loudness). The label is the voice; the group is the passage, and the split is by passage, the same passages on the
 test side for every voice of a language: no sentence of the test split is ever spoken in training, and within a
-language only the voice tells the classes apart. On disk: `<root>/audio/<voice>/<passage>.wav` and
+language only the voice tells the classes apart. Each file is then heard as if recorded apart from the others
+(`recorded`): its own microphone colouring, band limits, room and background noise, drawn from the file's name, so
+that the channel is no cue to the voice and a voice's spectrum is not the same from file to file. On disk: `<root>/audio/<voice>/<passage>.wav` and
 `<root>/split.csv` (file, split, group, language).
 """
 
@@ -37,8 +39,13 @@ SAMPLE_RATE = 16000
 ITEM_SECONDS = 10.0
 PASSAGE_CHARS = (150, 320)  # A passage this long takes about 10-20 s to speak.
 TEST_FRACTION = 0.3
-VERSION = 2  # Bump when the rendering changes, so that cached sets are rebuilt.
+VERSION = 3  # Bump when the rendering changes, so that cached sets are rebuilt.
 DEFAULT_MINUTES = 60.0
+# The recording conditions, one draw per file (`recorded`): a smooth gain curve of up to +-CONDITION['eq_db'] over
+# the Mel scale, a high-pass and a low-pass edge drawn within their ranges (Hz), a room of reverberation time
+# drawn within `rt60` (s), and coloured noise at a signal-to-noise ratio drawn within `snr_db`.
+CONDITION = {'eq_db': 10.0, 'eq_points': 7, 'high_pass': (50.0, 400.0), 'low_pass': (3500.0, 8000.0),
+             'rt60': (0.2, 0.8), 'snr_db': (5.0, 25.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,11 +175,37 @@ class FestivalRenderer:
     return audio.mean(axis=1)
 
 
+def recorded(audio: np.ndarray, key: str, rate: int = SAMPLE_RATE, condition: dict = CONDITION) -> np.ndarray:
+  """`audio` as heard through a recording chain of its own, drawn from `key` (the file's name): the same key gives
+  the same chain. Same length, float32; the loudness is set afterwards."""
+  rng = np.random.default_rng(zlib.crc32(key.encode()))
+  n = len(audio)
+  freqs = np.fft.rfftfreq(n, 1 / rate)
+  mels = 2595 * np.log10(1 + freqs / 700)
+  points = np.linspace(0, mels[-1], condition['eq_points'])
+  gain_db = np.interp(mels, points, rng.uniform(-1, 1, len(points)) * condition['eq_db'])
+  high, low = rng.uniform(*condition['high_pass']), rng.uniform(*condition['low_pass'])
+  gain_db -= 30 * np.clip((high - freqs) / 100, 0, 1) + 40 * np.clip((freqs - low) / 500, 0, 1)
+  out = np.fft.irfft(np.fft.rfft(audio.astype(np.float64)) * 10 ** (gain_db / 20), n)
+  # A room: exponentially decaying noise (-60 dB at rt60) after a direct path of its own strength.
+  rt60 = rng.uniform(*condition['rt60'])
+  t = np.arange(int(rt60 * rate)) / rate
+  response = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+  response[0] = rng.uniform(1, 4) * np.abs(response).max()
+  out = np.convolve(out, response)[:n]
+  # Noise whose power falls as 1/f^c above 50 Hz, c in [0, 2] (white to brown).
+  noise = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) / (np.maximum(freqs, 50) / 50) ** rng.uniform(0, 1), n)
+  snr_db = rng.uniform(*condition['snr_db'])
+  out += noise * np.sqrt(np.mean(out ** 2) / max(np.mean(noise ** 2), 1e-20)) * 10 ** (-snr_db / 20)
+  return out.astype(np.float32)
+
+
 def settings(minutes: float = DEFAULT_MINUTES) -> dict:
   return {'version': VERSION, 'sample_rate': SAMPLE_RATE, 'item_seconds': ITEM_SECONDS,
           'passage_chars': list(PASSAGE_CHARS), 'test_fraction': TEST_FRACTION,
           'passages_per_language': passages_per_language(minutes), 'target_rms': quality_data.TARGET_RMS,
-          'voices': [v.label for v in VOICES], 'texts': {k: list(v[1]) for k, v in TEXTS.items()}}
+          'voices': [v.label for v in VOICES], 'texts': {k: list(v[1]) for k, v in TEXTS.items()},
+          'condition': {k: list(v) if isinstance(v, tuple) else v for k, v in CONDITION.items()}}
 
 
 Renderer = Callable[[str, Voice], np.ndarray]
@@ -206,9 +239,10 @@ def build(root: str, *, minutes: float = DEFAULT_MINUTES, texts: dict[str, list[
     for voice in [v for v in voices if v.language == language]:
       os.makedirs(os.path.join(root, 'audio', voice.label), exist_ok=True)
       for name, text in zip(names, passages):
-        audio = render(text, voice)[:int(config['item_seconds'] * config['sample_rate'])]
-        audio = quality_data.at_loudness(audio, config['target_rms'])
         file = f'{voice.label}/{name}.wav'
+        audio = render(text, voice)[:int(config['item_seconds'] * config['sample_rate'])]
+        audio = recorded(audio, file, config['sample_rate'], config['condition'])
+        audio = quality_data.at_loudness(audio, config['target_rms'])
         soundfile.write(os.path.join(root, 'audio', file), audio, config['sample_rate'], subtype='PCM_16')
         seconds += len(audio) / config['sample_rate']
         rows.append({'file': file, 'split': 'test' if name in test else 'train', 'group': name,

@@ -22,6 +22,11 @@ random-init baselines) it prints tile and clip macro F1 of the linear probe, NMI
 {"tasks": {TASK: {REP: {tile_f1, clip_f1, nmi, p_at_5}}}, "average": {REP: {...}}, "tasks_averaged": [...],
 "skipped": {TASK: why}, "datasets": {...}, "runs": {...}}. A finished task leaves its figures in WORKDIR/<task>
 (quality.json), so the same command started again after a kill keeps them and goes on with the rest.
+
+A recipe is judged over training seeds: `--seeds=0,1,2` runs the whole suite once per seed (WORKDIR/seed_N/<task>,
+`--config.seed=N`), seed by seed, then prints per task and on average the mean and standard deviation over the
+seeds; the JSON's "tasks" and "average" hold the means, "spread" the standard deviations (for "average": of each
+seed's average over the tasks), and "runs" each seed's run per task.
 """
 
 from __future__ import annotations
@@ -158,6 +163,14 @@ def selected_tasks(names: str) -> list[str]:
   return tasks
 
 
+def combined(records: list[dict]) -> tuple[dict, dict]:
+  """({rep: {figure: mean}}, {rep: {figure: sd}}) over one task's runs (one per training seed)."""
+  reps = [r for r in REPRESENTATIONS if all(r in record['figures'] for record in records)]
+  values = {rep: {fig: [record['figures'][rep][fig] for record in records] for fig in FIGURES} for rep in reps}
+  return ({rep: {fig: statistics.fmean(v) for fig, v in row.items()} for rep, row in values.items()},
+          {rep: {fig: statistics.stdev(v) for fig, v in row.items()} for rep, row in values.items()})
+
+
 def main(flags: argparse.Namespace, overrides: list[str]) -> None:
   minutes = DEFAULT_MINUTES if flags.suite_minutes is None else flags.suite_minutes
   try:
@@ -166,7 +179,7 @@ def main(flags: argparse.Namespace, overrides: list[str]) -> None:
     sys.exit(f'bench quality --suite: {e}')
   workdir = os.path.abspath(flags.workdir or os.path.join(flags.data_dir, 'runs',
                                                           'suite-' + time.strftime('%Y%m%d-%H%M%S')))
-  datasets, skipped, results, runs, exported = {}, {}, {}, {}, {}
+  datasets, skipped, exported, labels = {}, {}, {}, {}
   for task in tasks:
     data_root, features_dir = task_dirs(flags.data_dir, task, minutes)
     try:
@@ -179,36 +192,73 @@ def main(flags: argparse.Namespace, overrides: list[str]) -> None:
       sys.exit(f'bench quality --suite: task {task}: {e}')
     try:
       quality.preprocess(data_root, features_dir, num_workers=flags.num_workers)
-      datasets[task] = {'what': TASKS[task].what, 'labels': built['labels'], 'files': built['files'],
-                        'audio_minutes': round(built['audio_seconds'] / 60, 1), 'data_root': data_root,
-                        'features_dir': features_dir}
-      if flags.export_hear:
-        exported[task] = hear_export.export_task(task, data_root, flags.export_hear,
-                                                 version=f'v{built["settings"]["version"]}')
-      if flags.build_only:
-        continue
-      task_workdir = os.path.join(workdir, task)
-      record = finished_or_cleared(flags, overrides, features_dir, task_workdir)
-      if record is not None:
-        print(f'task {task}: the finished run in {task_workdir} is kept', flush=True)
-      else:
-        record = run_task(flags, overrides, features_dir, task_workdir)
-    except (quality.QualityBenchError, quality_data.QualityDataError) as e:
+    except quality.QualityBenchError as e:
       sys.exit(f'bench quality --suite: task {task}: {e}')
-    results[task], runs[task] = record['figures'], {k: v for k, v in record.items() if k != 'figures'}
-    print(f'task {task} ({datasets[task]["audio_minutes"]} min of audio, {len(built["labels"])} classes; NMI: median '
-          f'over k-Means seeds 0-{KMEANS_SEEDS[-1]}):')
-    print(quality.format_table(results[task]))
+    datasets[task] = {'what': TASKS[task].what, 'labels': built['labels'], 'files': built['files'],
+                      'audio_minutes': round(built['audio_seconds'] / 60, 1), 'data_root': data_root,
+                      'features_dir': features_dir}
+    labels[task] = built['labels']
+    if flags.export_hear:
+      exported[task] = hear_export.export_task(task, data_root, flags.export_hear,
+                                               version=f'v{built["settings"]["version"]}')
   head = {'benchmark': 'quality_suite', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
           'suite_minutes': minutes}
   if flags.build_only:
     print(json.dumps({**head, 'datasets': datasets, 'skipped': skipped, 'hear_tasks': exported}))
     return
-  mean = average(results)
+
+  # Seed by seed, every task: a kill leaves whole suites behind it, and each finished run is kept.
+  seeds = flags.seeds or [None]
+  records: dict[str, list[dict]] = {task: [] for task in datasets}
+  for seed in seeds:
+    seed_overrides = overrides + ([] if seed is None else [f'--config.seed={seed}'])
+    for task in datasets:
+      features_dir = datasets[task]['features_dir']
+      task_workdir = os.path.join(workdir, *([] if seed is None else [f'seed_{seed}']), task)
+      try:
+        record = finished_or_cleared(flags, seed_overrides, features_dir, task_workdir)
+        if record is not None:
+          print(f'task {task}: the finished run in {task_workdir} is kept', flush=True)
+        else:
+          record = run_task(flags, seed_overrides, features_dir, task_workdir)
+      except (quality.QualityBenchError, quality_data.QualityDataError) as e:
+        sys.exit(f'bench quality --suite: task {task}: {e}')
+      records[task].append(record)
+      print(f'task {task}{"" if seed is None else f", training seed {seed}"} ({datasets[task]["audio_minutes"]} min '
+            f'of audio, {len(labels[task])} classes; NMI: median over k-Means seeds 0-{KMEANS_SEEDS[-1]}):')
+      print(quality.format_table(record['figures']))
+
+  def run_fields(record):
+    return {k: v for k, v in record.items() if k != 'figures'}
+
+  if seeds == [None]:
+    results = {task: recs[0]['figures'] for task, recs in records.items()}
+    runs = {task: run_fields(recs[0]) for task, recs in records.items()}
+    mean, extra = average(results), {}
+  else:
+    results, spread = {}, {}
+    for task, recs in records.items():
+      results[task], spread[task] = combined(recs)
+      print(f'task {task} over training seeds {",".join(map(str, seeds))} (mean +- sd):')
+      print(format_mean_sd(results[task], spread[task]))
+    runs = {task: {str(seed): run_fields(r) for seed, r in zip(seeds, recs)} for task, recs in records.items()}
+    mean = average(results)
+    # The average's spread: the sd over training seeds of each seed's average over the tasks.
+    per_seed = [average({task: recs[i]['figures'] for task, recs in records.items()}) for i in range(len(seeds))]
+    if mean:
+      spread['average'] = {rep: {fig: statistics.stdev(a[rep][fig] for a in per_seed) for fig in FIGURES}
+                           for rep in mean}
+    extra = {'seeds': seeds, 'spread': spread}
   if mean:
-    print(f'Average over {", ".join(results)}:')
-    print(quality.format_table(mean))
+    print(f'Average over {", ".join(results)}' + ('' if seeds == [None] else ' (mean +- sd over training seeds)') + ':')
+    print(quality.format_table(mean) if seeds == [None] else format_mean_sd(mean, extra['spread']['average']))
   else:
     print('No task ran; no average.')
-  print(json.dumps({**head, 'workdir': workdir, 'tasks': results, 'average': mean, 'tasks_averaged': list(results),
-                    'skipped': skipped, 'datasets': datasets, 'runs': runs, 'hear_tasks': exported}))
+  print(json.dumps({**head, 'workdir': workdir, **extra, 'tasks': results, 'average': mean,
+                    'tasks_averaged': list(results), 'skipped': skipped, 'datasets': datasets, 'runs': runs,
+                    'hear_tasks': exported}))
+
+
+def format_mean_sd(mean: dict[str, dict[str, float]], sd: dict[str, dict[str, float]]) -> str:
+  return quality.format_table({rep: {fig: (row[fig], sd[rep][fig]) for fig in row} for rep, row in mean.items()},
+                              cell=lambda v: f'{100 * v[0]:.1f} +- {100 * v[1]:.1f}')
