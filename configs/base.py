@@ -22,9 +22,11 @@ def get_config(arg=None):
   # Label-free tile augmentations (dem_jax/augment.py), off in the original: shifts of up to +-freq_shift mel
   # bands, up to a `mixup` fraction of another tile of the batch mixed in, a smooth gain curve of up to +-eq_db
   # decibels over the bands, a stretch of the time axis by up to 1 / (1 - time_stretch), and SpecAugment's masks of
-  # up to freq_mask bands and up to a time_mask fraction of the frames.
+  # up to freq_mask bands and up to a time_mask fraction of the frames, a room of reverberation time up to `reverb`
+  # seconds, and a low-pass edge in the top `low_pass` fraction of the bands.
   config.data.augment = ml_collections.ConfigDict({'freq_shift': 0, 'mixup': 0.0, 'eq_db': 0.0,
-                                                   'time_stretch': 0.0, 'freq_mask': 0, 'time_mask': 0.0})
+                                                   'time_stretch': 0.0, 'freq_mask': 0, 'time_mask': 0.0,
+                                                   'reverb': 0.0, 'low_pass': 0.0})
   # Where the packed float16 training split lives: 'device' (every local device holds it; the step cuts its own
   # tiles), 'host' (host memory, streamed two calls ahead), 'stream' (nothing packed: each process keeps a window
   # of at most resident_gb of its share of the recordings, turned over as it trains; distant tiles come from the

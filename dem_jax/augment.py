@@ -12,6 +12,11 @@ the loss rewards what survives the change:
 - `time_stretch`: a random stretch of the tile's time axis by 1 to 1 / (1 - time_stretch): a window of (1 - s) T
   to T frames at a random offset, resampled to T frames by linear interpolation. A slower tempo, with the
   spectrum as it was.
+- `reverb`: the tile as heard in a room of reverberation time up to `reverb` seconds: each frame's magnitude plus
+  a tail of the frames before it, fading by 60 dB over the drawn time, at a drawn level up to that of the direct
+  sound. Recordings of one source in two rooms.
+- `low_pass`: the bands above a cut-off, drawn in the top `low_pass` fraction of the bands, fall by 60 dB over 4
+  bands, no lower than the tile's quietest value: a microphone or a codec that drops the high end.
 - `freq_mask` / `time_mask`: SpecAugment's masks (Park et al. 2019): a run of up to `freq_mask` adjacent mel bands,
   and a run of up to a `time_mask` fraction of the frames, set to the tile's mean level. What one band or one
   moment holds can then be missing, so the loss rewards what the rest of the tile still says.
@@ -69,6 +74,32 @@ def stretch_time(tiles: jax.Array, lengths: jax.Array, offsets: jax.Array) -> ja
   return (before * (1 - frac) + after * frac).astype(tiles.dtype)
 
 
+LOW_PASS_SLOPE_BANDS = 4  # Bands over which `low_pass` falls by its full 60 dB.
+
+
+def reverberate(tiles: jax.Array, decay: jax.Array, level: jax.Array) -> jax.Array:
+  """tiles [B, T, M] (log magnitude) plus, in magnitude, level[b] times a tail of the earlier frames weighted by
+  decay[b] ** (lag in frames) and scaled so that a steady sound's tail equals level[b] times the sound."""
+  x = tiles.astype(jnp.float32)
+  top = jnp.max(x, axis=(1, 2), keepdims=True)  # magnitudes relative to the tile's loudest, so exp never overflows
+  magnitude = jnp.exp(x - top)
+  lag = jnp.arange(x.shape[1])[:, None] - jnp.arange(x.shape[1])[None, :]  # [T, T]: frame t hears frame s
+  d = decay.astype(jnp.float32)[:, None, None]
+  weights = jnp.where(lag[None] >= 1, d ** jnp.maximum(lag[None], 1), 0.0) * (1 - d)  # [B, T, T]
+  tail = jnp.einsum('bts,bsm->btm', weights, magnitude)
+  out = top + jnp.log(magnitude + level.astype(jnp.float32)[:, None, None] * tail)
+  return out.astype(tiles.dtype)
+
+
+def cut_high_bands(tiles: jax.Array, cutoffs: jax.Array) -> jax.Array:
+  """tiles [B, T, M] with the bands above cutoffs[b] (a fractional band) falling by 60 dB over LOW_PASS_SLOPE_BANDS
+  bands, no lower than tile b's quietest value."""
+  x = tiles.astype(jnp.float32)
+  above = jnp.clip((jnp.arange(x.shape[-1])[None, :] - cutoffs[:, None]) / LOW_PASS_SLOPE_BANDS, 0.0, 1.0)
+  floor = jnp.min(x, axis=(1, 2), keepdims=True)
+  return jnp.maximum(x - 60 * DB_TO_LOG * above[:, None, :], floor).astype(tiles.dtype)
+
+
 def mask_span(tiles: jax.Array, axis: int, starts: jax.Array, widths: jax.Array) -> jax.Array:
   """tiles [B, T, M] with positions starts[b] .. starts[b] + widths[b] - 1 along `axis` (1: frames, 2: bands) set to
   tile b's mean; a width of 0 leaves the tile as it was."""
@@ -88,23 +119,28 @@ def _draw_span(key, b: int, length: int, most: int) -> tuple[jax.Array, jax.Arra
 
 
 def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, time_stretch: float = 0.0,
-                 freq_mask: int = 0, time_mask: float = 0.0) -> Callable | None:
+                 freq_mask: int = 0, time_mask: float = 0.0, reverb: float = 0.0, low_pass: float = 0.0, *,
+                 frame_rate: float = 100.0) -> Callable | None:
   """`augment(batch, rng) -> batch` over the roles' [B, T, M] tiles, or None when all are off.
 
-  Raises ValueError, naming the setting, for a negative shift or gain, or a fraction outside [0, 1).
+  frame_rate: the tiles' frames per second (for `reverb`). Raises ValueError, naming the setting, for a negative
+  shift, gain or time, or a fraction outside [0, 1).
   """
   for name, bands, example in (('freq_shift', freq_shift, 4), ('freq_mask', freq_mask, 16)):
     if int(bands) != bands or bands < 0:
       raise ValueError(f'config.data.augment.{name}={bands} must be a whole number of mel bands >= 0 '
                        f'(0: off; e.g. {example}).')
   for name, fraction, example in (('mixup', mixup, 0.4), ('time_stretch', time_stretch, 0.2),
-                                  ('time_mask', time_mask, 0.2)):
+                                  ('time_mask', time_mask, 0.2), ('low_pass', low_pass, 0.4)):
     if not 0.0 <= fraction < 1.0:
       raise ValueError(f'config.data.augment.{name}={fraction} must lie in [0, 1) (0: off; e.g. {example}).')
   if not 0.0 <= eq_db < float('inf'):
     raise ValueError(f'config.data.augment.eq_db={eq_db} must be a finite number of decibels >= 0 (0: off; e.g. 6).')
+  if not 0.0 <= reverb < float('inf'):
+    raise ValueError(f'config.data.augment.reverb={reverb} must be a finite reverberation time in seconds >= 0 '
+                     '(0: off; e.g. 0.5).')
   freq_shift, freq_mask = int(freq_shift), int(freq_mask)
-  if not (freq_shift or mixup or eq_db or time_stretch or freq_mask or time_mask):
+  if not (freq_shift or mixup or eq_db or time_stretch or freq_mask or time_mask or reverb or low_pass):
     return None
 
   def augment(batch: dict, rng) -> dict:
@@ -114,11 +150,15 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, ti
       # The later settings' keys come from their own fold, so adding them leaves the first ones' draws as they were.
       k_eq, k_length, k_offset = jax.random.split(jax.random.fold_in(rng, 1000 + i), 3)
       k_band_mask, k_frame_mask = jax.random.split(jax.random.fold_in(rng, 2000 + i))
+      k_rt60, k_level, k_cutoff = jax.random.split(jax.random.fold_in(rng, 3000 + i), 3)
       b, t, m = tiles.shape
       if time_stretch:
         lengths = t * jax.random.uniform(k_length, (b,), minval=1.0 - time_stretch, maxval=1.0)
         offsets = jax.random.uniform(k_offset, (b,)) * (t - lengths)
         tiles = stretch_time(tiles, lengths, offsets)
+      if reverb:
+        rt60 = jax.random.uniform(k_rt60, (b,), minval=1e-3, maxval=reverb)
+        tiles = reverberate(tiles, 10.0 ** (-3.0 / (rt60 * frame_rate)), jax.random.uniform(k_level, (b,)))
       if mixup:
         amounts = jax.random.uniform(k_amount, (b,), maxval=mixup)
         # Another tile of the same role and batch: a rotation by 1..B-1, so never the tile itself.
@@ -128,6 +168,9 @@ def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, ti
         tiles = shift_bands(tiles, jax.random.randint(k_shift, (b,), -freq_shift, freq_shift + 1))
       if eq_db:
         tiles = equalise(tiles, jax.random.uniform(k_eq, (b, EQ_KNOTS), minval=-eq_db, maxval=eq_db))
+      if low_pass:
+        tiles = cut_high_bands(tiles, jax.random.uniform(k_cutoff, (b,), minval=(1.0 - low_pass) * (m - 1),
+                                                         maxval=m - 1.0))
       if freq_mask:
         tiles = mask_span(tiles, 2, *_draw_span(k_band_mask, b, m, min(freq_mask, m)))
       if time_mask:

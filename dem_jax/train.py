@@ -139,12 +139,12 @@ def _check_settings(config, workdir: str):
   if not features.select(features.train_splits(fold)):
     raise TrainingError(f'No training clips in {config.features_dir} for config.data.fold={config.data.fold}.')
   try:
-    augment_lib.make_augment(**config.data.get('augment', {}))
+    augment_lib.make_augment(**config.data.get('augment', {}), frame_rate=features.frame_rate)
   except ValueError as e:
     raise TrainingError(str(e)) from None
   except TypeError as e:
     raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db, '
-                        'time_stretch, freq_mask and time_mask.') from None
+                        'time_stretch, freq_mask, time_mask, reverb and low_pass.') from None
   try:  # The schedule is otherwise first read at the first step, after the run has written its files.
     step_lib.learning_rate_at(config.optimizer, 0, total_steps=1)
   except ValueError as e:
@@ -342,7 +342,7 @@ def _train(config, workdir: str, features) -> dict:
   model = models.create_model(config.model, band_mean=band_mean, band_std=band_std, axis_name=parallel.axis_name)
   optimizer = step_lib.make_optimizer(config.optimizer)
   loss_fn = losses.get_loss_fn(config.loss.name, **{k: v for k, v in config.loss.items() if k != 'name'})
-  augment = augment_lib.make_augment(**config.data.get('augment', {}))
+  augment = augment_lib.make_augment(**config.data.get('augment', {}), frame_rate=features.frame_rate)
   model_info = _fingerprint(config, features) | {
       'band_mean': band_mean.tolist(), 'band_std': band_std.tolist(), 'tile_seconds': config.data.tile_seconds,
       'labels': features.labels, 'dataset': features.dataset}

@@ -1,4 +1,5 @@
-"""The label-free tile augmentations: band shifts, mixing in power, gain curves, time stretches, their settings."""
+"""The label-free tile augmentations: band shifts, mixing in power, gain curves, time stretches, rooms, low-pass
+edges, their settings."""
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,47 @@ def test_stretch_time_resamples_a_window_to_the_tile_length():
   np.testing.assert_allclose(out[0], tiles[0], atol=1e-6)  # the whole tile: unchanged
   np.testing.assert_allclose(out[1, :, 0], np.linspace(2, 7, 11), atol=1e-5)  # frames 2..7 over 11 frames
   np.testing.assert_allclose(out[2, :, 1], np.linspace(7.5, 9.5, 11), atol=1e-5)  # between frames, interpolated
+
+
+def test_reverberate_adds_a_fading_tail_after_a_sound_and_nothing_before_it():
+  tiles = np.full((3, 12, 2), -20.0, np.float32)  # near silence, then one loud frame
+  tiles[:, 4] = 0.0
+  decay, level = jnp.array([0.5, 0.5, 0.5]), jnp.array([1.0, 0.0, 0.2])
+  out = np.asarray(augment.reverberate(jnp.asarray(tiles), decay, level))
+  silence = np.asarray(augment.reverberate(jnp.full((3, 12, 2), -20.0), decay, level))
+  np.testing.assert_allclose(out[:, :4], silence[:, :4], atol=1e-5)  # the frames before do not hear the sound
+  np.testing.assert_allclose(out[:, 4], 0.0, atol=1e-5)
+  np.testing.assert_allclose(out[1], tiles[1], atol=1e-5)  # level 0: no room
+  # After the sound, magnitude (1 - d) d^lag times the level: a straight fall of log(0.5) per frame.
+  np.testing.assert_allclose(out[0, 5:9, 0], np.log(0.5 * 0.5 ** np.arange(1, 5)), atol=1e-3)
+  assert out[2, 5, 0] == pytest.approx(np.log(0.2 * 0.25), abs=1e-3)
+  assert augment.reverberate(jnp.asarray(tiles, jnp.float16), jnp.full(3, 0.5), jnp.ones(3)).dtype == jnp.float16
+
+
+def test_cut_high_bands_drops_the_bands_above_the_edge_to_the_tiles_floor():
+  tiles = np.tile(np.linspace(-3.0, 3.0, 20, dtype=np.float32), (2, 4, 1))  # [2, 4, 20]
+  tiles[:, 0, 0] = -5.0  # the tile's quietest value
+  out = np.asarray(augment.cut_high_bands(jnp.asarray(tiles), jnp.array([10.0, 19.0])))
+  np.testing.assert_allclose(out[:, :, :11], tiles[:, :, :11])  # at and below the edge: unchanged
+  # From 4 bands above it: 60 dB down (x1/1000 in magnitude), held at the floor.
+  np.testing.assert_allclose(out[0, :, 14:], np.maximum(tiles[0, :, 14:] - np.log(1000.0), -5.0), rtol=1e-5)
+  assert (out[0, :, 14:] == -5.0).any() and (out[0, :, 14:] > -5.0).any()
+  assert (out[0, :, 11:14] < tiles[0, :, 11:14]).all()  # the slope between
+  np.testing.assert_allclose(out[1, :, :20], tiles[1, :, :20])  # an edge at the top band cuts nothing
+
+
+def test_rooms_and_low_pass_edges_are_drawn_per_tile():
+  fn = augment.make_augment(reverb=0.5, low_pass=0.4, frame_rate=100.0)
+  rng = np.random.default_rng(2)
+  batch = {r: jnp.asarray(rng.normal(-4, 2, size=(8, 50, 32)), jnp.float32) for r in ('anchor', 'neighbour')}
+  out = jax.jit(fn)(batch, jax.random.key(0))
+  for role in batch:
+    assert out[role].shape == batch[role].shape and np.isfinite(np.asarray(out[role])).all()
+    assert not np.array_equal(np.asarray(out[role]), np.asarray(batch[role]))
+  with pytest.raises(ValueError, match=r'config.data.augment.reverb=-1 must be a finite reverberation time'):
+    augment.make_augment(reverb=-1)
+  with pytest.raises(ValueError, match=r'config.data.augment.low_pass=1.0 must lie in \[0, 1\)'):
+    augment.make_augment(low_pass=1.0)
 
 
 def test_augment_draws_per_tile_and_role_and_repeats_with_the_key():

@@ -289,6 +289,13 @@ def test_suite_prints_every_task_and_the_average_as_json(tmp_path, monkeypatch, 
   monkeypatch.setattr(quality, 'train', lambda *a: pytest.fail('a finished task was trained again'))
   quality.main(argv)
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['average'] == out['average']
+  # A run on an earlier build of a task's set is not taken for one on the set as it is now.
+  features_dir = out['datasets']['speakers']['features_dir']
+  os.makedirs(features_dir, exist_ok=True)
+  with open(os.path.join(features_dir, quality.SET_STAMP), 'w', encoding='utf-8') as f:
+    f.write('another build\n')
+  with pytest.raises(SystemExit, match='task speakers: .* an earlier build of the set'):
+    quality.main(argv)
 
 
 def test_a_task_without_its_packages_is_skipped_in_one_line_and_left_out_of_the_average(tmp_path, monkeypatch,
