@@ -13,8 +13,8 @@ loudness). The label is the voice; the group is the passage, and the split is by
 test side for every voice of a language: no sentence of the test split is ever spoken in training, and within a
 language only the voice tells the classes apart. Each file is then heard as if recorded apart from the others
 (`recorded`): its own microphone colouring, band limits, room and background noise, drawn from the file's name, so
-that the channel is no cue to the voice and a voice's spectrum is not the same from file to file. On disk: `<root>/audio/<voice>/<passage>.wav` and
-`<root>/split.csv` (file, split, group, language).
+that the channel is no cue to the voice and a voice's spectrum is not the same from file to file. On disk:
+`<root>/audio/<voice>/<passage>.wav` and `<root>/split.csv` (file, split, group, language).
 """
 
 from __future__ import annotations

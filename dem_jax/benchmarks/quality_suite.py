@@ -122,7 +122,8 @@ def run_task(flags: argparse.Namespace, overrides: list[str], features_dir: str,
   figures = {rep: {'tile_f1': rows[rep]['tile_f1'], 'clip_f1': rows[rep]['clip_f1'], 'nmi': medians[rep],
                    'p_at_5': rows[rep]['p_at_5']} for rep in REPRESENTATIONS if rep in rows}
   record = {'config': flags.config, 'minutes': flags.minutes, 'overrides': overrides, 'features_dir': features_dir,
-            'set_sha256': set_stamp(features_dir), **run, 'nmi_kmeans_seed_0': {rep: rows[rep]['nmi'] for rep in figures}, 'figures': figures}
+            'set_sha256': set_stamp(features_dir), **run,
+            'nmi_kmeans_seed_0': {rep: rows[rep]['nmi'] for rep in figures}, 'figures': figures}
   tmp = os.path.join(workdir, quality.RUN_RECORD + '.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(record, f)
@@ -191,7 +192,7 @@ def main(flags: argparse.Namespace, overrides: list[str]) -> None:
     sys.exit(f'bench quality --suite: {e}')
   workdir = os.path.abspath(flags.workdir or os.path.join(flags.data_dir, 'runs',
                                                           'suite-' + time.strftime('%Y%m%d-%H%M%S')))
-  datasets, skipped, exported, labels = {}, {}, {}, {}
+  datasets, skipped, exported = {}, {}, {}
   for task in tasks:
     data_root, features_dir = task_dirs(flags.data_dir, task, minutes)
     try:
@@ -204,15 +205,14 @@ def main(flags: argparse.Namespace, overrides: list[str]) -> None:
       sys.exit(f'bench quality --suite: task {task}: {e}')
     try:
       quality.preprocess(data_root, features_dir, num_workers=flags.num_workers)
-    except quality.QualityBenchError as e:
+      if flags.export_hear:
+        exported[task] = hear_export.export_task(task, data_root, flags.export_hear,
+                                                 version=f'v{built["settings"]["version"]}')
+    except (quality.QualityBenchError, quality_data.QualityDataError) as e:
       sys.exit(f'bench quality --suite: task {task}: {e}')
     datasets[task] = {'what': TASKS[task].what, 'labels': built['labels'], 'files': built['files'],
                       'audio_minutes': round(built['audio_seconds'] / 60, 1), 'data_root': data_root,
                       'features_dir': features_dir}
-    labels[task] = built['labels']
-    if flags.export_hear:
-      exported[task] = hear_export.export_task(task, data_root, flags.export_hear,
-                                               version=f'v{built["settings"]["version"]}')
   head = {'benchmark': 'quality_suite', 'config': flags.config, 'overrides': overrides, 'minutes': flags.minutes,
           'suite_minutes': minutes}
   if flags.build_only:
@@ -237,7 +237,7 @@ def main(flags: argparse.Namespace, overrides: list[str]) -> None:
         sys.exit(f'bench quality --suite: task {task}: {e}')
       records[task].append(record)
       print(f'task {task}{"" if seed is None else f", training seed {seed}"} ({datasets[task]["audio_minutes"]} min '
-            f'of audio, {len(labels[task])} classes; NMI: median over k-Means seeds 0-{KMEANS_SEEDS[-1]}):')
+            f'of audio, {len(datasets[task]["labels"])} classes; NMI: median over k-Means seeds 0-{KMEANS_SEEDS[-1]}):')
       print(quality.format_table(record['figures']))
 
   def run_fields(record):
