@@ -118,6 +118,9 @@ def _draw_span(key, b: int, length: int, most: int) -> tuple[jax.Array, jax.Arra
   return starts, widths
 
 
+SETTINGS = ('freq_shift', 'mixup', 'eq_db', 'time_stretch', 'freq_mask', 'time_mask', 'reverb', 'low_pass')
+
+
 def make_augment(freq_shift: int = 0, mixup: float = 0.0, eq_db: float = 0.0, time_stretch: float = 0.0,
                  freq_mask: int = 0, time_mask: float = 0.0, reverb: float = 0.0, low_pass: float = 0.0, *,
                  frame_rate: float = 100.0) -> Callable | None:

@@ -143,8 +143,8 @@ def _check_settings(config, workdir: str):
   except ValueError as e:
     raise TrainingError(str(e)) from None
   except TypeError as e:
-    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes freq_shift, mixup, eq_db, '
-                        'time_stretch, freq_mask, time_mask, reverb and low_pass.') from None
+    raise TrainingError(f'config.data.augment holds an unknown setting ({e}); it takes '
+                        f'{", ".join(augment_lib.SETTINGS[:-1])} and {augment_lib.SETTINGS[-1]}.') from None
   try:  # The schedule is otherwise first read at the first step, after the run has written its files.
     step_lib.learning_rate_at(config.optimizer, 0, total_steps=1)
   except ValueError as e:

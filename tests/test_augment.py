@@ -1,6 +1,8 @@
 """The label-free tile augmentations: band shifts, mixing in power, gain curves, time stretches, rooms, low-pass
 edges, their settings."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +112,9 @@ def test_augment_draws_per_tile_and_role_and_repeats_with_the_key():
 
 def test_augment_off_is_none_and_bad_settings_name_the_setting():
   assert augment.make_augment() is None and augment.make_augment(freq_shift=0, mixup=0.0) is None
+  # SETTINGS, which errors list, are the settings make_augment takes.
+  takes = inspect.signature(augment.make_augment).parameters
+  assert tuple(name for name in takes if name != 'frame_rate') == augment.SETTINGS
   with pytest.raises(ValueError, match=r'config.data.augment.freq_shift=-1'):
     augment.make_augment(freq_shift=-1)
   with pytest.raises(ValueError, match=r'config.data.augment.freq_shift=1.5'):

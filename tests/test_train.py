@@ -433,7 +433,7 @@ def test_augmented_training_changes_the_run_and_bad_settings_fail_at_start(dcase
   config = tiny_config(dcase_features, num_steps=3)
   config.data.augment.pitch = 2
   with pytest.raises(train_lib.TrainingError, match=r'unknown setting.*pitch.*freq_shift, mixup, eq_db, '
-                                                    r'time_stretch, freq_mask and time_mask'):
+                                                    r'time_stretch, freq_mask, time_mask, reverb and low_pass'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'c'))
 
 
