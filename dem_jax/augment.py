@@ -79,7 +79,8 @@ LOW_PASS_SLOPE_BANDS = 4  # Bands over which `low_pass` falls by its full 60 dB.
 
 def reverberate(tiles: jax.Array, decay: jax.Array, level: jax.Array) -> jax.Array:
   """tiles [B, T, M] (log magnitude) plus, in magnitude, level[b] times a tail of the earlier frames weighted by
-  decay[b] ** (lag in frames) and scaled so that a steady sound's tail equals level[b] times the sound."""
+  (1 - decay[b]) * decay[b] ** (lag in frames): a steady sound's tail is level[b] * decay[b] times the sound, never
+  louder than it."""
   x = tiles.astype(jnp.float32)
   top = jnp.max(x, axis=(1, 2), keepdims=True)  # magnitudes relative to the tile's loudest, so exp never overflows
   magnitude = jnp.exp(x - top)
