@@ -41,12 +41,15 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any
 
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+UNFINISHED_CLEANUP_TRIES = 40  # Passes over a failed save's temporary folder, 50 ms apart.
 
 CHECKPOINT_DIR = 'checkpoints'
 DIGEST_NAME = 'digest.json'  # In each step's folder, written after orbax finished the step.
@@ -295,9 +298,17 @@ class Checkpointer:
     disk lacks. (A writable Checkpointer opened later deletes any such folder as well.)"""
     if jax.process_index() != 0 or not os.path.isdir(self.directory):
       return
-    for name in os.listdir(self.directory):
-      if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+    # orbax's writer threads can still be creating files there just after the error: delete until none has been
+    # seen for a few passes in a row.
+    quiet = 0
+    for _ in range(UNFINISHED_CLEANUP_TRIES):
+      unfinished = [name for name in os.listdir(self.directory) if name.startswith(f'{step}.orbax-checkpoint-tmp')]
+      quiet = 0 if unfinished else quiet + 1
+      if quiet == 3:
+        break
+      for name in unfinished:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      time.sleep(0.05)
     try:
       self.manager.reload()
     except Exception:  # pylint: disable=broad-except
