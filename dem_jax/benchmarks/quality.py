@@ -117,21 +117,26 @@ def prepare(data_dir: str, *, install: bool = True, num_workers: int = 1) -> tup
 SET_STAMP = 'set.sha256'  # In a features dir: the sha256 of the build.json of the set it was made from.
 
 
+def set_stamp(features_dir: str) -> str | None:
+  """Which build of a set the features in `features_dir` were made from (SET_STAMP), or None if unrecorded."""
+  path = pathlib.Path(features_dir, SET_STAMP)
+  return path.read_text(encoding='utf-8').strip() if path.exists() else None
+
+
 def preprocess(data_root: str, features_dir: str, *, num_workers: int = 1) -> None:
   """The features of a built set (DATA_ROOT/audio, DATA_ROOT/split.csv) in features_dir, unless made from this very
   build already; features of an earlier build of the set (other settings, another version) are made again."""
   with open(os.path.join(data_root, 'build.json'), 'rb') as f:
     stamp = hashlib.sha256(f.read()).hexdigest()
-  stamp_path = os.path.join(features_dir, SET_STAMP)
   if os.path.exists(os.path.join(features_dir, 'features.json')):
-    if os.path.exists(stamp_path) and pathlib.Path(stamp_path).read_text().strip() == stamp:
+    if set_stamp(features_dir) == stamp:
       return
     print(f'{features_dir} holds the features of another build of {data_root}; preprocessing again', flush=True)
   shutil.rmtree(features_dir, ignore_errors=True)
   _run([sys.executable, '-m', 'dem_jax', 'preprocess', '--dataset=folder', f'--data_dir={os.path.join(data_root, "audio")}',
         f'--output_dir={features_dir}', f'--split_file={os.path.join(data_root, "split.csv")}',
         f'--num_workers={num_workers}', '--strict'], 'preprocessing')
-  pathlib.Path(stamp_path).write_text(stamp + '\n')
+  pathlib.Path(features_dir, SET_STAMP).write_text(stamp + '\n', encoding='utf-8')
 
 
 def config_has_train_minutes(config_arg: str) -> bool:

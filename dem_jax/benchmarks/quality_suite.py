@@ -122,22 +122,13 @@ def run_task(flags: argparse.Namespace, overrides: list[str], features_dir: str,
   figures = {rep: {'tile_f1': rows[rep]['tile_f1'], 'clip_f1': rows[rep]['clip_f1'], 'nmi': medians[rep],
                    'p_at_5': rows[rep]['p_at_5']} for rep in REPRESENTATIONS if rep in rows}
   record = {'config': flags.config, 'minutes': flags.minutes, 'overrides': overrides, 'features_dir': features_dir,
-            'set_sha256': set_stamp(features_dir), **run,
+            'set_sha256': quality.set_stamp(features_dir), **run,
             'nmi_kmeans_seed_0': {rep: rows[rep]['nmi'] for rep in figures}, 'figures': figures}
   tmp = os.path.join(workdir, quality.RUN_RECORD + '.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(record, f)
   os.replace(tmp, os.path.join(workdir, quality.RUN_RECORD))
   return record
-
-
-def set_stamp(features_dir: str) -> str | None:
-  """Which build of a set the features in `features_dir` were made from (quality.preprocess writes it)."""
-  path = os.path.join(features_dir, quality.SET_STAMP)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return f.read().strip()
 
 
 def finished_or_cleared(flags: argparse.Namespace, overrides: list[str], features_dir: str, workdir: str) -> dict | None:
@@ -147,7 +138,7 @@ def finished_or_cleared(flags: argparse.Namespace, overrides: list[str], feature
     if record.get('features_dir') != features_dir:
       raise quality.QualityBenchError(f'{workdir} holds a run on {record.get("features_dir")}, not {features_dir}; '
                                       'pass a new --workdir.')
-    if record.get('set_sha256') != set_stamp(features_dir):
+    if record.get('set_sha256') != quality.set_stamp(features_dir):
       raise quality.QualityBenchError(f'{workdir} holds a run on an earlier build of the set in {features_dir}; '
                                       'pass a new --workdir.')
     return record
